@@ -1,0 +1,275 @@
+"""PaTH attention as a tensor operation.
+
+Each key/value head carries, at every position s, a generalized Householder matrix
+``H_s = I - beta_s w_s w_s^T`` (``||w_s|| = 1``, ``beta_s`` in (0, 2)). The attention logit between query i
+and key j <= i is
+
+    scale * (q_i^T H_i H_{i-1} ... H_{j+1} k_j + G_i - G_j)
+
+where G is the inclusive cumulative sum of the log forget gate g (zero without a gate). Softmax runs over
+the keys j <= i of the same segment, and the output is the weighted sum of the values.
+
+This module holds the exact PyTorch implementation (blockwise, differentiable, any device), the
+single-token decode step, and the dispatch point for fused kernels. It imports only torch so that it can
+travel inside checkpoints beside ``modeling_path.py``.
+
+Shapes used throughout (B batch, T time, HQ query heads, H key/value heads, D head dim, Dv value dim):
+    q [B, T, HQ, D]; k, w [B, T, H, D]; v [B, T, H, Dv]; beta [B, T, H]; g [B, T, HQ]
+Query head ``hq`` reads key/value head ``hq // (HQ // H)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclass
+class PaTHState:
+    """What a chunk of tokens leaves behind for a cache.
+
+    keys: the chunk's keys carried forward through every later Householder transform of the chunk,
+        ``H_end ... H_{j+1} k_j``, [B, T, H, D] in the compute dtype.
+    transform: the product ``H_end ... H_start`` of the whole chunk, [B, H, D, D]; cached keys of earlier
+        tokens are updated as ``keys @ transform^T``.
+    """
+
+    keys: torch.Tensor
+    transform: torch.Tensor
+
+
+@dataclass
+class PaTHPast:
+    """Cached context that new queries attend to (already transformed up to the last cached position).
+
+    keys [B, L, H, D]; values [B, L, H, Dv]; gate [B, L, HQ] cumulative log gate of each cached position
+    (None without a forget gate); key_mask [B, L] bool, False where a cached position is padding;
+    gate_offset [B, HQ]: cumulative gate at the last cached position (new positions continue from it).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    gate: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    gate_offset: torch.Tensor | None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs, the input dtype for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk(x: torch.Tensor, num_chunks: int, chunk_size: int) -> torch.Tensor:
+    """[B, T, *rest] -> [B, n, C, *rest], zero padded at the end of time."""
+    pad = num_chunks * chunk_size - x.shape[1]
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:])
+
+
+def path_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+    past: PaTHPast | None = None,
+    output_state: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, PaTHState | None]:
+    """Exact PaTH attention in PyTorch, blockwise (WY / UT-transform form of the Householder products).
+
+    Args:
+        q, k, v, w, beta, g: see the module docstring; w must be unit-norm along D, g is the per-step log
+            forget gate (not cumulative) or None.
+        scale: multiplies the whole logit (gate term included); defaults to D ** -0.5.
+        segment_ids: [B, T] integers; a query attends only to earlier keys with the same id. Use it for
+            packed documents and for padding. None means one segment per row.
+        past: cached context attended to before the new keys (prefill continuation / decoding).
+        output_state: also return the :class:`PaTHState` that a cache needs.
+        chunk_size: block length of the blockwise algorithm (any positive value gives the same result).
+
+    Returns:
+        o [B, T, HQ, Dv] in q's dtype, and the state (or None).
+
+    Cost: O(T^2 D) time and O(T^2) memory per head like eager attention; never a T x T x D tensor, and
+    the only Python loop runs over blocks.
+    """
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    if HQ % H:
+        raise ValueError(f"the number of query heads ({HQ}) must be a multiple of the key/value heads ({H})")
+    G = HQ // H
+    Dv = v.shape[-1]
+    out_dtype = q.dtype
+    dt = compute_dtype(q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    C = max(1, min(chunk_size, T))
+    n = math.ceil(T / C)
+
+    # [B, n, C, ...] -> heads first: q [B, H, G, n, C, D]; k, w [B, H, n, C, D]; beta [B, H, n, C]
+    qc = _chunk(q.to(dt).reshape(B, T, H, G, D), n, C).permute(0, 3, 4, 1, 2, 5)
+    kc = _chunk(k.to(dt), n, C).permute(0, 3, 1, 2, 4)
+    wc = _chunk(w.to(dt), n, C).permute(0, 3, 1, 2, 4)
+    vc = _chunk(v.to(dt), n, C).permute(0, 3, 1, 2, 4)
+    bc = _chunk(beta.to(dt), n, C).permute(0, 3, 1, 2)
+    b_cols = bc[..., None, :]
+
+    # Within each chunk (all chunks at once). M, N: strictly lower / upper parts of W W^T, columns scaled
+    # by beta. U = (I + M)^-1 W gives the WY form of the chunk's product P = H_end ... H_start.
+    ww = wc @ wc.transpose(-1, -2)
+    m_low = ww.tril(-1) * b_cols
+    u = torch.linalg.solve_triangular(m_low, wc, upper=False, unitriangular=True)
+    n_up = ww.triu(1) * b_cols
+    u_up = torch.linalg.solve_triangular(n_up, wc, upper=True, unitriangular=True)
+    eye = torch.eye(D, dtype=dt, device=q.device)
+    p = eye - wc.transpose(-1, -2) @ (bc[..., None] * u)  # [B, H, n, D, D]
+
+    qw = (qc @ wc.unsqueeze(2).transpose(-1, -2)).tril() * b_cols.unsqueeze(2)  # [B, H, G, n, C, C]
+    q_t = qc - qw @ u.unsqueeze(2)  # rows q_i^T H_i ... H_start
+    k_t = kc - ((kc @ wc.transpose(-1, -2)).triu(1) * b_cols) @ u_up  # rows (H_end ... H_{j+1} k_j)^T
+    wk = torch.linalg.solve_triangular(m_low, (wc @ kc.transpose(-1, -2)).tril(-1), upper=False, unitriangular=True)
+    diagonals = [qc @ kc.unsqueeze(2).transpose(-1, -2) - qw @ wk.unsqueeze(2)]  # [B, H, G, n, C, C]
+
+    # Across chunks: the score block of query chunk a and key chunk b < a is Qt_a P_{a-1} ... P_{b+1} Kt_b^T.
+    # Walk the offset s = a - b; every query chunk advances at once (a wavefront), one D x D product each.
+    q_start = [q_t[:, :, :, :1]] if past is not None else None
+    running = q_t[:, :, :, 1:]
+    for s in range(1, n):
+        diagonals.append(running @ k_t[:, :, None, : n - s].transpose(-1, -2))
+        if past is not None:
+            q_start.append(running[:, :, :, :1] @ p[:, :, None, :1])
+        if s < n - 1:
+            running = running[:, :, :, 1:] @ p[:, :, None, 1 : n - s]
+
+    # Logits: gate difference, scale, causal and segment masks.
+    gate = None
+    if g is not None:
+        g_cum = g.to(dt).cumsum(1)
+        if past is not None and past.gate_offset is not None:
+            g_cum = g_cum + past.gate_offset.to(dt)[:, None, :]
+        gate = _chunk(g_cum.reshape(B, T, H, G), n, C).permute(0, 3, 4, 1, 2)  # [B, H, G, n, C]
+    seg = None
+    if segment_ids is not None:
+        seg = _chunk(segment_ids.unsqueeze(-1), n, C).squeeze(-1)  # [B, n, C]; the tail pad is its own id 0
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    for s, logits in enumerate(diagonals):
+        if gate is not None:
+            logits = logits + (gate[..., s:, :, None] - gate[..., : n - s, None, :])
+        logits = logits * scale
+        mask = None
+        if seg is not None:
+            mask = (seg[:, s:, :, None] == seg[:, : n - s, None, :])[:, None, None]
+        if s == 0:
+            mask = causal if mask is None else mask & causal
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        diagonals[s] = logits
+
+    past_logits = None
+    if past is not None:
+        # Queries carried to the start of the new tokens meet the cached keys, which are already
+        # transformed up to the last cached position.
+        qs = torch.cat(q_start, dim=3)  # [B, H, G, n, C, D]
+        pk = past.keys.to(dt).permute(0, 2, 3, 1)  # [B, H, D, L]
+        past_logits = qs.flatten(3, 4) @ pk.unsqueeze(2)  # [B, H, G, n*C, L]
+        if gate is not None and past.gate is not None:
+            pg = past.gate.to(dt).reshape(B, -1, H, G).permute(0, 2, 3, 1)  # [B, H, G, L]
+            past_logits = past_logits + (gate.flatten(3, 4)[..., None] - pg[..., None, :])
+        past_logits = past_logits * scale
+        if past.key_mask is not None:
+            past_logits = past_logits.masked_fill(~past.key_mask[:, None, None, None, :], float("-inf"))
+
+    # Softmax across the diagonals: a shared row maximum (detached: any constant gives the same softmax),
+    # then each diagonal's contribution to its query chunks.
+    row_max = torch.full((B, H, G, n, C), float("-inf"), dtype=dt, device=q.device)
+    for s, logits in enumerate(diagonals):
+        row_max = torch.maximum(row_max, F.pad(logits.detach().amax(-1), (0, 0, s, 0), value=float("-inf")))
+    if past_logits is not None:
+        row_max = torch.maximum(row_max, past_logits.detach().amax(-1).unflatten(-1, (n, C)))
+    row_max = row_max.nan_to_num(neginf=0.0)  # rows with every key masked (cache padding) stay finite
+
+    denom = 0
+    out = 0
+    for s, logits in enumerate(diagonals):
+        probs = torch.exp(logits - row_max[..., s:, :, None])
+        denom = denom + F.pad(probs.sum(-1), (0, 0, s, 0))
+        out = out + F.pad(probs @ vc[:, :, None, : n - s], (0, 0, 0, 0, s, 0))
+    if past_logits is not None:
+        probs = torch.exp(past_logits - row_max.flatten(3, 4)[..., None])
+        denom = denom + probs.sum(-1).unflatten(-1, (n, C))
+        pv = past.values.to(dt).transpose(1, 2).unsqueeze(2)  # [B, H, 1, L, Dv]
+        out = out + (probs @ pv).unflatten(3, (n, C))
+    out = out / denom[..., None]
+    o = out.permute(0, 3, 4, 1, 2, 5).reshape(B, n * C, HQ, Dv)[:, :T].to(out_dtype)
+
+    if not output_state:
+        return o, None
+    # Suffix products: the keys of chunk b are carried through P_{b+1}, ..., P_{n-1}.
+    suffix = [eye.expand(B, H, D, D)]
+    for b in range(n - 1, 0, -1):
+        suffix.append(suffix[-1] @ p[:, :, b])
+    suffix = torch.stack(suffix[::-1], dim=2)  # [B, H, n, D, D]; entry b = P_{n-1} ... P_{b+1}
+    keys = (k_t @ suffix.transpose(-1, -2)).permute(0, 2, 3, 1, 4).reshape(B, n * C, H, D)[:, :T]
+    transform = suffix[:, :, 0] @ p[:, :, 0]
+    return o, PaTHState(keys=keys, transform=transform)
+
+
+def path_decode_step(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    w: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new token over a cache whose keys are updated in place.
+
+    The new token's transform ``H_t`` is applied to every earlier cached key as a rank-one update
+    ``k <- k - beta (k . w) w``; the token's own raw key sits in the last slot, untouched (its product
+    is empty). The score is then the plain ``q . k`` plus the gate term.
+
+    Args:
+        q: [B, 1, HQ, D]; w: [B, 1, H, D] unit norm; beta: [B, 1, H].
+        keys: [B, H, L + 1, D]: the transformed cache followed by the new raw key. Rows :L are updated
+            in place (computed in float32 or better, rounded to the buffer's dtype).
+        values: [B, H, L + 1, Dv].
+        gate: [B, HQ, L + 1] cumulative log gates, the new token's last (None without a gate).
+        key_mask: [B, L + 1] bool, False for padding.
+    Returns:
+        o [B, 1, HQ, Dv] in q's dtype.
+    """
+    B, _, HQ, D = q.shape
+    H, L1 = keys.shape[1], keys.shape[2]
+    G = HQ // H
+    dt = compute_dtype(q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    if L1 > 1:
+        old = keys[:, :, :-1]
+        w_col = w[:, 0].to(dt).unsqueeze(-1)  # [B, H, D, 1]
+        bw_row = (beta[:, 0].to(dt)[..., None, None] * w_col).transpose(-1, -2)  # [B, H, 1, D]
+        old.sub_(((old.to(dt) @ w_col) @ bw_row).to(keys.dtype))
+
+    qh = q[:, 0].to(dt).reshape(B, H, G, D)
+    logits = qh @ keys.to(dt).transpose(-1, -2)  # [B, H, G, L + 1]
+    if gate is not None:
+        gate = gate.to(dt).reshape(B, H, G, L1)
+        logits = logits + (gate[..., -1:] - gate)
+    logits = logits * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    o = probs @ values.to(dt)  # [B, H, G, Dv]
+    return o.reshape(B, 1, HQ, -1).to(q.dtype)
