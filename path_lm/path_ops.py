@@ -273,3 +273,86 @@ def path_decode_step(
     probs = torch.softmax(logits, dim=-1)
     o = probs @ values.to(dt)  # [B, H, G, Dv]
     return o.reshape(B, 1, HQ, -1).to(q.dtype)
+
+
+def fla_unavailable_reason(q: torch.Tensor) -> str | None:
+    """Why fla's Triton kernel cannot run on these inputs, or None if it can."""
+    if not q.is_cuda:
+        return "the inputs are not on a CUDA device"
+    if q.shape[-1] not in (16, 32, 64, 128):
+        return f"fla supports head dims 16, 32, 64, 128, not {q.shape[-1]}"
+    try:
+        import fla.ops.path_attn  # noqa: F401
+    except ImportError as err:
+        return f"fla is not importable ({err}); install path-lm[cuda]"
+    return None
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """'auto' -> 'fla' when its kernel can run on q, else 'torch'; an explicit 'fla' that cannot run raises."""
+    if backend == "torch":
+        return "torch"
+    reason = fla_unavailable_reason(q)
+    if backend == "fla":
+        if reason is not None:
+            raise RuntimeError(f"attn_backend='fla' cannot run: {reason}. Use attn_backend='auto' or 'torch'.")
+        return "fla"
+    if backend != "auto":
+        raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'torch' or 'fla'")
+    return "torch" if reason is not None else "fla"
+
+
+def path_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    segment_ids: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    cache=None,
+    backend: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    training: bool = False,
+) -> torch.Tensor:
+    """PaTH attention for every mode behind one signature.
+
+    Without ``cache``: the whole sequence (training, evaluation). With a cache layer (see
+    ``cache_path.PaTHCacheLayer``): an empty one is filled from the prompt (prefill), one token extends it
+    by an in-place rank-one update of the cached keys (decoding), several tokens continue it blockwise.
+
+    key_mask [B, L + T]: False at padded positions of the cached and new tokens (None: no padding).
+    Returns o [B, T, HQ, Dv] in q's dtype.
+    """
+    resolve_backend(backend, q)  # validates the choice; kernels plug in here
+    T = q.shape[1]
+    if cache is None:
+        o, _ = path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
+        return o
+    past_len = cache.length
+    gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
+    if past_len == 0:
+        o, state = path_attention_torch(
+            q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_state=True, chunk_size=chunk_size
+        )
+        cache.append(state.keys, v, gate)
+        return o
+    if T == 1 and segment_ids is None:
+        keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache
+        return path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale)
+    past = PaTHPast(
+        keys=cache.keys_view().transpose(1, 2),
+        values=cache.values_view().transpose(1, 2),
+        gate=cache.gates_view().transpose(1, 2) if gate is not None else None,
+        key_mask=key_mask[:, :past_len] if key_mask is not None else None,
+        gate_offset=cache.gate_offset() if gate is not None else None,
+    )
+    o, state = path_attention_torch(
+        q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, past=past, output_state=True, chunk_size=chunk_size
+    )
+    cache.transform_keys(state.transform)
+    cache.append(state.keys, v, gate)
+    return o

@@ -1,0 +1,469 @@
+"""PaTH attention language models for transformers.
+
+The parameter names follow fla's ``PaTHAttentionForCausalLM`` exactly (``model.embeddings``,
+``model.layers.N.attn.*``, ``model.layers.N.mlp.*``, ``model.norm``, ``lm_head``), so checkpoints move
+between the two packages. This file and its relative imports travel inside checkpoints: they import only
+torch and transformers (fla lazily, inside ``path_ops``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .cache_path import PaTHCache
+from .configuration_path import PaTHConfig
+from .path_ops import path_attention
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class PaTHRMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as fla's fused norm), returned in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class PaTHShortConvolution(nn.Conv1d):
+    """Causal depthwise convolution over time followed by SiLU (fla's ``ShortConvolution`` layout).
+
+    Works on [B, T, channels]. Positions only see earlier positions of the same segment, and a cache
+    state (the last ``kernel_size - 1`` inputs) continues a sequence across calls.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False):
+        super().__init__(channels, channels, kernel_size, groups=channels, padding=0, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, C]; segment_ids [B, T]; state [B, K-1, C] (earlier inputs). Returns (y, new state)."""
+        K = self.kernel_size[0]
+        T = x.shape[1]
+        if state is None:
+            state = x.new_zeros(x.shape[0], K - 1, x.shape[2])
+        padded = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+        weight = self.weight[:, 0, :].to(x.dtype)  # [C, K]; tap K-1 multiplies the current input
+        y = padded[:, K - 1 :] * weight[:, K - 1]
+        for shift in range(1, K):
+            tap = padded[:, K - 1 - shift : K - 1 - shift + T] * weight[:, K - 1 - shift]
+            if segment_ids is not None:
+                same = torch.zeros_like(segment_ids, dtype=torch.bool)
+                same[:, shift:] = segment_ids[:, shift:] == segment_ids[:, :-shift]
+                if state is not None:  # the cached inputs belong to the first segment of this call
+                    same[:, :shift] = segment_ids[:, :shift] == segment_ids[:, :1]
+                tap = tap * same[..., None].to(x.dtype)
+            y = y + tap
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return F.silu(y), padded[:, padded.shape[1] - (K - 1) :]
+
+
+class PaTHAttention(nn.Module):
+    """PaTH attention layer, a drop-in for ``fla.layers.PaTHAttention`` (same arguments, defaults and
+    parameter names; returns ``(output, None, cache)``) that runs on any device.
+
+    One preprocessing path serves training, prefill and decoding: project q, k, v, w, beta, g; short
+    convolution on w; per-head reshape; optional qk RMSNorm; normalize w; then :func:`path_attention`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 2048,
+        num_heads: int = 32,
+        num_kv_heads: int | None = None,
+        use_forget_gate: bool = False,
+        use_qk_norm: bool = False,
+        layer_idx: int | None = None,
+        use_low_rank_w: bool = True,
+        use_w_shortconv: bool = True,
+        conv_size: int = 3,
+        conv_bias: bool = False,
+        attn_backend: str = "auto",
+        chunk_size: int = 64,
+    ):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        self.head_dim = hidden_size // num_heads
+        self.kv_dim = self.num_kv_heads * self.head_dim
+        self.layer_idx = layer_idx
+        self.use_forget_gate = use_forget_gate
+        self.use_qk_norm = use_qk_norm
+        self.use_w_shortconv = use_w_shortconv
+        self.attn_backend = attn_backend
+        self.chunk_size = chunk_size
+
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
+        if use_low_rank_w:
+            self.w_proj = nn.Sequential(nn.Linear(hidden_size, 32, bias=False), nn.Linear(32, self.kv_dim, bias=False))
+        else:
+            self.w_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
+        if use_qk_norm:
+            self.maybe_q_norm = PaTHRMSNorm(self.head_dim, eps=1e-5)
+            self.maybe_k_norm = PaTHRMSNorm(self.head_dim, eps=1e-5)
+        else:
+            self.maybe_q_norm = nn.Identity()
+            self.maybe_k_norm = nn.Identity()
+        if use_w_shortconv:
+            self.w_conv1d = PaTHShortConvolution(self.kv_dim, conv_size, bias=conv_bias)
+        self.bt_proj = nn.Linear(hidden_size, self.num_kv_heads, bias=True)
+        if use_forget_gate:
+            self.g_proj = nn.Linear(hidden_size, num_heads, bias=True)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: PaTHCache | None = None,
+        output_attentions: bool = False,
+        use_cache: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        cache: PaTHCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None, PaTHCache | None]:
+        """hidden_states [B, T, hidden]; attention_mask [B, L + T] with 0 at padding (L cached tokens);
+        segment_ids [B, T] for packed documents (a token only sees its own segment). Returns
+        (output [B, T, hidden], None, cache)."""
+        if output_attentions:
+            raise ValueError("PaTH attention never materializes attention weights; use output_attentions=False")
+        cache = cache if cache is not None else past_key_values
+        B, T, _ = hidden_states.shape
+        layer_cache = None
+        if cache is not None:
+            layer_cache = cache.layer(self.layer_idx)
+        elif use_cache:
+            raise ValueError("use_cache=True needs a PaTHCache; pass cache=PaTHCache(config) (the model does this)")
+        past_len = layer_cache.length if layer_cache is not None else 0
+
+        token_mask = None  # [B, T] bool, False at padding
+        key_mask = None  # [B, past_len + T]
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"attention_mask must be 2D [batch, past + new tokens] with 0 at padding, got shape "
+                    f"{tuple(attention_mask.shape)}; PaTH builds its own causal structure"
+                )
+            if attention_mask.shape[1] != past_len + T:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_len} "
+                    f"and {T} are new; pass the mask of the whole sequence so far"
+                )
+            key_mask = attention_mask.bool()
+            token_mask = key_mask[:, past_len:]
+            if token_mask.all():
+                token_mask = None
+            if key_mask.all():
+                key_mask = None
+        if token_mask is not None and segment_ids is None:
+            # Padding is its own segment, so padded queries stay finite and real ones never see it.
+            segment_ids = token_mask.long() - 1
+
+        # One preprocessing path for every mode.
+        q = self.q_proj(hidden_states)
+        k = self.k_proj(hidden_states)
+        v = self.v_proj(hidden_states)
+        w = self.w_proj(hidden_states)
+        beta = 2 * torch.sigmoid(self.bt_proj(hidden_states).float())
+        g = F.logsigmoid(self.g_proj(hidden_states).float()) if self.use_forget_gate else None
+        if token_mask is not None:  # padding: identity transform, no gate mass, nothing into the conv
+            keep = token_mask[..., None]
+            w = w * keep.to(w.dtype)
+            beta = beta * keep
+            g = g * keep if g is not None else None
+        if self.use_w_shortconv:
+            conv_state = layer_cache.conv_state if layer_cache is not None else None
+            w, new_conv_state = self.w_conv1d(w, segment_ids, conv_state)
+            if layer_cache is not None:
+                layer_cache.conv_state = new_conv_state
+
+        q = self.maybe_q_norm(q.view(B, T, self.num_heads, self.head_dim))
+        k = self.maybe_k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        w = w.view(B, T, self.num_kv_heads, self.head_dim).float()
+        w = w * torch.rsqrt(w.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+        o = path_attention(
+            q, k, v, w, beta, g,
+            segment_ids=segment_ids,
+            key_mask=key_mask,
+            cache=layer_cache,
+            backend=self.attn_backend,
+            chunk_size=self.chunk_size,
+            training=self.training,
+        )
+        o = self.o_proj(o.reshape(B, T, self.hidden_size).to(hidden_states.dtype))
+        return o, None, cache
+
+
+class PaTHMLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: PaTHConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PaTHBlock(GradientCheckpointingLayer):
+    """Pre-norm block: h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h))."""
+
+    def __init__(self, config: PaTHConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = PaTHAttention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            use_forget_gate=config.use_forget_gate,
+            use_qk_norm=config.use_qk_norm,
+            layer_idx=layer_idx,
+            use_low_rank_w=config.use_low_rank_w,
+            use_w_shortconv=config.use_w_shortconv,
+            conv_size=config.conv_size,
+            conv_bias=config.conv_bias,
+            attn_backend=config.attn_backend,
+            chunk_size=config.attn_chunk_size,
+        )
+        self.mlp_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = PaTHMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: PaTHCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_out, _, _ = self.attn(
+            self.attn_norm(hidden_states), attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
+        )
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class PaTHPreTrainedModel(PreTrainedModel):
+    config_class = PaTHConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PaTHBlock"]
+    _supports_cache_class = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # fla's init: normal(0, initializer_range) for linear, conv and embedding weights, zero biases
+        # (so beta = 1 and g = log 0.5 at init), ones for norms.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, PaTHRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+def segment_ids_from_packing(position_ids=None, cu_seq_lens=None, seq_len=None):
+    """Document ids [B, T] of packed rows, from `cu_seq_lens_q` (FlashAttention convention, batch 1) or
+    from `position_ids` that restart at 0 at each document (as DataCollatorWithFlattening writes)."""
+    if cu_seq_lens is not None:
+        positions = torch.arange(seq_len, device=cu_seq_lens.device)
+        return (torch.searchsorted(cu_seq_lens[1:-1].contiguous(), positions, right=True)).unsqueeze(0)
+    if position_ids is not None and position_ids.shape[-1] > 1 and (position_ids[..., 1:] == 0).any():
+        return (position_ids == 0).long().cumsum(-1)
+    return None
+
+
+class PaTHModel(PaTHPreTrainedModel):
+    def __init__(self, config: PaTHConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([PaTHBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: PaTHCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: PaTHCache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Same inputs as a transformers causal LM. Packed sequences: ``position_ids`` that restart at 0 per
+        document, or ``cu_seq_lens_q``; a 2D ``attention_mask`` marks padding on either side. PaTH has no
+        positional embedding: position ids serve only to find document boundaries."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        if cache is not None and not isinstance(cache, PaTHCache):
+            # generate() creates a standard cache for every model; an empty one is swapped for a PaTH cache,
+            # which the output carries back to generate().
+            if cache.get_seq_length() > 0:
+                raise TypeError(
+                    f"PaTH models need a PaTHCache (its keys are rewritten every step), got a filled "
+                    f"{type(cache).__name__}; pass cache=None or PaTHCache(model.config)"
+                )
+            cache = None
+            use_cache = True
+        if use_cache and cache is None:
+            cache = PaTHCache(config=self.config)
+        if self.gradient_checkpointing and self.training and cache is not None:
+            logger.warning_once("gradient checkpointing does not work with a cache; continuing without it")
+            cache = None
+
+        segment_ids = None
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (cache is None or cache.get_seq_length() == 0):
+            # A padding mask takes precedence: generate() writes position ids that restart after left padding.
+            segment_ids = segment_ids_from_packing(position_ids, kwargs.get("cu_seq_lens_q"), inputs_embeds.shape[1])
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class PaTHForCausalLM(PaTHPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: PaTHConfig):
+        super().__init__(config)
+        self.model = PaTHModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: PaTHCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: PaTHCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """``labels`` give the loss through transformers' loss function (shifted inside; -100 ignored;
+        ``num_items_in_batch`` honored). ``logits_to_keep``: an int keeps the last positions (0 = all),
+        a 1D tensor the given positions."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cache=cache if cache is not None else past_key_values,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class PaTHForSequenceClassification(GenericForSequenceClassification, PaTHPreTrainedModel):
+    def __init__(self, config: PaTHConfig):
+        # Built directly (not through AutoModel) so that remote-code checkpoints need no registration.
+        PaTHPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = PaTHModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "PaTHAttention",
+    "PaTHPreTrainedModel",
+    "PaTHModel",
+    "PaTHForCausalLM",
+    "PaTHForSequenceClassification",
+]
