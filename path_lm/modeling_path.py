@@ -221,7 +221,6 @@ class PaTHAttention(nn.Module):
             cache=layer_cache,
             backend=self.attn_backend,
             chunk_size=self.chunk_size,
-            training=self.training,
         )
         o = self.o_proj(o.reshape(B, T, self.hidden_size).to(hidden_states.dtype))
         return o, None, cache

@@ -20,6 +20,7 @@ Query head ``hq`` reads key/value head ``hq // (HQ // H)``.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_SIZE = 64
+FLA_HEAD_DIMS = (16, 32, 64, 128)
+
+logger = logging.getLogger(__name__)
+_announced: set = set()
 
 
 @dataclass
@@ -275,31 +280,69 @@ def path_decode_step(
     return o.reshape(B, 1, HQ, -1).to(q.dtype)
 
 
-def fla_unavailable_reason(q: torch.Tensor) -> str | None:
+def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why fla's Triton kernel cannot run on these inputs, or None if it can."""
     if not q.is_cuda:
         return "the inputs are not on a CUDA device"
-    if q.shape[-1] not in (16, 32, 64, 128):
-        return f"fla supports head dims 16, 32, 64, 128, not {q.shape[-1]}"
+    if q.shape[-1] not in FLA_HEAD_DIMS or v.shape[-1] not in FLA_HEAD_DIMS:
+        return f"fla supports head dims {FLA_HEAD_DIMS}, not {q.shape[-1]}"
+    if q.dtype == torch.float64:
+        return "fla does not support float64"
     try:
-        import fla.ops.path_attn  # noqa: F401
-    except ImportError as err:
-        return f"fla is not importable ({err}); install path-lm[cuda]"
+        import fla.ops.path_attn.parallel  # noqa: F401
+    except Exception as err:  # ImportError, or triton failing to find a driver
+        return f"fla is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
     return None
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """'auto' -> 'fla' when its kernel can run on q, else 'torch'; an explicit 'fla' that cannot run raises."""
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
+    """'auto' -> 'fla' when its kernel can run on these inputs, else 'torch' (logged once); an explicit
+    'fla' that cannot run raises."""
     if backend == "torch":
         return "torch"
-    reason = fla_unavailable_reason(q)
-    if backend == "fla":
-        if reason is not None:
-            raise RuntimeError(f"attn_backend='fla' cannot run: {reason}. Use attn_backend='auto' or 'torch'.")
-        return "fla"
-    if backend != "auto":
+    if backend not in ("auto", "fla"):
         raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'torch' or 'fla'")
-    return "torch" if reason is not None else "fla"
+    reason = fla_unavailable_reason(q, v)
+    if backend == "fla" and reason is not None:
+        raise RuntimeError(f"attn_backend='fla' cannot run: {reason}. Use attn_backend='auto' or 'torch'.")
+    chosen = "torch" if reason is not None else "fla"
+    if (chosen, reason) not in _announced:
+        _announced.add((chosen, reason))
+        why = f" ({reason})" if reason else " (CUDA, fla installed, supported head dim)"
+        logger.info("PaTH attention backend: %s%s", "fla Triton kernel" if chosen == "fla" else "exact PyTorch", why)
+    return chosen
+
+
+def _cu_seqlens(segment_ids: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """Sequence starts of the flattened [1, B*T] batch: each row, and each run of one segment id in a row."""
+    starts = torch.zeros(B, T, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if segment_ids is not None:
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    idx = starts.flatten().nonzero().squeeze(-1)
+    return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+
+
+def path_attention_fla(q, k, v, w, beta, g=None, *, scale=None, segment_ids=None, output_keys=False):
+    """fla's Triton kernel (CUDA). Padding and packed documents become variable-length sequences of one
+    flattened row (`cu_seqlens`); runs of padding are computed as sequences of their own and ignored.
+    Returns o [B, T, HQ, Dv] and, with output_keys, the keys carried to the end of each sequence."""
+    from fla.ops.path_attn.parallel import parallel_path_attn
+
+    B, T = q.shape[:2]
+    w, beta = w.float(), beta.float()
+    g = g.float() if g is not None else None
+    dtype = q.dtype
+    k, v = k.to(dtype), v.to(dtype)
+    if segment_ids is None:
+        o, keys = parallel_path_attn(q, k, v, w, beta, g, scale=scale, use_cache=output_keys)
+    else:
+        cu = _cu_seqlens(segment_ids, B, T, q.device)
+        flat = [x.reshape(1, B * T, *x.shape[2:]) if x is not None else None for x in (q, k, v, w, beta, g)]
+        o, keys = parallel_path_attn(*flat, scale=scale, cu_seqlens=cu, use_cache=output_keys)
+        o = o.reshape(B, T, *o.shape[2:])
+        keys = keys.reshape(B, T, *keys.shape[2:]) if keys is not None else None
+    return o, keys
 
 
 def path_attention(
@@ -316,29 +359,35 @@ def path_attention(
     cache=None,
     backend: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    training: bool = False,
 ) -> torch.Tensor:
     """PaTH attention for every mode behind one signature.
 
     Without ``cache``: the whole sequence (training, evaluation). With a cache layer (see
     ``cache_path.PaTHCacheLayer``): an empty one is filled from the prompt (prefill), one token extends it
     by an in-place rank-one update of the cached keys (decoding), several tokens continue it blockwise.
+    ``backend`` picks fla's Triton kernel or the exact PyTorch path for whole sequences and prefill;
+    decoding and continuation always run as PyTorch ops on the inputs' device.
 
     key_mask [B, L + T]: False at padded positions of the cached and new tokens (None: no padding).
     Returns o [B, T, HQ, Dv] in q's dtype.
     """
-    resolve_backend(backend, q)  # validates the choice; kernels plug in here
     T = q.shape[1]
+    past_len = cache.length if cache is not None else 0
+    use_fla = past_len == 0 and resolve_backend(backend, q, v) == "fla"
     if cache is None:
-        o, _ = path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)
-        return o
-    past_len = cache.length
+        if use_fla:
+            return path_attention_fla(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
+        return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
     gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
     if past_len == 0:
-        o, state = path_attention_torch(
-            q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_state=True, chunk_size=chunk_size
-        )
-        cache.append(state.keys, v, gate)
+        if use_fla:
+            o, keys = path_attention_fla(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_keys=True)
+        else:
+            o, state = path_attention_torch(
+                q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_state=True, chunk_size=chunk_size
+            )
+            keys = state.keys
+        cache.append(keys, v, gate)
         return o
     if T == 1 and segment_ids is None:
         keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache
