@@ -117,7 +117,7 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.values[:, :, start:end] = values.transpose(1, 2)
         if gates is not None:
             self.gates = _grow(
-                self.gates, start, end, lambda c: gates.new_zeros(B, gates.shape[-1], c, dtype=torch.float32)
+                self.gates, start, end, lambda c: gates.new_zeros(B, gates.shape[-1], c)
             )
             self.gates[:, :, start:end] = gates.transpose(1, 2)
         self.length = end
@@ -138,7 +138,7 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     def cumulative_gate(self, g: torch.Tensor) -> torch.Tensor:
         """Per-step log gates g [B, T, HQ] -> cumulative gates continuing the cache, float32."""
-        cumulative = g.float().cumsum(1)
+        cumulative = g.to(torch.promote_types(g.dtype, torch.float32)).cumsum(1)
         offset = self.gate_offset()
         return cumulative if offset is None else cumulative + offset[:, None, :]
 

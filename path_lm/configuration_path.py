@@ -57,6 +57,8 @@ class PaTHConfig(PretrainedConfig):
             keys are rewritten every step, so half-precision storage drifts), ``"float64"``, or
             ``"model"`` for the model's dtype.
         attn_chunk_size: block length of the exact PyTorch attention.
+        beta_max: clip the Householder strength beta = 2 sigmoid(.) to at most this value (the paper clips beta
+            away from 2 under bf16 training); ``None`` (default, as fla) leaves it in (0, 2).
     """
 
     model_type = "path"
@@ -102,8 +104,13 @@ class PaTHConfig(PretrainedConfig):
         attn_backend: str = "auto",
         cache_key_dtype: str = "float32",
         attn_chunk_size: int = 64,
+        beta_max: float | None = None,
         **kwargs,
     ):
+        # transformers' names are aliases (attribute_map); accept them as arguments too.
+        num_heads = kwargs.pop("num_attention_heads", num_heads)
+        num_kv_heads = kwargs.pop("num_key_value_heads", num_kv_heads)
+        norm_eps = kwargs.pop("rms_norm_eps", norm_eps)
         for name, supported in _UNSUPPORTED_FLA_FIELDS.items():
             if kwargs.get(name, supported) != supported:
                 raise ValueError(
@@ -132,6 +139,7 @@ class PaTHConfig(PretrainedConfig):
         self.attn_backend = attn_backend
         self.cache_key_dtype = cache_key_dtype
         self.attn_chunk_size = attn_chunk_size
+        self.beta_max = beta_max
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -180,6 +188,8 @@ class PaTHConfig(PretrainedConfig):
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.cache_key_dtype not in CACHE_KEY_DTYPES:
             raise ValueError(f"cache_key_dtype must be one of {CACHE_KEY_DTYPES}, got {self.cache_key_dtype!r}")
+        if self.beta_max is not None and not 0 < self.beta_max <= 2:
+            raise ValueError(f"beta_max must be in (0, 2] or None, got {self.beta_max!r}")
         if not isinstance(self.attn_chunk_size, int) or self.attn_chunk_size < 1:
             raise ValueError(f"attn_chunk_size must be a positive integer, got {self.attn_chunk_size!r}")
 

@@ -36,9 +36,10 @@ class PaTHRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dt)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(dt)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -104,6 +105,7 @@ class PaTHAttention(nn.Module):
         conv_bias: bool = False,
         attn_backend: str = "auto",
         chunk_size: int = 64,
+        beta_max: float | None = None,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -121,6 +123,7 @@ class PaTHAttention(nn.Module):
         self.use_w_shortconv = use_w_shortconv
         self.attn_backend = attn_backend
         self.chunk_size = chunk_size
+        self.beta_max = beta_max
 
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
@@ -195,8 +198,11 @@ class PaTHAttention(nn.Module):
         k = self.k_proj(hidden_states)
         v = self.v_proj(hidden_states)
         w = self.w_proj(hidden_states)
-        beta = 2 * torch.sigmoid(self.bt_proj(hidden_states).float())
-        g = F.logsigmoid(self.g_proj(hidden_states).float()) if self.use_forget_gate else None
+        dt = torch.promote_types(hidden_states.dtype, torch.float32)  # w, beta, g in float32 or better
+        beta = 2 * torch.sigmoid(self.bt_proj(hidden_states).to(dt))
+        if self.beta_max is not None:
+            beta = beta.clamp(max=self.beta_max)
+        g = F.logsigmoid(self.g_proj(hidden_states).to(dt)) if self.use_forget_gate else None
         if token_mask is not None:  # padding: identity transform, no gate mass, nothing into the conv
             keep = token_mask[..., None]
             w = w * keep.to(w.dtype)
@@ -211,7 +217,7 @@ class PaTHAttention(nn.Module):
         q = self.maybe_q_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = self.maybe_k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        w = w.view(B, T, self.num_kv_heads, self.head_dim).float()
+        w = w.view(B, T, self.num_kv_heads, self.head_dim).to(dt)
         w = w * torch.rsqrt(w.pow(2).sum(-1, keepdim=True) + 1e-6)
 
         o = path_attention(
@@ -259,6 +265,7 @@ class PaTHBlock(GradientCheckpointingLayer):
             conv_bias=config.conv_bias,
             attn_backend=config.attn_backend,
             chunk_size=config.attn_chunk_size,
+            beta_max=config.beta_max,
         )
         self.mlp_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = PaTHMLP(config)
@@ -285,6 +292,18 @@ class PaTHPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PaTHBlock"]
     _supports_cache_class = True
     _is_stateful = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes only the saved class into auto_map; list every head so that AutoModel and
+        # AutoModelForSequenceClassification also load the checkpoint with trust_remote_code.
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_path.PaTHConfig",
+            "AutoModel": "modeling_path.PaTHModel",
+            "AutoModelForCausalLM": "modeling_path.PaTHForCausalLM",
+            "AutoModelForSequenceClassification": "modeling_path.PaTHForSequenceClassification",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -354,6 +373,12 @@ class PaTHModel(PaTHPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if cache is not None and not isinstance(cache, PaTHCache):
+            if cache.is_compileable:
+                raise ValueError(
+                    f"PaTH models cannot use a static/compilable cache ({type(cache).__name__}, e.g. from "
+                    f"cache_implementation='static'): every token rewrites all cached keys. Leave "
+                    f"cache_implementation unset; generate() then uses a PaTHCache"
+                )
             # generate() creates a standard cache for every model; an empty one is swapped for a PaTH cache,
             # which the output carries back to generate().
             if cache.get_seq_length() > 0:

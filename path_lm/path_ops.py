@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_SIZE = 64
-FLA_HEAD_DIMS = (16, 32, 64, 128)
+# fla accepts 16/32/64/128, but fla 0.6.0's backward hits illegal memory accesses at head dim 32 (seen on an
+# H100); only the verified sizes are routed to it.
+FLA_HEAD_DIMS = (64, 128)
 
 logger = logging.getLogger(__name__)
 _announced: set = set()
@@ -285,10 +287,10 @@ def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
     if not q.is_cuda:
         return "the inputs are not on a CUDA device"
     if q.shape[-1] not in FLA_HEAD_DIMS or v.shape[-1] not in FLA_HEAD_DIMS:
-        return f"fla supports head dims {FLA_HEAD_DIMS}, not {q.shape[-1]}"
-    if q.dtype == torch.float64:
-        return "fla does not support float64"
-    try:
+        return f"the fla backend supports head dims {FLA_HEAD_DIMS}, not {q.shape[-1]}"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"fla's kernels take bfloat16/float16 inputs, not {q.dtype} (its float32 backward exceeds shared memory)"
+    try:  # inside try: transformers' remote-code import check must not require fla
         import fla.ops.path_attn.parallel  # noqa: F401
     except Exception as err:  # ImportError, or triton failing to find a driver
         return f"fla is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
@@ -327,7 +329,10 @@ def path_attention_fla(q, k, v, w, beta, g=None, *, scale=None, segment_ids=None
     """fla's Triton kernel (CUDA). Padding and packed documents become variable-length sequences of one
     flattened row (`cu_seqlens`); runs of padding are computed as sequences of their own and ignored.
     Returns o [B, T, HQ, Dv] and, with output_keys, the keys carried to the end of each sequence."""
-    from fla.ops.path_attn.parallel import parallel_path_attn
+    try:  # inside try: transformers' remote-code import check must not require fla
+        from fla.ops.path_attn.parallel import parallel_path_attn
+    except ImportError as err:
+        raise RuntimeError(f"the fla backend needs fla installed (pip install path-lm[cuda]): {err}") from err
 
     B, T = q.shape[:2]
     w, beta = w.float(), beta.float()

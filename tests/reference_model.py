@@ -74,7 +74,7 @@ def causal_depthwise_conv_loop(x, weight, bias=None):
 
 
 def reference_attention(weights, prefix, x, *, hidden_size, num_heads, num_kv_heads, use_forget_gate,
-                        use_qk_norm, use_low_rank_w, use_w_shortconv, conv_bias):
+                        use_qk_norm, use_low_rank_w, use_w_shortconv, conv_bias, beta_max=None):
     """fla's PaTHAttention forward (no cache, no padding) in float64. x [B, T, hidden] -> [B, T, hidden]."""
     x = x.to(torch.float64)
     B, T, _ = x.shape
@@ -97,6 +97,8 @@ def reference_attention(weights, prefix, x, *, hidden_size, num_heads, num_kv_he
         conv_b = p("w_conv1d.bias") if conv_bias else None
         w = F.silu(causal_depthwise_conv(w, conv_w, conv_b))
     beta = 2 * torch.sigmoid(linear(x, p("bt_proj.weight"), p("bt_proj.bias")))
+    if beta_max is not None:  # path_lm's optional clip of beta away from 2 (not in fla)
+        beta = beta.clamp(max=beta_max)
     g = F.logsigmoid(linear(x, p("g_proj.weight"), p("g_proj.bias"))) if use_forget_gate else None
 
     q = q.view(B, T, HQ, D)
@@ -122,6 +124,7 @@ def attention_kwargs(config):
         use_low_rank_w=config.use_low_rank_w,
         use_w_shortconv=config.use_w_shortconv,
         conv_bias=config.conv_bias,
+        beta_max=getattr(config, "beta_max", None),
     )
 
 

@@ -5,8 +5,8 @@ conv with bias, a small attention chunk so several blocks and a partial one are 
 re-randomized after construction (biases and norm weights included) so that a parameter loaded wrongly, or
 left at its init, changes the logits.
 
-Remote-code loads run in a subprocess in which ``import path_lm`` is made to fail, with ``HF_HOME`` and
-``HF_MODULES_CACHE`` in the test's tmp dir and the Hub offline.
+Remote-code loads run in a subprocess in which neither ``path_lm`` nor ``fla`` can be imported (a user's machine
+without them), with ``HF_HOME`` and ``HF_MODULES_CACHE`` in the test's tmp dir and the Hub offline.
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
+from transformers.dynamic_module_utils import get_imports
 
 import path_lm
 from path_lm import PaTHConfig, PaTHForCausalLM
 
-from reference import path_attention_reference
+from reference_model import reference_causal_lm_logits
 
 PACKAGE_DIR = Path(path_lm.__file__).resolve().parent
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification")
@@ -198,11 +199,17 @@ def test_saved_folder_has_code_files(tmp_path):
         assert source == (PACKAGE_DIR / name).read_text(), f"{name} differs from the package source"
         for module in relative_imports(source):
             assert f"{module}.py" in saved, f"{name} imports .{module}, which was not saved"
-        assert "path_lm" not in {
-            node.names[0].name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "").split(".")[0]
-            for node in ast.walk(ast.parse(source))
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0)
-        }, f"{name} imports path_lm absolutely"
+
+
+def test_saved_code_needs_only_torch_and_transformers(tmp_path):
+    """Loading a Hub checkpoint by remote code runs transformers' check_imports on the model file and on every
+    relatively imported file, and refuses to load if a top-level package it finds is not installed. It reads
+    imports anywhere in the file (function bodies included) except inside try blocks and `if is_x_available()`
+    blocks, so an optional dependency such as fla must only be imported inside a try block."""
+    make_model().save_pretrained(tmp_path)
+    allowed = {"torch", "transformers"} | set(sys.stdlib_module_names)
+    required = {path.name: sorted(set(get_imports(path)) - allowed) for path in sorted(tmp_path.glob("*.py"))}
+    assert required == {name: [] for name in required}, required
 
 
 def test_saved_config_auto_map(tmp_path):
@@ -224,21 +231,33 @@ def test_saved_config_auto_map(tmp_path):
 
 CHILD_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, os, sys
+    import importlib.util, json, sys
 
-    class BlockPathLM(importlib.abc.MetaPathFinder):
+    # A machine on which neither path_lm nor fla is installed: every import finder is wrapped so that it
+    # finds nothing for them (`import fla` raises "No module named 'fla'", importlib.util.find_spec gives None).
+    BLOCKED = ("path_lm", "fla")
+
+    class Hide:
+        def __init__(self, finder):
+            self.finder = finder
+
         def find_spec(self, name, path=None, target=None):
-            if name == "path_lm" or name.startswith("path_lm."):
-                raise ImportError(f"{name} is blocked: this process must load the checkpoint's own code")
-            return None
+            if name.split(".")[0] in BLOCKED:
+                return None
+            return self.finder.find_spec(name, path, target)
 
-    sys.meta_path.insert(0, BlockPathLM())
-    try:
-        import path_lm  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("path_lm is importable in the child process")
+        def __getattr__(self, attr):
+            return getattr(self.finder, attr)
+
+    sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
+    for blocked in BLOCKED:
+        assert blocked not in sys.modules and importlib.util.find_spec(blocked) is None, blocked
+        try:
+            __import__(blocked)
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit(f"{blocked} is importable in the child process")
 
     import torch
     import transformers
@@ -263,9 +282,9 @@ CHILD_SCRIPT = textwrap.dedent(
             elif auto_name == "AutoModel":
                 entry["hidden"] = model(input_ids=data["input_ids"], use_cache=False).last_hidden_state
             else:
-                entry["logits"] = model(input_ids=data["input_ids"]).logits
+                entry["logits"] = model(input_ids=data["input_ids"][:1]).logits  # no pad token: batch 1
         result[auto_name] = entry
-    assert not any(name == "path_lm" or name.startswith("path_lm.") for name in sys.modules)
+    assert not [name for name in sys.modules if name.split(".")[0] in BLOCKED]
     torch.save(result, args["output"])
     """
 )
@@ -342,7 +361,7 @@ def test_remote_code_other_auto_classes(tmp_path):
     assert torch.equal(result["AutoModel"]["hidden"], hidden)
     entry = result["AutoModelForSequenceClassification"]
     check_remote_module(entry, tmp_path / "hf_modules", "PaTHForSequenceClassification")
-    assert entry["logits"].shape == (2, 2)  # num_labels defaults to 2; the score head is newly initialized
+    assert entry["logits"].shape == (1, 2)  # num_labels defaults to 2; the score head is newly initialized
 
 
 def build_hub_cache(hub_cache: Path, repo_id: str, folder: Path, commit: str) -> Path:
@@ -370,6 +389,7 @@ def test_remote_code_from_offline_hub_cache(tmp_path):
     expected = logits_of(model, ids)
     with torch.no_grad():
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
     folder = tmp_path / "saved"
     model.save_pretrained(folder, max_shard_size="20KB")  # the sharded layout through the Hub cache too
     commit = hashlib.sha1(b"tiny-path").hexdigest()
@@ -392,73 +412,6 @@ def test_remote_code_from_offline_hub_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _rms_norm(x, weight, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def reference_logits(state: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
-    """float64 forward of fla's PaTHAttentionForCausalLM written from its definition (not from path_lm):
-    pre-norm blocks, fla's PaTHAttention (projections, causal depthwise short conv + SiLU on w, optional
-    per-head RMSNorm of q and k with eps 1e-5, w / sqrt(|w|^2 + 1e-6), beta = 2 sigmoid, g = logsigmoid) with
-    the explicit-product PaTH attention of tests/reference.py, gated SiLU MLP, final norm, lm_head."""
-    sd = {k: v.double() for k, v in state.items()}
-    B, T = ids.shape
-    D = cfg["hidden_size"] // cfg["num_heads"]
-    H = cfg["num_kv_heads"] or cfg["num_heads"]
-    HQ = cfg["num_heads"]
-    eps = cfg["norm_eps"]
-    x = sd["model.embeddings.weight"][ids]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        a = p + "attn."
-        h = _rms_norm(x, sd[p + "attn_norm.weight"], eps)
-        q = h @ sd[a + "q_proj.weight"].T
-        k = h @ sd[a + "k_proj.weight"].T
-        v = h @ sd[a + "v_proj.weight"].T
-        if a + "w_proj.weight" in sd:
-            w = h @ sd[a + "w_proj.weight"].T
-        else:
-            w = h @ sd[a + "w_proj.0.weight"].T @ sd[a + "w_proj.1.weight"].T
-        beta = 2 * torch.sigmoid(h @ sd[a + "bt_proj.weight"].T + sd[a + "bt_proj.bias"])
-        g = None
-        if a + "g_proj.weight" in sd:
-            g = F.logsigmoid(h @ sd[a + "g_proj.weight"].T + sd[a + "g_proj.bias"])
-        if a + "w_conv1d.weight" in sd:
-            kernel = sd[a + "w_conv1d.weight"][:, 0, :]  # [C, K], tap K-1 on the current position
-            K = kernel.shape[1]
-            conv = torch.zeros_like(w)
-            for t in range(T):
-                for tap in range(K):
-                    src = t - (K - 1) + tap
-                    if src >= 0:
-                        conv[:, t] += kernel[:, tap] * w[:, src]
-            if a + "w_conv1d.bias" in sd:
-                conv = conv + sd[a + "w_conv1d.bias"]
-            w = F.silu(conv)
-        q, k, v, w = (t.reshape(B, T, -1, D) for t in (q, k, v, w))
-        if a + "maybe_q_norm.weight" in sd:
-            q = _rms_norm(q, sd[a + "maybe_q_norm.weight"], 1e-5)
-            k = _rms_norm(k, sd[a + "maybe_k_norm.weight"], 1e-5)
-        w = w / torch.sqrt(w.pow(2).sum(-1, keepdim=True) + 1e-6)
-        assert q.shape[2] == HQ and k.shape[2] == H
-        o = path_attention_reference(q, k, v, w, beta, g)
-        x = x + o.reshape(B, T, -1) @ sd[a + "o_proj.weight"].T
-        h = _rms_norm(x, sd[p + "mlp_norm.weight"], eps)
-        m = p + "mlp."
-        x = x + (F.silu(h @ sd[m + "gate_proj.weight"].T) * (h @ sd[m + "up_proj.weight"].T)) @ sd[m + "down_proj.weight"].T
-    x = _rms_norm(x, sd["model.norm.weight"], eps)
-    head = sd["model.embeddings.weight"] if cfg["tie_word_embeddings"] else sd["lm_head.weight"]
-    return x @ head.T
-
-
-def test_reference_forward_matches_path_lm():
-    """Sanity check of the float64 reference above against path_lm itself (every option on)."""
-    model = make_model(seed=11)
-    ids = input_ids(batch=1, length=7)
-    ref = reference_logits(model.state_dict(), model.config.to_dict(), ids)
-    torch.testing.assert_close(logits_of(model, ids).double(), ref, rtol=1e-4, atol=1e-4)
-
-
 def fla_models():
     return pytest.importorskip("fla.models")
 
@@ -477,6 +430,7 @@ def test_fla_checkpoint_loads(tmp_path, low_rank):
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=4, num_kv_heads=2, hidden_ratio=2,
         intermediate_size=None if low_rank else 40,  # None: fla's rounding rule (-> 256)
         use_forget_gate=True, use_low_rank_w=low_rank, tie_word_embeddings=False,
+        norm_eps=1e-5, bos_token_id=3, eos_token_id=4,  # not the defaults, so the values must travel
     )
     torch.manual_seed(0)
     fla_model = randomize_(fla.PaTHAttentionForCausalLM(fla_config), seed=3)
@@ -500,9 +454,12 @@ def test_fla_checkpoint_loads(tmp_path, low_rank):
     assert config.num_kv_heads == 2 and config.head_dim == 8
     assert (config.use_qk_norm, config.conv_size, config.conv_bias) == (False, 3, False)  # fla's layer defaults
 
+    # Independent float64 forward from fla's weights and config.json (fla's layer has no qk-norm, no conv bias).
     ids = input_ids(batch=1, length=9)
-    ref = reference_logits(fla_state, saved, ids)
-    torch.testing.assert_close(logits_of(model, ids).double(), ref, rtol=1e-4, atol=1e-4)
+    ref_config = SimpleNamespace(**{**saved, "use_qk_norm": False, "conv_bias": False})
+    ref, used = reference_causal_lm_logits(fla_state, ref_config, input_ids=ids, return_weights=True)
+    assert not used.unused(), f"checkpoint tensors the reference never read: {sorted(used.unused())}"
+    torch.testing.assert_close(logits_of(model, ids).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("low_rank", [True, False], ids=["lowrank_w", "full_w"])
