@@ -149,11 +149,11 @@ def test_bf16_training_stays_finite(beta_max):
     config = small_config(attn_backend="fla", beta_max=beta_max, initializer_range=0.02, num_hidden_layers=4)
     model = PaTHForCausalLM(config).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    # a learnable signal: copy the first half of each row into the second half
+    # a learnable signal: counting sequences (next id = id + 1) from random starts
     losses = []
     for step in range(300):
-        half = torch.randint(1, 128, (8, 128), device=DEVICE)
-        ids = torch.cat([half, half], dim=1)
+        starts = torch.randint(0, 127, (8, 1), device=DEVICE)
+        ids = (starts + torch.arange(256, device=DEVICE)) % 127 + 1
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -162,4 +162,4 @@ def test_bf16_training_stays_finite(beta_max):
         optimizer.zero_grad()
         losses.append(loss.item())
         assert torch.isfinite(loss), f"non-finite loss at step {step}"
-    assert sum(losses[-20:]) / 20 < 0.7 * sum(losses[:20]) / 20
+    assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
