@@ -21,7 +21,9 @@ def _grow(buffer: torch.Tensor | None, length: int, needed: int, shape_fn) -> to
     """Return a buffer with room for `needed` positions along dim 2, keeping the first `length`."""
     if buffer is not None and buffer.shape[2] >= needed:
         return buffer
-    capacity = max(needed, 2 * (buffer.shape[2] if buffer is not None else 0))
+    # Headroom of one block past what is needed, and 1.5x growth: amortized O(1) copies per token without
+    # doubling a long prompt's cache on the first decoded token.
+    capacity = max(needed + GROWTH_BLOCK, (3 * buffer.shape[2]) // 2 if buffer is not None else 0)
     capacity = GROWTH_BLOCK * ((capacity + GROWTH_BLOCK - 1) // GROWTH_BLOCK)
     new = shape_fn(capacity)
     if buffer is not None and length:
