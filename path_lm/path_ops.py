@@ -123,59 +123,61 @@ def path_attention_torch(
     C = max(1, min(chunk_size, T))
     n = math.ceil(T / C)
 
-    # [B, n, C, ...] -> heads first: q [B, H, G, n, C, D]; k, w [B, H, n, C, D]; beta [B, H, n, C]
-    qc = _chunk(q.to(dt).reshape(B, T, H, G, D), n, C).permute(0, 3, 4, 1, 2, 5)
+    # Heads first, time in blocks. The G query heads of a key/value head are stacked as rows, so every
+    # product is a plain batched matmul: q [B, H, n, G*C, D] (scaled); k, w [B, H, n, C, D]; beta [B, H, n, C].
+    qc = _chunk(q.to(dt).reshape(B, T, H, G, D), n, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, n, G * C, D) * scale
     kc = _chunk(k.to(dt), n, C).permute(0, 3, 1, 2, 4)
     wc = _chunk(w.to(dt), n, C).permute(0, 3, 1, 2, 4)
     vc = _chunk(v.to(dt), n, C).permute(0, 3, 1, 2, 4)
     bc = _chunk(beta.to(dt), n, C).permute(0, 3, 1, 2)
     b_cols = bc[..., None, :]
+    wt = wc.transpose(-1, -2)
 
-    # Within each chunk (all chunks at once). M, N: strictly lower / upper parts of W W^T, columns scaled
-    # by beta. U = (I + M)^-1 W gives the WY form of the chunk's product P = H_end ... H_start.
-    ww = wc @ wc.transpose(-1, -2)
+    # Within each block (all blocks at once). M, N: strictly lower / upper parts of W W^T, columns scaled
+    # by beta. U = (I + M)^-1 W gives the WY form of the block's product P = H_end ... H_start.
+    ww = wc @ wt
     m_low = ww.tril(-1) * b_cols
     u = torch.linalg.solve_triangular(m_low, wc, upper=False, unitriangular=True)
     n_up = ww.triu(1) * b_cols
     u_up = torch.linalg.solve_triangular(n_up, wc, upper=True, unitriangular=True)
     eye = torch.eye(D, dtype=dt, device=q.device)
-    p = eye - wc.transpose(-1, -2) @ (bc[..., None] * u)  # [B, H, n, D, D]
+    p = eye - wt @ (bc[..., None] * u)  # [B, H, n, D, D]
 
-    qw = (qc @ wc.unsqueeze(2).transpose(-1, -2)).tril() * b_cols.unsqueeze(2)  # [B, H, G, n, C, C]
-    q_t = qc - qw @ u.unsqueeze(2)  # rows q_i^T H_i ... H_start
-    k_t = kc - ((kc @ wc.transpose(-1, -2)).triu(1) * b_cols) @ u_up  # rows (H_end ... H_{j+1} k_j)^T
+    qw = ((qc @ wt).view(B, H, n, G, C, C).tril() * b_cols.unsqueeze(3)).view(B, H, n, G * C, C)
+    q_t = qc - qw @ u  # rows q_i^T H_i ... H_start
+    k_t = kc - ((kc @ wt).triu(1) * b_cols) @ u_up  # rows (H_end ... H_{j+1} k_j)^T
     wk = torch.linalg.solve_triangular(m_low, (wc @ kc.transpose(-1, -2)).tril(-1), upper=False, unitriangular=True)
-    diagonals = [qc @ kc.unsqueeze(2).transpose(-1, -2) - qw @ wk.unsqueeze(2)]  # [B, H, G, n, C, C]
+    diagonals = [qc @ kc.transpose(-1, -2) - qw @ wk]  # [B, H, n, G*C, C]
 
-    # Across chunks: the score block of query chunk a and key chunk b < a is Qt_a P_{a-1} ... P_{b+1} Kt_b^T.
-    # Walk the offset s = a - b; every query chunk advances at once (a wavefront), one D x D product each.
-    q_start = [q_t[:, :, :, :1]] if past is not None else None
-    running = q_t[:, :, :, 1:]
+    # Across blocks: the scores of query block a and key block b < a are Qt_a P_{a-1} ... P_{b+1} Kt_b^T.
+    # Walk the offset s = a - b; every query block advances at once (a wavefront), one D x D product each.
+    q_start = [q_t[:, :, :1]] if past is not None else None
+    running = q_t[:, :, 1:]
     for s in range(1, n):
-        diagonals.append(running @ k_t[:, :, None, : n - s].transpose(-1, -2))
+        diagonals.append(running @ k_t[:, :, : n - s].transpose(-1, -2))
         if past is not None:
-            q_start.append(running[:, :, :, :1] @ p[:, :, None, :1])
+            q_start.append(running[:, :, :1] @ p[:, :, :1])
         if s < n - 1:
-            running = running[:, :, :, 1:] @ p[:, :, None, 1 : n - s]
+            running = running[:, :, 1:] @ p[:, :, 1 : n - s]
 
-    # Logits: gate difference, scale, causal and segment masks.
+    # Logits [B, H, n - s, G, C, C]: gate difference (scaled like the scores), causal and segment masks.
     gate = None
     if g is not None:
         g_cum = g.to(dt).cumsum(1)
         if past is not None and past.gate_offset is not None:
             g_cum = g_cum + past.gate_offset.to(dt)[:, None, :]
-        gate = _chunk(g_cum.reshape(B, T, H, G), n, C).permute(0, 3, 4, 1, 2)  # [B, H, G, n, C]
+        gate = _chunk(g_cum.reshape(B, T, H, G), n, C).permute(0, 3, 1, 4, 2) * scale  # [B, H, n, G, C]
     seg = None
     if segment_ids is not None:
         seg = _chunk(segment_ids.unsqueeze(-1), n, C).squeeze(-1)  # [B, n, C]; the tail pad is its own id 0
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     for s, logits in enumerate(diagonals):
+        logits = logits.view(B, H, n - s, G, C, C)
         if gate is not None:
-            logits = logits + (gate[..., s:, :, None] - gate[..., : n - s, None, :])
-        logits = logits * scale
+            logits = (logits + gate[:, :, s:, :, :, None]).sub_(gate[:, :, : n - s, :, None, :])
         mask = None
         if seg is not None:
-            mask = (seg[:, s:, :, None] == seg[:, : n - s, None, :])[:, None, None]
+            mask = (seg[:, s:, :, None] == seg[:, : n - s, None, :])[:, None, :, None]
         if s == 0:
             mask = causal if mask is None else mask & causal
         if mask is not None:
@@ -186,38 +188,37 @@ def path_attention_torch(
     if past is not None:
         # Queries carried to the start of the new tokens meet the cached keys, which are already
         # transformed up to the last cached position.
-        qs = torch.cat(q_start, dim=3)  # [B, H, G, n, C, D]
+        qs = torch.cat(q_start, dim=2).reshape(B, H, n * G * C, D)
         pk = past.keys.to(dt).permute(0, 2, 3, 1)  # [B, H, D, L]
-        past_logits = qs.flatten(3, 4) @ pk.unsqueeze(2)  # [B, H, G, n*C, L]
+        past_logits = (qs @ pk).view(B, H, n, G, C, -1)
         if gate is not None and past.gate is not None:
-            pg = past.gate.to(dt).reshape(B, -1, H, G).permute(0, 2, 3, 1)  # [B, H, G, L]
-            past_logits = past_logits + (gate.flatten(3, 4)[..., None] - pg[..., None, :])
-        past_logits = past_logits * scale
+            pg = past.gate.to(dt).reshape(B, -1, H, G).permute(0, 2, 3, 1) * scale  # [B, H, G, L]
+            past_logits = (past_logits + gate[..., None]).sub_(pg[:, :, None, :, None, :])
         if past.key_mask is not None:
-            past_logits = past_logits.masked_fill(~past.key_mask[:, None, None, None, :], float("-inf"))
+            past_logits = past_logits.masked_fill(~past.key_mask[:, None, None, None, None, :], float("-inf"))
 
     # Softmax across the diagonals: a shared row maximum (detached: any constant gives the same softmax),
-    # then each diagonal's contribution to its query chunks.
-    row_max = torch.full((B, H, G, n, C), float("-inf"), dtype=dt, device=q.device)
+    # then each diagonal's contribution to its query blocks.
+    row_max = torch.full((B, H, n, G, C), float("-inf"), dtype=dt, device=q.device)
     for s, logits in enumerate(diagonals):
-        row_max = torch.maximum(row_max, F.pad(logits.detach().amax(-1), (0, 0, s, 0), value=float("-inf")))
+        row_max = torch.maximum(row_max, F.pad(logits.detach().amax(-1), (0, 0, 0, 0, s, 0), value=float("-inf")))
     if past_logits is not None:
-        row_max = torch.maximum(row_max, past_logits.detach().amax(-1).unflatten(-1, (n, C)))
+        row_max = torch.maximum(row_max, past_logits.detach().amax(-1))
     row_max = row_max.nan_to_num(neginf=0.0)  # rows with every key masked (cache padding) stay finite
 
     denom = 0
     out = 0
     for s, logits in enumerate(diagonals):
-        probs = torch.exp(logits - row_max[..., s:, :, None])
-        denom = denom + F.pad(probs.sum(-1), (0, 0, s, 0))
-        out = out + F.pad(probs @ vc[:, :, None, : n - s], (0, 0, 0, 0, s, 0))
+        probs = (logits - row_max[:, :, s:, :, :, None]).exp_()
+        denom = denom + F.pad(probs.sum(-1), (0, 0, 0, 0, s, 0))
+        out = out + F.pad(probs.view(B, H, n - s, G * C, C) @ vc[:, :, : n - s], (0, 0, 0, 0, s, 0))
     if past_logits is not None:
-        probs = torch.exp(past_logits - row_max.flatten(3, 4)[..., None])
-        denom = denom + probs.sum(-1).unflatten(-1, (n, C))
-        pv = past.values.to(dt).transpose(1, 2).unsqueeze(2)  # [B, H, 1, L, Dv]
-        out = out + (probs @ pv).unflatten(3, (n, C))
-    out = out / denom[..., None]
-    o = out.permute(0, 3, 4, 1, 2, 5).reshape(B, n * C, HQ, Dv)[:, :T].to(out_dtype)
+        probs = (past_logits - row_max[..., None]).exp_()
+        denom = denom + probs.sum(-1)
+        pv = past.values.to(dt).transpose(1, 2)  # [B, H, L, Dv]
+        out = out + (probs.reshape(B, H, n * G * C, -1) @ pv).view(B, H, n, G * C, Dv)
+    out = out.view(B, H, n, G, C, Dv) / denom[..., None]
+    o = out.permute(0, 2, 4, 1, 3, 5).reshape(B, n * C, HQ, Dv)[:, :T].to(out_dtype)
 
     if not output_state:
         return o, None
