@@ -657,7 +657,7 @@ def test_bf16_step_decoding_drift_bounded(record_property):
 
 @torch.no_grad()
 def test_cache_buffers_updated_in_place_and_grow_in_blocks(model):
-    steps = 300
+    steps = 600
     ids = random_ids(1, 21 + steps, seed=80)
     cache = cache_of(model(ids[:, :21], use_cache=True))
     layer = cache.layers[0]
