@@ -68,11 +68,11 @@ def run(args, device):
             B = max(1, args.tokens // T)
             flops = 4 * B * H * T * T * D / 2
             path, sdpa = make_inputs(B, T, H, D, device)
-            impls = [("SDPA flash", lambda: _sdpa(*sdpa), sdpa)]
+            impls = [("SDPA flash", lambda sdpa=sdpa: _sdpa(*sdpa), sdpa)]
             if device.type == "cuda":
-                impls.append(("PaTH fla", lambda: path_attention_fla(*path)[0], path))
+                impls.append(("PaTH fla", lambda path=path: path_attention_fla(*path)[0], path))
             if T <= args.torch_max_t:
-                impls.append(("PaTH torch", lambda: path_attention_torch(*path)[0], path))
+                impls.append(("PaTH torch", lambda path=path: path_attention_torch(*path)[0], path))
             base = None
             for name, fwd, inputs in impls:
                 try:

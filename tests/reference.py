@@ -18,8 +18,9 @@ def householder_products(w, beta):
     return prod
 
 
-def path_attention_reference(q, k, v, w, beta, g=None, scale=None, segment_ids=None):
-    """q [B,T,HQ,D], k/w [B,T,H,D], v [B,T,H,Dv], beta [B,T,H], g [B,T,HQ] -> o [B,T,HQ,Dv] float64."""
+def path_attention_reference(q, k, v, w, beta, g=None, scale=None, segment_ids=None, key_mask=None):
+    """q [B,T,HQ,D], k/w [B,T,H,D], v [B,T,H,Dv], beta [B,T,H], g [B,T,HQ] -> o [B,T,HQ,Dv] float64.
+    segment_ids [B,T]: attend within a segment only; key_mask [B,T]: keys with False are left out."""
     q, k, v, w, beta = (x.double() for x in (q, k, v, w, beta))
     B, T, HQ, D = q.shape
     H = k.shape[2]
@@ -34,6 +35,8 @@ def path_attention_reference(q, k, v, w, beta, g=None, scale=None, segment_ids=N
                     logits = torch.full((T,), float("-inf"), dtype=torch.float64)
                     for j in range(i + 1):
                         if segment_ids is not None and segment_ids[b, i] != segment_ids[b, j]:
+                            continue
+                        if key_mask is not None and not key_mask[b, j]:
                             continue
                         logits[j] = scale * (q[b, i, hq] @ prod[i, j] @ k[b, j, h] + gcum[i] - gcum[j])
                     out[b, i, hq] = torch.softmax(logits, 0) @ v[b, :, h]

@@ -6,7 +6,7 @@ The reference is O(T^2 D^2) Python loops, so every case here keeps T and B * H s
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import householder_products, path_attention_reference, transformed_keys_reference
+from reference import path_attention_reference, transformed_keys_reference
 
 from path_lm.path_ops import PaTHPast, path_attention_torch, path_decode_step
 
@@ -45,23 +45,7 @@ def explicit_transform(w, beta):
 
 def reference_with_key_mask(q, k, v, w, beta, g, keep, scale=None):
     """Explicit PaTH attention where keys j with keep[b, j] False are left out of every softmax."""
-    q, k, v, w, beta = (x.double() for x in (q, k, v, w, beta))
-    B, T, HQ, D = q.shape
-    H = k.shape[2]
-    scale = D**-0.5 if scale is None else scale
-    out = torch.zeros(B, T, HQ, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            prod = householder_products(w[b, :, h], beta[b, :, h])
-            for hq in range(h * (HQ // H), (h + 1) * (HQ // H)):
-                gcum = g[b, :, hq].double().cumsum(0) if g is not None else torch.zeros(T, dtype=torch.float64)
-                for i in range(T):
-                    logits = torch.full((T,), float("-inf"), dtype=torch.float64)
-                    for j in range(i + 1):
-                        if keep[b, j]:
-                            logits[j] = scale * (q[b, i, hq] @ prod[i, j] @ k[b, j, h] + gcum[i] - gcum[j])
-                    out[b, i, hq] = torch.softmax(logits, 0) @ v[b, :, h]
-    return out
+    return path_attention_reference(q, k, v, w, beta, g, scale=scale, key_mask=keep)
 
 
 def rel_err(a, b):
