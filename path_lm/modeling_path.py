@@ -64,7 +64,8 @@ class PaTHShortConvolution(nn.Conv1d):
         """x [B, T, C]; segment_ids [B, T]; state [B, K-1, C] (earlier inputs). Returns (y, new state)."""
         K = self.kernel_size[0]
         T = x.shape[1]
-        if state is None:
+        has_state = state is not None
+        if not has_state:
             state = x.new_zeros(x.shape[0], K - 1, x.shape[2])
         padded = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
         weight = self.weight[:, 0, :].to(x.dtype)  # [C, K]; tap K-1 multiplies the current input
@@ -74,7 +75,7 @@ class PaTHShortConvolution(nn.Conv1d):
             if segment_ids is not None:
                 same = torch.zeros_like(segment_ids, dtype=torch.bool)
                 same[:, shift:] = segment_ids[:, shift:] == segment_ids[:, :-shift]
-                if state is not None:  # the cached inputs belong to the first segment of this call
+                if has_state:  # the cached inputs belong to the first segment of this call
                     same[:, :shift] = segment_ids[:, :shift] == segment_ids[:, :1]
                 tap = tap * same[..., None].to(x.dtype)
             y = y + tap
