@@ -79,6 +79,11 @@ def _chunk(x: torch.Tensor, num_chunks: int, chunk_size: int) -> torch.Tensor:
     return x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:])
 
 
+def _pad_blocks(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Prepend s blocks of zeros along dim 0: the contribution of diagonal s to query blocks s..n-1."""
+    return torch.cat([x.new_zeros(s, *x.shape[1:]), x]) if s else x
+
+
 def path_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,13 +128,14 @@ def path_attention_torch(
     C = max(1, min(chunk_size, T))
     n = math.ceil(T / C)
 
-    # Heads first, time in blocks. The G query heads of a key/value head are stacked as rows, so every
-    # product is a plain batched matmul: q [B, H, n, G*C, D] (scaled); k, w [B, H, n, C, D]; beta [B, H, n, C].
-    qc = _chunk(q.to(dt).reshape(B, T, H, G, D), n, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, n, G * C, D) * scale
-    kc = _chunk(k.to(dt), n, C).permute(0, 3, 1, 2, 4)
-    wc = _chunk(w.to(dt), n, C).permute(0, 3, 1, 2, 4)
-    vc = _chunk(v.to(dt), n, C).permute(0, 3, 1, 2, 4)
-    bc = _chunk(beta.to(dt), n, C).permute(0, 3, 1, 2)
+    # Blocks first, so that slicing a range of blocks stays contiguous and every product is a plain batched
+    # matmul; the G query heads of a key/value head are stacked as rows.
+    # q [n, B, H, G*C, D] (scaled); k, w, v [n, B, H, C, D]; beta [n, B, H, C].
+    qc = _chunk(q.to(dt).reshape(B, T, H, G, D), n, C).permute(1, 0, 3, 4, 2, 5).reshape(n, B, H, G * C, D) * scale
+    kc = _chunk(k.to(dt), n, C).permute(1, 0, 3, 2, 4)
+    wc = _chunk(w.to(dt), n, C).permute(1, 0, 3, 2, 4)
+    vc = _chunk(v.to(dt), n, C).permute(1, 0, 3, 2, 4)
+    bc = _chunk(beta.to(dt), n, C).permute(1, 0, 3, 2)
     b_cols = bc[..., None, :]
     wt = wc.transpose(-1, -2)
 
@@ -141,43 +147,44 @@ def path_attention_torch(
     n_up = ww.triu(1) * b_cols
     u_up = torch.linalg.solve_triangular(n_up, wc, upper=True, unitriangular=True)
     eye = torch.eye(D, dtype=dt, device=q.device)
-    p = eye - wt @ (bc[..., None] * u)  # [B, H, n, D, D]
+    p = eye - wt @ (bc[..., None] * u)  # [n, B, H, D, D]
 
-    qw = ((qc @ wt).view(B, H, n, G, C, C).tril() * b_cols.unsqueeze(3)).view(B, H, n, G * C, C)
+    qw = ((qc @ wt).view(n, B, H, G, C, C).tril() * b_cols.unsqueeze(3)).view(n, B, H, G * C, C)
     q_t = qc - qw @ u  # rows q_i^T H_i ... H_start
     k_t = kc - ((kc @ wt).triu(1) * b_cols) @ u_up  # rows (H_end ... H_{j+1} k_j)^T
     wk = torch.linalg.solve_triangular(m_low, (wc @ kc.transpose(-1, -2)).tril(-1), upper=False, unitriangular=True)
-    diagonals = [qc @ kc.transpose(-1, -2) - qw @ wk]  # [B, H, n, G*C, C]
+    diagonals = [qc @ kc.transpose(-1, -2) - qw @ wk]  # [n, B, H, G*C, C]
 
     # Across blocks: the scores of query block a and key block b < a are Qt_a P_{a-1} ... P_{b+1} Kt_b^T.
     # Walk the offset s = a - b; every query block advances at once (a wavefront), one D x D product each.
-    q_start = [q_t[:, :, :1]] if past is not None else None
-    running = q_t[:, :, 1:]
+    k_t_cols = k_t.transpose(-1, -2)
+    q_start = [q_t[:1]] if past is not None else None
+    running = q_t[1:]
     for s in range(1, n):
-        diagonals.append(running @ k_t[:, :, : n - s].transpose(-1, -2))
+        diagonals.append(running @ k_t_cols[: n - s])
         if past is not None:
-            q_start.append(running[:, :, :1] @ p[:, :, :1])
+            q_start.append(running[:1] @ p[:1])
         if s < n - 1:
-            running = running[:, :, 1:] @ p[:, :, 1 : n - s]
+            running = running[1:] @ p[1 : n - s]
 
-    # Logits [B, H, n - s, G, C, C]: gate difference (scaled like the scores), causal and segment masks.
+    # Logits [n - s, B, H, G, C, C]: gate difference (scaled like the scores), causal and segment masks.
     gate = None
     if g is not None:
         g_cum = g.to(dt).cumsum(1)
         if past is not None and past.gate_offset is not None:
             g_cum = g_cum + past.gate_offset.to(dt)[:, None, :]
-        gate = _chunk(g_cum.reshape(B, T, H, G), n, C).permute(0, 3, 1, 4, 2) * scale  # [B, H, n, G, C]
+        gate = _chunk(g_cum.reshape(B, T, H, G), n, C).permute(1, 0, 3, 4, 2) * scale  # [n, B, H, G, C]
     seg = None
     if segment_ids is not None:
-        seg = _chunk(segment_ids.unsqueeze(-1), n, C).squeeze(-1)  # [B, n, C]; the tail pad is its own id 0
+        seg = _chunk(segment_ids.unsqueeze(-1), n, C).squeeze(-1).transpose(0, 1)  # [n, B, C]; tail pad is id 0
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     for s, logits in enumerate(diagonals):
-        logits = logits.view(B, H, n - s, G, C, C)
+        logits = logits.view(n - s, B, H, G, C, C)
         if gate is not None:
-            logits = (logits + gate[:, :, s:, :, :, None]).sub_(gate[:, :, : n - s, :, None, :])
+            logits = (logits + gate[s:, ..., None]).sub_(gate[: n - s, ..., None, :])
         mask = None
         if seg is not None:
-            mask = (seg[:, s:, :, None] == seg[:, : n - s, None, :])[:, None, :, None]
+            mask = (seg[s:, :, :, None] == seg[: n - s, :, None, :])[:, :, None, None]
         if s == 0:
             mask = causal if mask is None else mask & causal
         if mask is not None:
@@ -188,20 +195,20 @@ def path_attention_torch(
     if past is not None:
         # Queries carried to the start of the new tokens meet the cached keys, which are already
         # transformed up to the last cached position.
-        qs = torch.cat(q_start, dim=2).reshape(B, H, n * G * C, D)
+        qs = torch.cat(q_start).permute(1, 2, 0, 3, 4).reshape(B, H, n * G * C, D)
         pk = past.keys.to(dt).permute(0, 2, 3, 1)  # [B, H, D, L]
-        past_logits = (qs @ pk).view(B, H, n, G, C, -1)
+        past_logits = (qs @ pk).view(B, H, n, G, C, -1).permute(2, 0, 1, 3, 4, 5)  # [n, B, H, G, C, L]
         if gate is not None and past.gate is not None:
             pg = past.gate.to(dt).reshape(B, -1, H, G).permute(0, 2, 3, 1) * scale  # [B, H, G, L]
-            past_logits = (past_logits + gate[..., None]).sub_(pg[:, :, None, :, None, :])
+            past_logits = (past_logits + gate[..., None]).sub_(pg[:, :, :, None, :])
         if past.key_mask is not None:
-            past_logits = past_logits.masked_fill(~past.key_mask[:, None, None, None, None, :], float("-inf"))
+            past_logits = past_logits.masked_fill(~past.key_mask[:, None, None, None, :], float("-inf"))
 
     # Softmax across the diagonals: a shared row maximum (detached: any constant gives the same softmax),
     # then each diagonal's contribution to its query blocks.
-    row_max = torch.full((B, H, n, G, C), float("-inf"), dtype=dt, device=q.device)
+    row_max = torch.full((n, B, H, G, C), float("-inf"), dtype=dt, device=q.device)
     for s, logits in enumerate(diagonals):
-        row_max = torch.maximum(row_max, F.pad(logits.detach().amax(-1), (0, 0, 0, 0, s, 0), value=float("-inf")))
+        row_max[s:] = torch.maximum(row_max[s:], logits.detach().amax(-1))
     if past_logits is not None:
         row_max = torch.maximum(row_max, past_logits.detach().amax(-1))
     row_max = row_max.nan_to_num(neginf=0.0)  # rows with every key masked (cache padding) stay finite
@@ -209,26 +216,27 @@ def path_attention_torch(
     denom = 0
     out = 0
     for s, logits in enumerate(diagonals):
-        probs = (logits - row_max[:, :, s:, :, :, None]).exp_()
-        denom = denom + F.pad(probs.sum(-1), (0, 0, 0, 0, s, 0))
-        out = out + F.pad(probs.view(B, H, n - s, G * C, C) @ vc[:, :, : n - s], (0, 0, 0, 0, s, 0))
+        probs = (logits - row_max[s:, ..., None]).exp_()
+        denom = denom + _pad_blocks(probs.sum(-1), s)
+        out = out + _pad_blocks(probs.view(n - s, B, H, G * C, C) @ vc[: n - s], s)
     if past_logits is not None:
         probs = (past_logits - row_max[..., None]).exp_()
         denom = denom + probs.sum(-1)
         pv = past.values.to(dt).transpose(1, 2)  # [B, H, L, Dv]
-        out = out + (probs.reshape(B, H, n * G * C, -1) @ pv).view(B, H, n, G * C, Dv)
-    out = out.view(B, H, n, G, C, Dv) / denom[..., None]
-    o = out.permute(0, 2, 4, 1, 3, 5).reshape(B, n * C, HQ, Dv)[:, :T].to(out_dtype)
+        probs = probs.permute(1, 2, 0, 3, 4, 5).reshape(B, H, n * G * C, -1)
+        out = out + (probs @ pv).view(B, H, n, G * C, Dv).permute(2, 0, 1, 3, 4)
+    out = out.view(n, B, H, G, C, Dv) / denom[..., None]
+    o = out.permute(1, 0, 4, 2, 3, 5).reshape(B, n * C, HQ, Dv)[:, :T].to(out_dtype)
 
     if not output_state:
         return o, None
-    # Suffix products: the keys of chunk b are carried through P_{b+1}, ..., P_{n-1}.
+    # Suffix products: the keys of block b are carried through P_{b+1}, ..., P_{n-1}.
     suffix = [eye.expand(B, H, D, D)]
     for b in range(n - 1, 0, -1):
-        suffix.append(suffix[-1] @ p[:, :, b])
-    suffix = torch.stack(suffix[::-1], dim=2)  # [B, H, n, D, D]; entry b = P_{n-1} ... P_{b+1}
-    keys = (k_t @ suffix.transpose(-1, -2)).permute(0, 2, 3, 1, 4).reshape(B, n * C, H, D)[:, :T]
-    transform = suffix[:, :, 0] @ p[:, :, 0]
+        suffix.append(suffix[-1] @ p[b])
+    suffix = torch.stack(suffix[::-1])  # [n, B, H, D, D]; entry b = P_{n-1} ... P_{b+1}
+    keys = (k_t @ suffix.transpose(-1, -2)).permute(1, 0, 3, 2, 4).reshape(B, n * C, H, D)[:, :T]
+    transform = suffix[0] @ p[0]
     return o, PaTHState(keys=keys, transform=transform)
 
 
