@@ -1,6 +1,11 @@
 """The ``path-lm`` command line: one subcommand per job, each a thin call into library code.
 
     path-lm quickstart [--output-dir DIR] [--steps N] [--seq-len T] [--seed S] ...
+    path-lm train DATA... --output-dir DIR [--preset tiny|125m|350m|760m | --config F | --from CKPT] ...
+    path-lm generate MODEL [PROMPT ...] [--max-new-tokens N] [--do-sample] [--temperature T] ...
+    path-lm eval MODEL --data FILE.txt [--seq-len T] [--by-position --max-len L]
+    path-lm convert SRC DST [--to path_lm|fla]
+    path-lm push FOLDER REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
 
 To add a subcommand, write ``add_<name>_parser(subparsers)`` that registers its arguments and sets
 ``func`` to a ``cmd_<name>(args)`` that calls the library, then append it to ``SUBCOMMANDS``.
@@ -9,6 +14,7 @@ To add a subcommand, write ``add_<name>_parser(subparsers)`` that registers its 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -67,7 +73,294 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = [add_quickstart_parser]
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train (--preset / --config) or fine-tune (--from) a PaTH model on local text with transformers.Trainer",
+        description=(
+            "Train a PaTH language model from scratch (--preset or --config) or fine-tune one (--from) on local "
+            "data: .txt (one document per blank-line-separated block), .jsonl (--text-field), .parquet, or a "
+            "folder saved with datasets' save_to_disk. Documents are packed to --seq-len with their boundaries "
+            "kept. The model, its remote code, the tokenizer and training_summary.json end up in OUTPUT_DIR/model; "
+            "checkpoints, loss_curve.png and the summary in OUTPUT_DIR. Runs unchanged under torchrun / "
+            "accelerate launch."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("data", nargs="+", help="data files or saved datasets folders")
+    parser.add_argument("--output-dir", required=True, help="run folder: checkpoints, plot, summary, final model")
+    model = parser.add_argument_group("model")
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="tiny", help="model shape: tiny, 125m, 350m, 760m")
+    source.add_argument("--config", dest="config_file", default=None, help="PaTHConfig JSON file")
+    source.add_argument("--from", dest="from_checkpoint", default=None, help="checkpoint folder to fine-tune")
+    model.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder (default: the checkpoint's with --from, else a BPE trained on the data)")
+    model.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE trained when no --tokenizer")
+    data = parser.add_argument_group("data")
+    data.add_argument("--text-field", default="text", help="text field of .jsonl / .parquet / datasets data")
+    data.add_argument("--seq-len", type=int, default=512, help="tokens per packed training row")
+    data.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out for eval perplexity")
+    data.add_argument("--eval-files", nargs="+", default=None, help="eval data instead of a held-out fraction")
+    run = parser.add_argument_group("run (transformers.TrainingArguments)")
+    run.add_argument("--overwrite", action="store_true", help="replace the results in a non-empty output dir")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    run.add_argument("--batch-size", type=int, default=8, help="per-device train batch size")
+    run.add_argument("--eval-batch-size", type=int, default=None, help="per-device eval batch (default --batch-size)")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    run.add_argument("--learning-rate", type=float, default=3e-4)
+    run.add_argument("--lr-scheduler", dest="lr_scheduler_type", default="cosine", help="a transformers schedule name")
+    run.add_argument("--warmup", type=float, default=0.0, help="warmup steps, or a fraction of --max-steps if < 1")
+    run.add_argument("--weight-decay", type=float, default=0.01)
+    run.add_argument("--max-grad-norm", type=float, default=1.0)
+    run.add_argument("--max-steps", type=int, default=1000)
+    run.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    run.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing per block")
+    run.add_argument("--logging-steps", type=int, default=10)
+    run.add_argument("--eval-steps", type=int, default=None, help="default --save-steps")
+    run.add_argument("--save-steps", type=int, default=500)
+    run.add_argument("--save-total-limit", type=int, default=None, help="keep at most this many checkpoints")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--cpu", dest="use_cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    run.add_argument("--no-progress", dest="disable_tqdm", action="store_true", default=None, help="no progress bar")
+    run.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other TrainingArguments field (VALUE read as JSON, else a string); repeatable")
+    parser.set_defaults(func=cmd_train)
+
+
+def _trainer_args(pairs: list[str]) -> dict:
+    import json
+
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"path-lm train: error: --trainer-arg wants KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key] = value
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "data", "trainer_arg")}
+    train(args.data, trainer_args=_trainer_args(args.trainer_arg), **options)
+    return 0
+
+
+# --- generate / eval / convert / push (inference, evaluation, conversion and Hub sharing) -----------------
+
+
+def _add_device_args(parser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: MODEL's)")
+    parser.add_argument("--no-trust-remote-code", dest="trust_remote_code", action="store_false",
+                        help="refuse to run the modeling code stored in MODEL (path_lm must then be installed)")
+
+
+def _load(args: argparse.Namespace, command: str):
+    from .inference import load_model_and_tokenizer
+
+    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        raise SystemExit(f"path-lm {command}: error: model folder {args.model} does not exist")
+    try:
+        return load_model_and_tokenizer(
+            args.model, args.tokenizer, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"path-lm {command}: error: {error}") from error
+
+
+def add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from a checkpoint, streamed to the terminal",
+        description="Generate a continuation of each PROMPT (or of each line of stdin when no PROMPT is given), "
+        "streamed to stdout as it is produced.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="checkpoint folder or Hub id")
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (default: one per line of stdin)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=None, help="sample")
+    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy (or beam) search")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--num-beams", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    _add_device_args(parser)
+    parser.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import generate_text
+
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise SystemExit("path-lm generate: error: no prompt given (as arguments or on stdin)")
+    model, tokenizer = _load(args, "generate")
+    options = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams", "repetition_penalty")
+    kwargs = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    generate_text(model, tokenizer, prompts, seed=args.seed, **kwargs)
+    return 0
+
+
+def add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="perplexity on a text file, and by position beyond the training length",
+        description="Token-level perplexity of MODEL on a text file in windows of --seq-len tokens. With "
+        "--by-position, also perplexity by position in sequences of --max-len tokens (the PaTH paper's "
+        "length-extrapolation plot): a table, eval_results.json and eval_by_position.png in --output-dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="checkpoint folder or Hub id")
+    parser.add_argument("--data", required=True, help="UTF-8 text file")
+    parser.add_argument("--seq-len", type=int, default=512, help="window length")
+    parser.add_argument("--stride", type=int, default=None, help="window step (default --seq-len: disjoint)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--by-position", action="store_true", help="also perplexity by position up to --max-len")
+    parser.add_argument("--max-len", type=int, default=None, help="sequence length for --by-position")
+    parser.add_argument("--bucket-size", type=int, default=None, help="positions per row (default --max-len / 16)")
+    parser.add_argument("--train-len", type=int, default=None,
+                        help="training length marked in the table and plot (default: training_summary.json's)")
+    parser.add_argument("--output-dir", default="path-lm-eval", help="where eval_results.json and the PNG go")
+    _add_device_args(parser)
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import evaluate, format_table, training_length
+
+    if args.by_position and not args.max_len:
+        raise SystemExit("path-lm eval: error: --by-position needs --max-len")
+    if not os.path.isfile(args.data):
+        raise SystemExit(f"path-lm eval: error: data file {args.data} does not exist")
+    model, tokenizer = _load(args, "eval")
+    train_len = args.train_len or (training_length(args.model) if os.path.isdir(args.model) else None)
+    results = evaluate(
+        model, tokenizer, args.data, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+        by_position=args.by_position, max_len=args.max_len, bucket_size=args.bucket_size, train_len=train_len,
+        output_dir=args.output_dir,
+    )
+    print(f"perplexity {results['perplexity']:.4f} (loss {results['loss']:.4f}) over {results['tokens']} tokens, "
+          f"windows of {results['seq_len']}")
+    if args.by_position:
+        print(format_table(results["by_position"]["rows"], train_len))
+    print(json.dumps({k: v for k, v in results.items() if k != "by_position"}))
+    print(f"results in {args.output_dir}")
+    return 0
+
+
+def add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="fla path_attn checkpoint <-> path_lm checkpoint with remote code",
+        description="Convert an fla PaTH checkpoint folder (model type path_attn) into a path_lm one that loads "
+        "with trust_remote_code=True and no install, or back with --to fla where fla can express the config. "
+        "Weights are unchanged. With --from-state-dict FILE --layout minimal-llm, build a path_lm checkpoint "
+        "from a plain PyTorch state dict instead (then give only DST).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("src", nargs="?", help="checkpoint folder to convert")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--to", choices=("path_lm", "fla"), default="path_lm", help="output format")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    other = parser.add_argument_group("other model layouts")
+    other.add_argument("--from-state-dict", default=None, metavar="FILE", help="a torch / safetensors state dict")
+    other.add_argument("--layout", choices=("minimal-llm",), default=None, help="parameter layout of --from-state-dict")
+    other.add_argument("--tokenizer", default=None, help="tokenizer folder saved with the converted model")
+    parser.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert
+
+    if args.from_state_dict is not None:
+        return _convert_state_dict(args)
+    if args.src is None:
+        raise SystemExit("path-lm convert: error: give SRC and DST folders (or --from-state-dict FILE and DST)")
+    if args.layout or args.tokenizer:
+        raise SystemExit("path-lm convert: error: --layout and --tokenizer go with --from-state-dict")
+    if not os.path.isdir(args.src):
+        raise SystemExit(f"path-lm convert: error: checkpoint folder {args.src} does not exist")
+    if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        raise SystemExit("path-lm convert: error: SRC and DST must differ")
+    function = convert.path_lm_to_fla if args.to == "fla" else convert.fla_to_path_lm
+    try:
+        out = function(args.src, args.dst, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise SystemExit(f"path-lm convert: error: {error}") from error
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0
+
+
+def _convert_state_dict(args: argparse.Namespace) -> int:
+    # Hook for state dicts of hand-written PaTH models; path_lm.minimal_llm owns the layout.
+    if args.src is not None:
+        raise SystemExit("path-lm convert: error: with --from-state-dict give only DST")
+    if args.layout != "minimal-llm":
+        raise SystemExit("path-lm convert: error: --from-state-dict needs --layout minimal-llm")
+    if not os.path.isfile(args.from_state_dict):
+        raise SystemExit(f"path-lm convert: error: state dict {args.from_state_dict} does not exist")
+    from .minimal_llm import convert_minimal_llm
+
+    convert_minimal_llm(args.from_state_dict, args.dst, tokenizer=args.tokenizer)
+    print(f"wrote path_lm checkpoint to {args.dst}")
+    return 0
+
+
+def add_push_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a checkpoint folder to the Hugging Face Hub with a generated model card",
+        description="Write a model card (README.md: metadata, architecture, training data and metrics from "
+        "training_summary.json, usage) into FOLDER, then upload FOLDER to the Hub repo REPO_ID (created if needed).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("folder", help="checkpoint folder (save_pretrained output)")
+    parser.add_argument("repo_id", help="Hub repo, e.g. user/my-path-model")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if needed)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN)")
+    parser.add_argument("--license", default=None, help="license id for the card's metadata, e.g. apache-2.0")
+    parser.add_argument("--no-card", dest="write_card", action="store_false", help="keep FOLDER's README.md as is")
+    parser.set_defaults(func=cmd_push)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    try:
+        url = push_to_hub(
+            args.folder, args.repo_id, private=args.private, revision=args.revision,
+            commit_message=args.commit_message, token=args.token, license=args.license, write_card=args.write_card,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"path-lm push: error: {error}") from error
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+SUBCOMMANDS = [
+    add_quickstart_parser,
+    add_train_parser,
+    add_generate_parser,
+    add_eval_parser,
+    add_convert_parser,
+    add_push_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 ATTN_BACKENDS = ("auto", "torch", "fla")
+MLP_TYPES = ("gated", "plain")
 CACHE_KEY_DTYPES = ("float32", "float64", "model")
 # fla's config fields that change the architecture in ways this package does not implement.
 _UNSUPPORTED_FLA_FIELDS = {"attnres_block_size": None, "elementwise_affine": True}
 
 
-def default_intermediate_size(hidden_size: int, hidden_ratio: float | None) -> int:
-    """fla's GatedMLP rule: 2/3 of hidden_size * hidden_ratio, rounded up to a multiple of 256."""
-    size = int(hidden_size * (4 if hidden_ratio is None else hidden_ratio) * 2 / 3)
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def default_intermediate_size(hidden_size: int, hidden_ratio: float | None, mlp_type: str = "gated") -> int:
+    """fla's GatedMLP rule for the gated MLP: 2/3 of hidden_size * hidden_ratio, rounded up to a multiple of
+    256 (same parameter count as a plain MLP of hidden_size * hidden_ratio); the plain MLP takes
+    hidden_size * hidden_ratio itself."""
+    ratio = 4 if hidden_ratio is None else hidden_ratio
+    if mlp_type == "plain":
+        return int(hidden_size * ratio)
+    size = int(hidden_size * ratio * 2 / 3)
     return 256 * ((size + 255) // 256)
 
 
@@ -22,7 +34,9 @@ class PaTHConfig(PretrainedConfig):
     Configuration of a PaTH attention causal language model (Yang et al., 2025): pre-norm decoder blocks
     whose attention encodes position with accumulated data-dependent Householder transformations
     instead of RoPE, with a gated MLP. Field names and defaults follow fla's ``PaTHAttentionConfig``
-    (model type ``path_attn``), so fla configs and checkpoints mean the same thing here.
+    (model type ``path_attn``), so fla configs and checkpoints mean the same thing here. The options
+    ``mlp_type``, ``embedding_multiplier``, the dropouts and ``norm_eps=None`` (all off by default) express
+    hand-written PaTH models too, such as the MinimalLLM of PaTH training scripts (see ``path_lm.minimal_llm``).
 
     ```python
     >>> from path_lm import PaTHConfig, PaTHForCausalLM
@@ -40,10 +54,22 @@ class PaTHConfig(PretrainedConfig):
         num_heads: query heads (alias ``num_attention_heads``).
         num_kv_heads: key/value heads for grouped-query attention (alias ``num_key_value_heads``);
             ``None`` means ``num_heads``. Must divide ``num_heads``.
+        mlp_type: ``"gated"`` (default, fla's GatedMLP): ``down_proj(act(gate_proj(x)) * up_proj(x))``;
+            ``"plain"``: ``down_proj(act(up_proj(x)))``, no ``gate_proj``. All without bias.
         hidden_ratio, intermediate_size: MLP width; ``intermediate_size=None`` takes fla's rule
-            ``256 * ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)``.
+            ``256 * ceil(int(hidden_size * hidden_ratio * 2 / 3) / 256)`` for the gated MLP and
+            ``int(hidden_size * hidden_ratio)`` for the plain one.
         hidden_act: MLP activation, any name in ``transformers.activations.ACT2FN`` (fla uses ``"swish"``).
-        norm_eps: RMSNorm epsilon of the block and final norms (alias ``rms_norm_eps``).
+        norm_eps: RMSNorm epsilon of the block and final norms (alias ``rms_norm_eps``). ``None`` means
+            ``torch.nn.RMSNorm``'s default: the machine epsilon of the dtype the norm computes in (float32
+            for float32/bf16/fp16 inputs, float64 for float64 ones), so the norm equals
+            ``torch.nn.RMSNorm(eps=None)``.
+        embedding_multiplier: scale of the token embeddings before the first block (also of ``inputs_embeds``
+            passed in); ``None`` (default) leaves them unscaled. MinimalLLM uses ``sqrt(hidden_size)``.
+        embedding_dropout: dropout probability on the (scaled) embeddings before the first block.
+        attention_dropout: dropout probability on each attention block's output, before the residual add
+            (PaTH has no attention-probability dropout: fla's kernel has none).
+        hidden_dropout: dropout probability on each MLP's output, before the residual add.
         initializer_range: standard deviation of the normal init of linear, conv and embedding weights.
         tie_word_embeddings: share the input embedding with the output head.
         use_forget_gate: add the data-dependent forget gate (PaTH-FoX).
@@ -88,7 +114,7 @@ class PaTHConfig(PretrainedConfig):
         hidden_ratio: float | None = 4,
         intermediate_size: int | None = None,
         hidden_act: str = "swish",
-        norm_eps: float = 1e-6,
+        norm_eps: float | None = 1e-6,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         pad_token_id: int | None = None,
@@ -105,6 +131,11 @@ class PaTHConfig(PretrainedConfig):
         cache_key_dtype: str = "float32",
         attn_chunk_size: int = 64,
         beta_max: float | None = None,
+        mlp_type: str = "gated",
+        embedding_multiplier: float | None = None,
+        embedding_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
         **kwargs,
     ):
         # transformers' names are aliases (attribute_map); accept them as arguments too.
@@ -123,8 +154,11 @@ class PaTHConfig(PretrainedConfig):
         self.num_heads = num_heads
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.hidden_ratio = hidden_ratio
+        self.mlp_type = mlp_type
         self.intermediate_size = (
-            default_intermediate_size(hidden_size, hidden_ratio) if intermediate_size is None else intermediate_size
+            default_intermediate_size(hidden_size, hidden_ratio, mlp_type)
+            if intermediate_size is None
+            else intermediate_size
         )
         self.hidden_act = hidden_act
         self.norm_eps = norm_eps
@@ -140,6 +174,10 @@ class PaTHConfig(PretrainedConfig):
         self.cache_key_dtype = cache_key_dtype
         self.attn_chunk_size = attn_chunk_size
         self.beta_max = beta_max
+        self.embedding_multiplier = embedding_multiplier
+        self.embedding_dropout = embedding_dropout
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -180,8 +218,23 @@ class PaTHConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not a known activation; use one of {sorted(ACT2FN)}"
             )
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
+        if self.norm_eps is not None and not (is_number(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(
+                f"norm_eps must be > 0, or None for torch.nn.RMSNorm's default eps, got {self.norm_eps!r}"
+            )
+        if self.embedding_multiplier is not None and not (
+            is_number(self.embedding_multiplier) and 0 < self.embedding_multiplier < math.inf
+        ):
+            raise ValueError(
+                f"embedding_multiplier must be a finite number > 0, or None for no scaling, got "
+                f"{self.embedding_multiplier!r}"
+            )
+        for name in ("embedding_dropout", "attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            if not (is_number(value) and 0 <= value < 1):
+                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
         if not self.initializer_range >= 0:
             raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range!r}")
         if self.attn_backend not in ATTN_BACKENDS:

@@ -28,17 +28,21 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 
 
 class PaTHRMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as fla's fused norm), returned in the input dtype."""
+    """RMSNorm computed in float32 or better (as fla's fused norm), returned in the input dtype.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    ``eps=None`` is torch.nn.RMSNorm's default: the machine epsilon of the compute dtype (that is what
+    torch's kernel adds, for bf16 inputs too), so the result equals ``torch.nn.RMSNorm(eps=None)``."""
+
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = torch.promote_types(x.dtype, torch.float32)
+        eps = torch.finfo(dt).eps if self.eps is None else self.eps
         xf = x.to(dt)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (xf * self.weight.to(dt)).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -234,21 +238,25 @@ class PaTHAttention(nn.Module):
 
 
 class PaTHMLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
+    """Gated MLP down(act(gate(x)) * up(x)) (fla's, config.mlp_type "gated"), or plain down(act(up(x)))."""
 
     def __init__(self, config: PaTHConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        if config.mlp_type == "gated":
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.gated = config.mlp_type == "gated"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
 class PaTHBlock(GradientCheckpointingLayer):
-    """Pre-norm block: h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h))."""
+    """Pre-norm block: h = x + dropout(attn(attn_norm(x))); y = h + dropout(mlp(mlp_norm(h)))."""
 
     def __init__(self, config: PaTHConfig, layer_idx: int):
         super().__init__()
@@ -268,8 +276,10 @@ class PaTHBlock(GradientCheckpointingLayer):
             chunk_size=config.attn_chunk_size,
             beta_max=config.beta_max,
         )
+        self.attn_dropout = nn.Dropout(config.attention_dropout)
         self.mlp_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = PaTHMLP(config)
+        self.mlp_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
         self,
@@ -282,8 +292,8 @@ class PaTHBlock(GradientCheckpointingLayer):
         attn_out, _, _ = self.attn(
             self.attn_norm(hidden_states), attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
         )
-        hidden_states = hidden_states + attn_out
-        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        hidden_states = hidden_states + self.attn_dropout(attn_out)
+        return hidden_states + self.mlp_dropout(self.mlp(self.mlp_norm(hidden_states)))
 
 
 class PaTHPreTrainedModel(PreTrainedModel):
@@ -336,6 +346,7 @@ class PaTHModel(PaTHPreTrainedModel):
     def __init__(self, config: PaTHConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList([PaTHBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
         self.gradient_checkpointing = False
@@ -402,6 +413,9 @@ class PaTHModel(PaTHPreTrainedModel):
             segment_ids = segment_ids_from_packing(position_ids, kwargs.get("cu_seq_lens_q"), inputs_embeds.shape[1])
 
         hidden_states = inputs_embeds
+        if self.config.embedding_multiplier is not None:
+            hidden_states = hidden_states * self.config.embedding_multiplier
+        hidden_states = self.embedding_dropout(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache)
