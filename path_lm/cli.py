@@ -1,7 +1,7 @@
 """The ``path-lm`` command line: one subcommand per job, each a thin call into library code.
 
     path-lm quickstart [--output-dir DIR] [--steps N] [--seq-len T] [--seed S] ...
-    path-lm train DATA... --output-dir DIR [--preset tiny|125m|350m|760m | --config F | --from CKPT] ...
+    path-lm train DATA... --output-dir DIR [--preset tiny|125m|350m|760m | --config F | --from CKPT] [--optim muon] ...
     path-lm generate MODEL [PROMPT ...] [--max-new-tokens N] [--do-sample] [--temperature T] ...
     path-lm eval MODEL --data FILE.txt [--seq-len T] [--by-position --max-len L]
     path-lm convert SRC DST [--to path_lm|fla]
@@ -87,18 +87,21 @@ def add_train_parser(subparsers) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("data", nargs="+", help="data files or saved datasets folders")
+    parser.add_argument("data", nargs="+", help="data files, saved datasets folders or Hub dataset ids")
     parser.add_argument("--output-dir", required=True, help="run folder: checkpoints, plot, summary, final model")
     model = parser.add_argument_group("model")
     source = model.add_mutually_exclusive_group()
     source.add_argument("--preset", default="tiny", help="model shape: tiny, 125m, 350m, 760m")
     source.add_argument("--config", dest="config_file", default=None, help="PaTHConfig JSON file")
     source.add_argument("--from", dest="from_checkpoint", default=None, help="checkpoint folder to fine-tune")
-    model.add_argument("--tokenizer", default=None,
-                       help="tokenizer folder (default: the checkpoint's with --from, else a BPE trained on the data)")
+    model.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id "
+                       "(default: the checkpoint's with --from, else a BPE trained on the data)")
     model.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE trained when no --tokenizer")
     data = parser.add_argument_group("data")
     data.add_argument("--text-field", default="text", help="text field of .jsonl / .parquet / datasets data")
+    data.add_argument("--dataset-config", default=None, help="config name of Hub datasets (load_dataset's name)")
+    data.add_argument("--max-documents", type=int, default=None,
+                      help="stream at most this many documents from each Hub dataset (default: load it all)")
     data.add_argument("--seq-len", type=int, default=512, help="tokens per packed training row")
     data.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out for eval perplexity")
     data.add_argument("--eval-files", nargs="+", default=None, help="eval data instead of a held-out fraction")
@@ -109,9 +112,17 @@ def add_train_parser(subparsers) -> None:
     run.add_argument("--eval-batch-size", type=int, default=None, help="per-device eval batch (default --batch-size)")
     run.add_argument("--gradient-accumulation-steps", type=int, default=1)
     run.add_argument("--learning-rate", type=float, default=3e-4)
-    run.add_argument("--lr-scheduler", dest="lr_scheduler_type", default="cosine", help="a transformers schedule name")
+    run.add_argument("--lr-scheduler", dest="lr_scheduler_type", default="cosine",
+                     help="a transformers schedule name; cosine_with_min_lr: warmup, then cosine to --min-lr-ratio")
     run.add_argument("--warmup", type=float, default=0.0, help="warmup steps, or a fraction of --max-steps if < 1")
-    run.add_argument("--weight-decay", type=float, default=0.01)
+    run.add_argument("--min-lr-ratio", type=float, default=0.1,
+                     help="floor of cosine_with_min_lr, as a fraction of the peak learning rate")
+    run.add_argument("--optim", choices=("adamw", "muon"), default="adamw",
+                     help="muon: torch.optim.Muon for the 2D hidden weights, AdamW (--learning-rate) for embeddings, "
+                     "head, norms, biases and convolutions")
+    run.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak learning rate (with --optim muon)")
+    run.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
+    run.add_argument("--weight-decay", type=float, default=0.01, help="of AdamW and, with --optim muon, of Muon")
     run.add_argument("--max-grad-norm", type=float, default=1.0)
     run.add_argument("--max-steps", type=int, default=1000)
     run.add_argument("--bf16", action="store_true", help="bf16 mixed precision")

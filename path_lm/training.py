@@ -14,7 +14,8 @@ call directly:
    attention and no Householder product crosses it) and whose labels are -100 at each document's first
    token, so nothing is predicted across a boundary;
 4. the model comes from a preset (:data:`PRESETS`), a config file or a checkpoint (fine-tuning);
-5. ``transformers.Trainer`` trains it (so ``torchrun`` / ``accelerate launch`` give DDP or FSDP unchanged),
+5. ``transformers.Trainer`` trains it, with AdamW or (``optim="muon"``) Muon for the 2D hidden weights and
+   AdamW for the rest (so ``torchrun`` / ``accelerate launch`` give DDP or FSDP unchanged),
    evaluates perplexity on held-out documents, checkpoints and resumes; :class:`LossCurveCallback` keeps
    ``loss_curve.png`` up to date;
 6. the final model (with its remote code), the tokenizer and ``training_summary.json`` are written to a
@@ -27,11 +28,13 @@ holds files) raises ``SystemExit`` with a message before anything is written.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -68,6 +71,7 @@ TOKENIZER_DIRNAME = "tokenizer"
 SUMMARY_NAME = "training_summary.json"
 PLOT_NAME = "loss_curve.png"
 IGNORE_INDEX = -100
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def fail(message: str):
@@ -78,18 +82,30 @@ def fail(message: str):
 # ------------------------------------------------------------------------------------------------- data
 
 
-def load_documents(paths, text_field: str = "text") -> list[str]:
-    """Documents (non-empty strings) from local files or saved ``datasets`` folders, in the given order.
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` (not an existing path) reads as a Hub repo id (``name`` or ``owner/name``) rather than a
+    misspelt local path: no leading ``.`` ``/`` ``~``, at most one ``/``, and not ending in a data file suffix."""
+    suffixes = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
+    return bool(HUB_ID.fullmatch(name)) and not name.endswith(suffixes)
+
+
+def load_documents(paths, text_field: str = "text", dataset_config: str | None = None,
+                   max_documents: int | None = None) -> list[str]:
+    """Documents (non-empty strings) from local files, saved ``datasets`` folders or Hub datasets, in order.
 
     ``.txt`` / ``.text`` / ``.md``: one document per block separated by blank lines. ``.jsonl`` / ``.json``
     (JSON lines): one document per line, from ``text_field``. ``.parquet``: the ``text_field`` column. A folder
     written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (its ``train`` split): ``text_field``.
+    A name that is not a local path but a Hub dataset id (``owner/name``): ``text_field`` of its ``train`` split,
+    loaded with ``datasets.load_dataset(id, dataset_config)``; with ``max_documents``, streamed and cut there.
     """
     documents = []
     for path in map(Path, paths):
         if not path.exists():
-            fail(f"data file {str(path)!r} does not exist")
-        if path.is_dir():
+            if not is_hub_id(str(path)):
+                fail(f"data file {str(path)!r} does not exist")
+            texts = _load_hub_dataset(str(path), text_field, dataset_config, max_documents)
+        elif path.is_dir():
             texts = _load_saved_dataset(path, text_field)
         elif path.suffix in TEXT_SUFFIXES:
             blocks, current = [], []
@@ -122,6 +138,20 @@ def load_documents(paths, text_field: str = "text") -> list[str]:
     if not documents:
         fail(f"no text found in {', '.join(map(str, paths))} (empty files or empty {text_field!r} fields)")
     return documents
+
+
+def _load_hub_dataset(dataset_id: str, text_field: str, config: str | None, max_documents: int | None) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, config, split="train", streaming=max_documents is not None)
+        if max_documents is not None:
+            return [record[text_field] for record in dataset.take(max_documents)]
+    except KeyError:
+        fail(f"Hub dataset {dataset_id} has no {text_field!r} field; pick the field with --text-field")
+    except (OSError, ValueError) as error:  # not found, offline, no train split, bad config name
+        fail(f"{dataset_id!r} is not a local path and cannot be loaded as a Hub dataset: {error}")
+    return _text_column(dataset, text_field, dataset_id)
 
 
 def _load_saved_dataset(path: Path, text_field: str) -> list[str]:
@@ -179,12 +209,15 @@ def train_bpe_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedToke
 
 
 def load_tokenizer(path) -> PreTrainedTokenizerFast:
-    if not Path(path).exists():
+    """The tokenizer in a local folder, or of a Hub repo id (e.g. ``HuggingFaceTB/SmolLM-135M``)."""
+    local = Path(path).exists()
+    if not local and not is_hub_id(str(path)):
         fail(f"tokenizer folder {str(path)!r} does not exist")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as error:
-        fail(f"cannot load a tokenizer from {str(path)!r}: {error}")
+        where = "" if local else " (not a local folder; tried as a Hub id)"
+        fail(f"cannot load a tokenizer from {str(path)!r}{where}: {error}")
 
 
 # ------------------------------------------------------------------------------------------------ packing
@@ -286,8 +319,85 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
 
 
+def muon_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters Muon trains: the 2D weights inside the blocks (q/k/v/o, w_proj, bt_proj, g_proj
+    and MLP projections). The embedding and the head (2D too, tied or not), norms, biases and the 3D short-conv
+    weights are left to AdamW, as in the MinimalLLM recipe (``param.ndim == 2`` minus embedding and head)."""
+    excluded = {id(module.weight) for module in (model.get_input_embeddings(), model.get_output_embeddings())
+                if module is not None}
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and id(p) not in excluded]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on some parameter groups and ``torch.optim.AdamW`` on the others, as one optimizer.
+
+    ``param_groups`` is the two optimizers' groups (the same dicts), so a learning-rate scheduler scales both,
+    each from its own peak rate; ``state_dict`` holds both optimizers' states, so checkpoints resume.
+    """
+
+    def __init__(self, muon_groups: list[dict], adamw_groups: list[dict], *, muon_kwargs: dict, adamw_kwargs: dict):
+        self.muon = torch.optim.Muon(muon_groups, **muon_kwargs)
+        self.adamw = torch.optim.AdamW(adamw_groups, **adamw_kwargs)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        # load_state_dict gives the inner optimizers new group dicts and state; point at them again.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.state = collections.ChainMap(self.muon.state, self.adamw.state)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self._link()
+
+
 class PaTHLMTrainer(Trainer):
-    """``Trainer`` that logs ``eval_perplexity`` beside ``eval_loss``."""
+    """``Trainer`` that logs ``eval_perplexity`` beside ``eval_loss`` and, given ``muon={"lr": ..., "momentum": ...}``,
+    optimizes with :class:`MuonWithAdamW` (Muon for :func:`muon_parameter_names`, AdamW at ``args.learning_rate``
+    for the rest; ``args.weight_decay`` for both, none on AdamW's norms and biases)."""
+
+    def __init__(self, *args, muon: dict | None = None, **kwargs):
+        self.muon = muon
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.muon is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        hidden = set(muon_parameter_names(model))
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        adamw_groups = [
+            {"params": [p for n, p in named if n not in hidden and n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in hidden and n not in decay], "weight_decay": 0.0},
+        ]
+        _, adamw_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)  # lr, betas, eps of --optim adamw
+        self.optimizer = MuonWithAdamW(
+            [{"params": [p for n, p in named if n in hidden]}],
+            [group for group in adamw_groups if group["params"]],
+            muon_kwargs={"lr": self.muon["lr"], "momentum": self.muon["momentum"],
+                         "weight_decay": self.args.weight_decay},
+            adamw_kwargs=adamw_kwargs,
+        )
+        return self.optimizer
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "eval_loss" in logs:
@@ -385,6 +495,8 @@ def train(
     tokenizer=None,
     vocab_size: int = 8192,
     text_field: str = "text",
+    dataset_config: str | None = None,
+    max_documents: int | None = None,
     seq_len: int = 512,
     eval_fraction: float = 0.05,
     eval_files=None,
@@ -396,6 +508,10 @@ def train(
     learning_rate: float = 3e-4,
     lr_scheduler_type: str = "cosine",
     warmup: float = 0.0,
+    min_lr_ratio: float = 0.1,
+    optim: str = "adamw",
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
     weight_decay: float = 0.01,
     max_grad_norm: float = 1.0,
     max_steps: int = 1000,
@@ -413,10 +529,15 @@ def train(
     """Train (``preset`` / ``config_file``) or fine-tune (``from_checkpoint``) on ``data_files`` and save the
     model to ``output_dir/model``; returns the training summary (also in ``training_summary.json``).
 
-    ``tokenizer``: a tokenizer folder; default the checkpoint's when fine-tuning, else a byte-level BPE of
-    ``vocab_size`` trained on the training documents. ``warmup``: steps, or a fraction of ``max_steps`` if < 1.
-    ``eval_steps``: default ``save_steps``; the eval set is ``eval_files`` or ``eval_fraction`` of the
-    documents (0 turns evaluation off). ``trainer_args``: any other ``TrainingArguments`` fields.
+    ``data_files`` / ``eval_files``: see :func:`load_documents` (local files or Hub dataset ids). ``tokenizer``: a
+    tokenizer folder or Hub id; default the checkpoint's when fine-tuning, else a byte-level BPE of ``vocab_size``
+    trained on the training documents. ``warmup``: steps, or a fraction of ``max_steps`` if < 1.
+    ``lr_scheduler_type``: a transformers schedule; ``"cosine_with_min_lr"`` decays to ``min_lr_ratio`` of the
+    peak (linear warmup, then cosine to the floor). ``optim``: ``"adamw"``, or ``"muon"`` for Muon (``muon_lr``,
+    ``muon_momentum``) on the 2D hidden weights and AdamW (``learning_rate``) on the rest, see
+    :class:`PaTHLMTrainer`. ``eval_steps``: default ``save_steps``; the eval set is ``eval_files`` or
+    ``eval_fraction`` of the documents (0 turns evaluation off). ``trainer_args``: any other
+    ``TrainingArguments`` fields.
     """
     wall_start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -426,11 +547,16 @@ def train(
     check_output_dir(output_dir, overwrite, resume)
     if seq_len < 2:
         fail(f"--seq-len must be at least 2, got {seq_len}")
+    if optim not in ("adamw", "muon"):
+        fail(f"--optim must be adamw or muon, got {optim!r}")
+    if not 0 <= min_lr_ratio <= 1:
+        fail(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
 
     # Data and tokenizer are read on every rank before any rank writes, so bad input stops all of them.
-    documents = load_documents(data_files, text_field)
+    documents = load_documents(data_files, text_field, dataset_config, max_documents)
     if eval_files:
-        train_documents, eval_documents = documents, load_documents(eval_files, text_field)
+        train_documents, eval_documents = documents, load_documents(eval_files, text_field, dataset_config,
+                                                                    max_documents)
     else:
         train_documents, eval_documents = split_documents(documents, eval_fraction, seed)
     saved_tokenizer = output_dir / TOKENIZER_DIRNAME
@@ -466,6 +592,8 @@ def train(
             "gradient_accumulation_steps": gradient_accumulation_steps,
             "learning_rate": learning_rate,
             "lr_scheduler_type": lr_scheduler_type,
+            **({"lr_scheduler_kwargs": {"min_lr_rate": min_lr_ratio}} if lr_scheduler_type == "cosine_with_min_lr"
+               else {}),
             "warmup_steps": warmup,
             "weight_decay": weight_decay,
             "max_grad_norm": max_grad_norm,
@@ -518,6 +646,7 @@ def train(
         data_collator=default_data_collator,
         processing_class=tok,
         callbacks=[LossCurveCallback()],
+        muon={"lr": muon_lr, "momentum": muon_momentum} if optim == "muon" else None,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     # The last evaluation, unless the Trainer just ran it at the final step.
@@ -558,6 +687,9 @@ def train(
             "world_size": args.world_size,
             "learning_rate": learning_rate,
             "lr_scheduler_type": lr_scheduler_type,
+            **({"min_lr_ratio": min_lr_ratio} if lr_scheduler_type == "cosine_with_min_lr" else {}),
+            "optim": optim,
+            **({"muon_lr": muon_lr, "muon_momentum": muon_momentum} if optim == "muon" else {}),
             "bf16": bf16,
             "seed": seed,
             "resumed_from": resume_from,
@@ -581,12 +713,14 @@ def train(
 __all__ = [
     "PRESETS",
     "LossCurveCallback",
+    "MuonWithAdamW",
     "PaTHLMTrainer",
     "PackedDataset",
     "build_model",
     "check_output_dir",
     "load_documents",
     "load_tokenizer",
+    "muon_parameter_names",
     "pack_documents",
     "plot_loss_curve",
     "save_final_model",
