@@ -326,7 +326,7 @@ def _convert_state_dict(args: argparse.Namespace) -> int:
         raise SystemExit(f"path-lm convert: error: state dict {args.from_state_dict} does not exist")
     from .minimal_llm import convert_minimal_llm
 
-    convert_minimal_llm(args.from_state_dict, args.dst, tokenizer=args.tokenizer)
+    convert_minimal_llm(args.from_state_dict, args.dst, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote path_lm checkpoint to {args.dst}")
     return 0
 

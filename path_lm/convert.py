@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # Files besides the weights and config that travel with a checkpoint.
@@ -41,20 +42,24 @@ def _read_config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _prepare_output(dst: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder beside ``dst``: the result is renamed into place only when complete, so an
-    error or interruption never leaves a half-written checkpoint."""
+@contextmanager
+def atomic_output_dir(dst, overwrite: bool = False):
+    """Yield a fresh temporary folder beside ``dst``; when the block completes it is renamed to ``dst``, and on
+    any error it is removed, so an interrupted conversion never leaves a half-written checkpoint. A non-empty
+    ``dst`` is refused unless ``overwrite``."""
+    dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {dst} exists and is not empty; pass --overwrite to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-
-
-def _finish_output(tmp: Path, dst: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
-    return dst
 
 
 def _copy_extras(src: Path, dst: Path) -> None:
@@ -74,14 +79,10 @@ def fla_to_path_lm(src, dst, overwrite: bool = False) -> Path:
     if model_type != "path_attn":
         raise ValueError(f"{src} holds a {model_type!r} checkpoint, not an fla 'path_attn' one")
     model = PaTHForCausalLM.from_pretrained(src, dtype="auto")
-    tmp = _prepare_output(dst, overwrite)
-    try:
+    with atomic_output_dir(dst, overwrite) as tmp:
         model.save_pretrained(tmp)
         _copy_extras(src, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish_output(tmp, dst)
+    return dst
 
 
 def fla_config_dict(config: dict) -> dict:
@@ -136,16 +137,12 @@ def path_lm_to_fla(src, dst, overwrite: bool = False) -> Path:
     weights = sorted({p for pattern in WEIGHT_PATTERNS for p in src.glob(pattern)})
     if not weights:
         raise FileNotFoundError(f"{src} holds no weight files (model.safetensors or pytorch_model.bin)")
-    tmp = _prepare_output(dst, overwrite)
-    try:
+    with atomic_output_dir(dst, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(fla_config, indent=2, sort_keys=True) + "\n")
         for path in weights:
             shutil.copy2(path, tmp / path.name)
         _copy_extras(src, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _finish_output(tmp, dst)
+    return dst
 
 
 __all__ = ["fla_config_dict", "fla_to_path_lm", "path_lm_to_fla"]

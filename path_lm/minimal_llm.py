@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .configuration_path import PaTHConfig
+from .convert import atomic_output_dir
 from .modeling_path import PaTHForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -282,12 +283,14 @@ def convert_minimal_llm(
     output_dir: str | Path,
     tokenizer: str | Path | None = None,
     dropout: float = 0.0,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a ``torch.save``d MinimalLLM state dict into a path_lm checkpoint folder (weights, config and
     the model code, so it loads with ``trust_remote_code=True`` where path_lm is not installed).
 
     ``tokenizer``: a local folder or Hub id, saved into the folder; its bos / eos ids go into the config so
-    that ``generate()`` stops where the tokenizer says. Returns the output folder."""
+    that ``generate()`` stops where the tokenizer says. The folder is written atomically; a non-empty one
+    is refused unless ``overwrite``. Returns the output folder."""
     tok = None
     overrides = {}
     if tokenizer is not None:
@@ -301,11 +304,11 @@ def convert_minimal_llm(
             "tokenizer %s has %d tokens but the model's embedding only %d: ids >= %d cannot be embedded",
             tokenizer, len(tok), model.config.vocab_size, model.config.vocab_size,
         )
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    if tok is not None:
-        tok.save_pretrained(output_dir)
-    return output_dir
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    return Path(output_dir)
 
 
 __all__ = ["convert_minimal_llm", "load_state_dict_file", "minimal_llm_config", "minimal_llm_to_path_lm"]

@@ -88,6 +88,28 @@ class PaTHShortConvolution(nn.Conv1d):
         return F.silu(y), padded[:, padded.shape[1] - (K - 1) :]
 
 
+def padding_masks(attention_mask: torch.Tensor | None, past_len: int, new_len: int):
+    """(key_mask [B, past_len + new_len], token_mask [B, new_len]) as bool, False at padding; each is None
+    when it has no padding."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be 2D [batch, past + new tokens] with 0 at padding, got shape "
+            f"{tuple(attention_mask.shape)}; PaTH builds its own causal structure"
+        )
+    if attention_mask.shape[1] != past_len + new_len:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_len} "
+            f"and {new_len} are new; pass the mask of the whole sequence so far"
+        )
+    key_mask = attention_mask.bool()
+    if key_mask.all():
+        return None, None
+    token_mask = key_mask[:, past_len:]
+    return key_mask, None if token_mask.all() else token_mask
+
+
 class PaTHAttention(nn.Module):
     """PaTH attention layer, a drop-in for ``fla.layers.PaTHAttention`` (same arguments, defaults and
     parameter names; returns ``(output, None, cache)``) that runs on any device.
@@ -159,10 +181,12 @@ class PaTHAttention(nn.Module):
         use_cache: bool = False,
         segment_ids: torch.Tensor | None = None,
         cache: PaTHCache | None = None,
+        padding: tuple | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None, PaTHCache | None]:
         """hidden_states [B, T, hidden]; attention_mask [B, L + T] with 0 at padding (L cached tokens);
-        segment_ids [B, T] for packed documents (a token only sees its own segment). Returns
+        segment_ids [B, T] for packed documents (a token only sees its own segment); ``padding``: the
+        result of :func:`padding_masks` when the caller computed it once for all layers. Returns
         (output [B, T, hidden], None, cache)."""
         if output_attentions:
             raise ValueError("PaTH attention never materializes attention weights; use output_attentions=False")
@@ -175,25 +199,7 @@ class PaTHAttention(nn.Module):
             raise ValueError("use_cache=True needs a PaTHCache; pass cache=PaTHCache(config) (the model does this)")
         past_len = layer_cache.length if layer_cache is not None else 0
 
-        token_mask = None  # [B, T] bool, False at padding
-        key_mask = None  # [B, past_len + T]
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(
-                    f"attention_mask must be 2D [batch, past + new tokens] with 0 at padding, got shape "
-                    f"{tuple(attention_mask.shape)}; PaTH builds its own causal structure"
-                )
-            if attention_mask.shape[1] != past_len + T:
-                raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_len} "
-                    f"and {T} are new; pass the mask of the whole sequence so far"
-                )
-            key_mask = attention_mask.bool()
-            token_mask = key_mask[:, past_len:]
-            if token_mask.all():
-                token_mask = None
-            if key_mask.all():
-                key_mask = None
+        key_mask, token_mask = padding if padding is not None else padding_masks(attention_mask, past_len, T)
         if token_mask is not None and segment_ids is None:
             # Padding is its own segment, so padded queries stay finite and real ones never see it.
             segment_ids = token_mask.long() - 1
@@ -287,10 +293,15 @@ class PaTHBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: PaTHCache | None = None,
+        padding: tuple | None = None,
         **kwargs,
     ) -> torch.Tensor:
         attn_out, _, _ = self.attn(
-            self.attn_norm(hidden_states), attention_mask=attention_mask, segment_ids=segment_ids, cache=cache
+            self.attn_norm(hidden_states),
+            attention_mask=attention_mask,
+            segment_ids=segment_ids,
+            cache=cache,
+            padding=padding,
         )
         hidden_states = hidden_states + self.attn_dropout(attn_out)
         return hidden_states + self.mlp_dropout(self.mlp(self.mlp_norm(hidden_states)))
@@ -407,8 +418,9 @@ class PaTHModel(PaTHPreTrainedModel):
             cache = None
 
         segment_ids = None
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded and (cache is None or cache.get_seq_length() == 0):
+        past_len = cache.get_seq_length() if cache is not None else 0
+        padding = padding_masks(attention_mask, past_len, inputs_embeds.shape[1])  # once for all layers
+        if padding[0] is None and past_len == 0:
             # A padding mask takes precedence: generate() writes position ids that restart after left padding.
             segment_ids = segment_ids_from_packing(position_ids, kwargs.get("cu_seq_lens_q"), inputs_embeds.shape[1])
 
@@ -418,7 +430,9 @@ class PaTHModel(PaTHPreTrainedModel):
         hidden_states = self.embedding_dropout(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache)
+            hidden_states = layer(
+                hidden_states, attention_mask=attention_mask, segment_ids=segment_ids, cache=cache, padding=padding
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
