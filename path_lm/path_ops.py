@@ -20,6 +20,7 @@ Query head ``hq`` reads key/value head ``hq // (HQ // H)``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -299,6 +300,12 @@ def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"the fla backend supports head dims {FLA_HEAD_DIMS}, not {q.shape[-1]}"
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"fla's kernels take bfloat16/float16 inputs, not {q.dtype} (its float32 backward exceeds shared memory)"
+    return _fla_import_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _fla_import_error() -> str | None:
+    """Tried once per process: a failed import is not retried on every layer's call."""
     try:  # inside try: transformers' remote-code import check must not require fla
         import fla.ops.path_attn.parallel  # noqa: F401
     except Exception as err:  # ImportError, or triton failing to find a driver
