@@ -85,6 +85,35 @@ def _pad_blocks(x: torch.Tensor, s: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(s, *x.shape[1:]), x]) if s else x
 
 
+def _block_transforms(qc, kc, wc, bc):
+    """Everything one block of C positions needs, for all blocks at once (the WY / UT form).
+
+    Args: qc [..., G, C, D] (the G query heads of a key/value head); kc, wc [..., C, D]; bc [..., C].
+    Returns:
+        p [..., D, D]: the block's product P = H_end ... H_start (u^T P = u^T H_end ... H_start);
+        q_t [..., G, C, D]: rows q_i^T H_i ... H_start (queries carried to the block's start);
+        k_t [..., C, D]: rows (H_end ... H_{j+1} k_j)^T (keys carried to the block's end);
+        local [..., G, C, C]: scores q_i^T H_i ... H_{j+1} k_j inside the block (valid for j <= i).
+    """
+    # M, N: strictly lower / upper parts of W W^T, columns scaled by beta. U = (I + M)^-1 W.
+    b_cols = bc[..., None, :]
+    wt = wc.transpose(-1, -2)
+    ww = wc @ wt
+    m_low = ww.tril(-1) * b_cols
+    u = torch.linalg.solve_triangular(m_low, wc, upper=False, unitriangular=True)
+    n_up = ww.triu(1) * b_cols
+    u_up = torch.linalg.solve_triangular(n_up, wc, upper=True, unitriangular=True)
+    eye = torch.eye(wc.shape[-1], dtype=wc.dtype, device=wc.device)
+    p = eye - wt @ (bc[..., None] * u)
+
+    qw = (qc @ wt.unsqueeze(-3)).tril() * b_cols.unsqueeze(-3)  # [..., G, C, C]
+    q_t = qc - qw @ u.unsqueeze(-3)
+    k_t = kc - ((kc @ wt).triu(1) * b_cols) @ u_up
+    wk = torch.linalg.solve_triangular(m_low, (wc @ kc.transpose(-1, -2)).tril(-1), upper=False, unitriangular=True)
+    local = qc @ kc.transpose(-1, -2).unsqueeze(-3) - qw @ wk.unsqueeze(-3)
+    return p, q_t, k_t, local
+
+
 def path_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -137,24 +166,11 @@ def path_attention_torch(
     wc = _chunk(w.to(dt), n, C).permute(1, 0, 3, 2, 4)
     vc = _chunk(v.to(dt), n, C).permute(1, 0, 3, 2, 4)
     bc = _chunk(beta.to(dt), n, C).permute(1, 0, 3, 2)
-    b_cols = bc[..., None, :]
-    wt = wc.transpose(-1, -2)
 
-    # Within each block (all blocks at once). M, N: strictly lower / upper parts of W W^T, columns scaled
-    # by beta. U = (I + M)^-1 W gives the WY form of the block's product P = H_end ... H_start.
-    ww = wc @ wt
-    m_low = ww.tril(-1) * b_cols
-    u = torch.linalg.solve_triangular(m_low, wc, upper=False, unitriangular=True)
-    n_up = ww.triu(1) * b_cols
-    u_up = torch.linalg.solve_triangular(n_up, wc, upper=True, unitriangular=True)
+    p, q_t, k_t, local = _block_transforms(qc.view(n, B, H, G, C, D), kc, wc, bc)
+    q_t = q_t.view(n, B, H, G * C, D)
+    diagonals = [local.view(n, B, H, G * C, C)]
     eye = torch.eye(D, dtype=dt, device=q.device)
-    p = eye - wt @ (bc[..., None] * u)  # [n, B, H, D, D]
-
-    qw = ((qc @ wt).view(n, B, H, G, C, C).tril() * b_cols.unsqueeze(3)).view(n, B, H, G * C, C)
-    q_t = qc - qw @ u  # rows q_i^T H_i ... H_start
-    k_t = kc - ((kc @ wt).triu(1) * b_cols) @ u_up  # rows (H_end ... H_{j+1} k_j)^T
-    wk = torch.linalg.solve_triangular(m_low, (wc @ kc.transpose(-1, -2)).tril(-1), upper=False, unitriangular=True)
-    diagonals = [qc @ kc.transpose(-1, -2) - qw @ wk]  # [n, B, H, G*C, C]
 
     # Across blocks: the scores of query block a and key block b < a are Qt_a P_{a-1} ... P_{b+1} Kt_b^T.
     # Walk the offset s = a - b; every query block advances at once (a wavefront), one D x D product each.
@@ -290,6 +306,141 @@ def path_decode_step(
     probs = torch.softmax(logits, dim=-1)
     o = probs @ values.to(dt)  # [B, H, G, Dv]
     return o.reshape(B, 1, HQ, -1).to(q.dtype)
+
+
+def _pair_products(p: torch.Tensor) -> torch.Tensor:
+    """Frame changes F[s, t] = P_{s-1} ... P_{t+1} of every block pair s > t of each window.
+
+    p [..., NB, D, D] -> [..., NB * (NB - 1) // 2, D, D], pairs packed row by row ((1,0), (2,0), (2,1), ...).
+    Built one diagonal s - t at a time (F[s, s-1] = I, F[s, t] = F[s, t+1] P_{t+1}).
+    """
+    NB, D = p.shape[-3], p.shape[-1]
+    eye = torch.eye(D, dtype=p.dtype, device=p.device)
+    diagonal = eye.expand(*p.shape[:-3], NB - 1, D, D)  # entry t: F[t + 1, t]
+    diagonals, order = [diagonal], [(t + 1, t) for t in range(NB - 1)]
+    for s in range(2, NB):
+        diagonal = diagonal[..., 1:, :, :] @ p[..., 1 : NB - s + 1, :, :]  # entry t: F[t + s, t]
+        diagonals.append(diagonal)
+        order += [(t + s, t) for t in range(NB - s)]
+    packed_position = {pair: i for i, pair in enumerate(order)}
+    index = [packed_position[(s, t)] for s in range(1, NB) for t in range(s)]
+    return torch.cat(diagonals, dim=-3)[..., index, :, :]
+
+
+def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
+    """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
+    starts = torch.zeros(B, T_pad, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if T < T_pad:
+        starts[:, T] = True
+    if segment_ids is not None:
+        starts[:, 1:T] |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    pos = torch.arange(T_pad, device=device).expand(B, T_pad)
+    seg_start = torch.where(starts, pos, 0).cummax(1).values
+    next_start = torch.where(starts, pos, T_pad)[:, 1:].flip(1).cummin(1).values.flip(1)
+    seg_end = torch.cat([next_start, next_start.new_full((B, 1), T_pad)], 1)
+    return seg_start.to(torch.int32).contiguous(), seg_end.to(torch.int32).contiguous()
+
+
+def path_attention_triton(
+    q, k, v, w, beta, g=None, *, scale=None, segment_ids=None, output_keys=False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, chunks_per_superblock: int = 8,
+):
+    """PaTH attention with path-lm's Triton kernels (CUDA), differentiable.
+
+    Three levels share one softmax: key superblocks (``chunk_size * chunks_per_superblock`` positions)
+    before the query's superblock, key chunks before the query's chunk inside its superblock (both through
+    :func:`path_triton.framed_attention`), and the query's own chunk (PyTorch). The per-chunk transforms,
+    the carries to superblock edges and the frame changes are small PyTorch products (float32, autograd);
+    the O(T^2) work is in the kernels. Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys
+    carried to the end of each row [B, T, H, D] float32.
+    """
+    from .path_triton import framed_attention  # lazy: triton is optional
+
+    B, T, HQ, D = q.shape
+    H, Dv = k.shape[2], v.shape[-1]
+    G = HQ // H
+    scale = D**-0.5 if scale is None else scale
+    C, NB = chunk_size, chunks_per_superblock
+    S = C * NB
+    n_sb = math.ceil(T / S)
+    T_pad, n = n_sb * S, n_sb * NB
+    kdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    dt = torch.float32
+
+    def heads_first(x):  # [B, T, h, d] -> [B, h, T_pad, d] float32, zero padded (pads are identity steps)
+        return F.pad(x.to(dt), (0, 0, 0, 0, 0, T_pad - T)).transpose(1, 2)
+
+    qc = heads_first(q).reshape(B, H, G, n, C, D)
+    kc = heads_first(k).reshape(B, H, n, C, D)
+    wc = heads_first(w).reshape(B, H, n, C, D)
+    bc = F.pad(beta.to(dt), (0, 0, 0, T_pad - T)).transpose(1, 2).reshape(B, H, n, C)
+    p, q_t, k_t, local = _block_transforms(qc.transpose(2, 3), kc, wc, bc)  # q_t [B, H, n, G, C, D]
+
+    # Carry queries to the bottom and keys to the top of their superblock; P of each whole superblock.
+    pb = p.view(B, H, n_sb, NB, D, D)
+    eye = torch.eye(D, dtype=dt, device=q.device).expand(B, H, n_sb, D, D)
+    below = [eye]  # entry l: P_{l-1} ... P_0 inside the superblock
+    for l in range(1, NB + 1):
+        below.append(pb[:, :, :, l - 1] @ below[-1])
+    p_sb = below.pop()
+    above = [eye]  # entry l: P_{NB-1} ... P_{l+1}
+    for l in range(NB - 1, 0, -1):
+        above.insert(0, above[0] @ pb[:, :, :, l])
+    q_t = q_t.reshape(B, H, n_sb, NB, G, C, D)
+    k_t = k_t.reshape(B, H, n_sb, NB, C, D)
+    q_bot = q_t @ torch.stack(below, 3).unsqueeze(4)
+    k_top = k_t @ torch.stack(above, 3).transpose(-1, -2)
+
+    def tokens_first(x, heads):  # [B, H, ..., C, d] -> [B, T_pad, heads, d] in the kernel dtype
+        if x.dim() == 7:  # queries: [B, H, n_sb, NB, G, C, d]
+            x = x.permute(0, 2, 3, 5, 1, 4, 6)
+        else:  # [B, H, n_sb, NB, C, d]
+            x = x.permute(0, 2, 3, 4, 1, 5)
+        return x.reshape(B, T_pad, heads, x.shape[-1]).to(kdt).contiguous()
+
+    vk = F.pad(v.to(kdt), (0, 0, 0, 0, 0, T_pad - T)).contiguous()
+    gate = None
+    if g is not None:
+        gate = F.pad(g.to(dt), (0, 0, 0, T_pad - T)).cumsum(1).contiguous()  # [B, T_pad, HQ]
+    seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
+    partials = []
+    levels = [(q_bot, k_top, _pair_products(p_sb.unsqueeze(2)), S, n_sb), (q_t, k_t, _pair_products(pb), C, NB)]
+    for qx, kx, mid, block, blocks in levels:
+        if blocks > 1:
+            partials.append(framed_attention(
+                tokens_first(qx, HQ), tokens_first(kx, H), vk, gate, mid.to(kdt).contiguous(), seg_start, seg_end,
+                block=block, blocks_per_window=blocks, scale=scale,
+            ))
+
+    # The query's own chunk: dense C x C scores, causal and within the segment.
+    logits = local.reshape(B, H, n, G, C, C) * scale  # [B, H, n, G, C(query), C(key)]
+    if gate is not None:
+        gc = gate.view(B, n, C, H, G).permute(0, 3, 1, 4, 2) * scale  # [B, H, n, G, C]
+        logits = logits + gc[..., :, None] - gc[..., None, :]
+    pos = torch.arange(T_pad, device=q.device).view(n, C)
+    visible = (pos[:, None, :] <= pos[:, :, None])[None] & (pos[:, None, :] >= seg_start.view(B, n, C, 1))
+    logits = logits.masked_fill(~visible[:, None, :, None], float("-inf"))
+    lse_local = logits.logsumexp(-1)
+    o_local = torch.softmax(logits, -1) @ F.pad(v.to(dt), (0, 0, 0, 0, 0, T_pad - T)).permute(0, 2, 1, 3).reshape(
+        B, H, n, 1, C, Dv
+    )
+    partials.append((
+        o_local.permute(0, 2, 4, 1, 3, 5).reshape(B, T_pad, HQ, Dv),
+        lse_local.permute(0, 1, 3, 2, 4).reshape(B, HQ, T_pad),
+    ))
+
+    lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)
+    o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
+    o = o[:, :T].to(q.dtype)
+    if not output_keys:
+        return o, None
+    # Keys carried to the end of the row: through every later superblock.
+    suffix = [eye[:, :, 0]]  # entry s: P_sb[n_sb-1] ... P_sb[s+1]
+    for s in range(n_sb - 1, 0, -1):
+        suffix.insert(0, suffix[0] @ p_sb[:, :, s])
+    keys = k_top @ torch.stack(suffix, 2)[:, :, :, None].transpose(-1, -2)  # [B, H, n_sb, NB, C, D]
+    return o, keys.reshape(B, H, T_pad, D)[:, :, :T].transpose(1, 2)
 
 
 def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:

@@ -1,0 +1,310 @@
+"""Triton kernels for PaTH attention (CUDA), forward and backward.
+
+The score of query i and key j < i is ``q_i^T H_i ... H_{j+1} k_j``. Cut time into frame blocks of X
+positions. Carry every query down to the bottom of its own block (``q_bot``) and every key up to the top of
+its own block (``k_top``); then for a query in block s and a key in an earlier block t the score is
+
+    q_bot_i  @  F[s, t]  @  k_top_j^T,        F[s, t] = P_{s-1} P_{s-2} ... P_{t+1}
+
+with P_b the D x D product of block b's Householder matrices (F[s, s-1] = I). The frame change F is
+precomputed for every block pair, so each (query tile, key block) pair costs one D x D product on top of
+ordinary flash attention, and the backward needs no reverse walk along the chain: the gradient of F comes
+out of the dq kernel as ``q_bot^T @ (dS @ k_top)`` and flows to the P's through PyTorch autograd.
+
+:func:`framed_attention` runs those pairs for blocks of one window (pairs in different windows are
+skipped) and returns the partial output with its log-sum-exp, so that partials from several levels
+(superblocks across the sequence, chunks inside a superblock, the diagonal chunk in PyTorch) merge into
+one softmax. ``path_attention_triton`` assembles the levels.
+
+triton is imported here at module level; import this module lazily and only on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # inside try: loading a checkpoint's remote code must not require triton
+    import triton
+    import triton.language as tl
+except ImportError as err:
+    raise ImportError(f"the PaTH Triton kernels need triton (pip install path-lm[cuda]): {err}") from err
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _pair_index(s, t):
+    # strictly lower-triangular block pairs, packed row by row: (1,0), (2,0), (2,1), (3,0), ...
+    return s * (s - 1) // 2 + t
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, GATE, MID, SEG, O, LSE,
+    scale_log2, T,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // HQ
+    hq = i_bh % HQ
+    h = hq // (HQ // H)
+    rows = i_m * BM + tl.arange(0, BM)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    window = (i_m * BM) // (X * NB)
+    s_loc = ((i_m * BM) // X) % NB
+
+    q = tl.load(Q + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :])
+    seg_q = tl.load(SEG + b * T + rows)
+    if HAS_GATE:
+        g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
+    first = tl.min(seg_q, axis=0)
+    t_lo = tl.maximum(first // X - window * NB, 0)
+    mid_base = MID + (((b * H + h) * (T // (X * NB)) + window) * NP).to(tl.int64) * D * D
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DV], tl.float32)
+    for t_loc in range(t_lo, s_loc):
+        f = tl.load(mid_base + _pair_index(s_loc, t_loc) * D * D + od[:, None] * D + od[None, :])
+        u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
+        k_start = (window * NB + t_loc) * X
+        j_lo = tl.maximum(k_start, (first // BN) * BN)
+        for j0 in range(j_lo, k_start + X, BN):
+            cols = j0 + tl.arange(0, BN)
+            k = tl.load(K + ((b * T + cols)[:, None] * H + h) * D + od[None, :])
+            v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
+            s = tl.dot(u, tl.trans(k), input_precision=PREC)
+            if HAS_GATE:
+                g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
+                s += g_q[:, None] - g_k[None, :]
+            s = tl.where(cols[None, :] >= seg_q[:, None], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m_i = m_new
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :], o)
+    tl.store(LSE + (b * HQ + hq) * T + rows, lse)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, GATE, MID, SEG, DO, LSE, DELTA, DQ, DG, DMID,
+    scale, scale_log2, T,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // HQ
+    hq = i_bh % HQ
+    h = hq // (HQ // H)
+    rows = i_m * BM + tl.arange(0, BM)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    window = (i_m * BM) // (X * NB)
+    s_loc = ((i_m * BM) // X) % NB
+    pair_base = (((b * H + h) * (T // (X * NB)) + window) * NP).to(tl.int64) * D * D
+
+    q = tl.load(Q + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :])
+    do = tl.load(DO + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :])
+    seg_q = tl.load(SEG + b * T + rows)
+    lse = tl.load(LSE + (b * HQ + hq) * T + rows) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
+    if HAS_GATE:
+        g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
+    first = tl.min(seg_q, axis=0)
+    t_lo = tl.maximum(first // X - window * NB, 0)
+
+    dq = tl.zeros([BM, D], tl.float32)
+    dg = tl.zeros([BM], tl.float32)
+    for t_loc in range(t_lo, s_loc):
+        f_off = pair_base + _pair_index(s_loc, t_loc) * D * D + od[:, None] * D + od[None, :]
+        f = tl.load(MID + f_off)
+        u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
+        du = tl.zeros([BM, D], tl.float32)
+        k_start = (window * NB + t_loc) * X
+        j_lo = tl.maximum(k_start, (first // BN) * BN)
+        for j0 in range(j_lo, k_start + X, BN):
+            cols = j0 + tl.arange(0, BN)
+            k = tl.load(K + ((b * T + cols)[:, None] * H + h) * D + od[None, :])
+            v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
+            s = tl.dot(u, tl.trans(k), input_precision=PREC)
+            if HAS_GATE:
+                g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
+                s += g_q[:, None] - g_k[None, :]
+            s = tl.where(cols[None, :] >= seg_q[:, None], s * scale_log2, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            du += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            if HAS_GATE:
+                dg += tl.sum(ds, axis=1)
+        du_c = du.to(q.dtype)
+        dq += tl.dot(du_c, tl.trans(f), input_precision=PREC)
+        tl.atomic_add(DMID + f_off, tl.dot(tl.trans(q), du_c, input_precision=PREC) * scale, sem="relaxed")
+
+    tl.store(DQ + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :], dq * scale)
+    if HAS_GATE:
+        tl.store(DG + (b * T + rows) * HQ + hq, dg * scale)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, GATE, MID, SEG, SEG_END, DO, LSE, DELTA, DK, DV_, DG,
+    scale, scale_log2, T,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    G: tl.constexpr = HQ // H
+    cols = i_n * BN + tl.arange(0, BN)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    window = (i_n * BN) // (X * NB)
+    t_loc = ((i_n * BN) // X) % NB
+    pair_base = (((b * H + h) * (T // (X * NB)) + window) * NP).to(tl.int64) * D * D
+
+    k = tl.load(K + ((b * T + cols)[:, None] * H + h) * D + od[None, :])
+    v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
+    last = tl.max(tl.load(SEG_END + b * T + cols), axis=0)  # queries at or after `last` cannot see these keys
+    s_hi = tl.minimum((last - 1) // X - window * NB + 1, NB)
+
+    dk = tl.zeros([BN, D], tl.float32)
+    dv = tl.zeros([BN, DV], tl.float32)
+    for hq in range(h * G, h * G + G):
+        dg = tl.zeros([BN], tl.float32)
+        if HAS_GATE:
+            g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
+        for s_loc in range(t_loc + 1, s_hi):
+            f = tl.load(MID + pair_base + _pair_index(s_loc, t_loc) * D * D + od[:, None] * D + od[None, :])
+            q_start = (window * NB + s_loc) * X
+            i_hi = tl.minimum(q_start + X, last)
+            for i0 in range(q_start, i_hi, BM):
+                rows = i0 + tl.arange(0, BM)
+                q = tl.load(Q + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :])
+                do = tl.load(DO + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :])
+                seg_q = tl.load(SEG + b * T + rows)
+                lse = tl.load(LSE + (b * HQ + hq) * T + rows) * 1.4426950408889634
+                lse = tl.where(lse == float("-inf"), 0.0, lse)
+                delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
+                u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
+                s = tl.dot(u, tl.trans(k), input_precision=PREC)
+                if HAS_GATE:
+                    g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
+                    s += g_q[:, None] - g_k[None, :]
+                s = tl.where(cols[None, :] >= seg_q[:, None], s * scale_log2, float("-inf"))
+                p = tl.exp2(s - lse[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(u.dtype)), u, input_precision=PREC)
+                if HAS_GATE:
+                    dg -= tl.sum(ds, axis=0)
+        if HAS_GATE:
+            tl.store(DG + (b * T + cols) * HQ + hq, dg * scale)
+
+    tl.store(DK + ((b * T + cols)[:, None] * H + h) * D + od[None, :], dk * scale)
+    tl.store(DV_ + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :], dv)
+
+
+def _launch_config(D: int) -> dict:
+    return {"num_warps": 4 if D <= 64 else 8, "num_stages": 2}
+
+
+def _block_sizes(X: int) -> tuple[int, int]:
+    tile = min(64, X)
+    return tile, tile
+
+
+class _FramedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, mid, seg_start, seg_end, X, NB, scale):
+        B, T, HQ, D = q.shape
+        H, DV = k.shape[2], v.shape[-1]
+        NP = NB * (NB - 1) // 2
+        BM, BN = _block_sizes(X)
+        o = torch.empty(B, T, HQ, DV, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        _fwd_kernel[(T // BM, B * HQ)](
+            q, k, v, gate, mid, seg_start, o, lse, scale * LOG2E, T,
+            HQ=HQ, H=H, D=D, DV=DV, X=X, NB=NB, NP=NP, BM=BM, BN=BN,
+            HAS_GATE=gate is not None, PREC=prec, **_launch_config(D),
+        )
+        ctx.save_for_backward(q, k, v, gate, mid, seg_start, seg_end, o, lse)
+        ctx.args = (X, NB, scale)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, gate, mid, seg_start, seg_end, o, lse = ctx.saved_tensors
+        X, NB, scale = ctx.args
+        B, T, HQ, D = q.shape
+        H, DV = k.shape[2], v.shape[-1]
+        NP = NB * (NB - 1) // 2
+        BM, BN = _block_sizes(X)
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        do = do.contiguous()
+        # d logsumexp: the softmax gradient with delta_i = do_i . o_i - dlse_i
+        delta = (do * o).sum(-1).transpose(1, 2)
+        if dlse is not None:
+            delta = delta - dlse
+        delta = delta.contiguous()
+        do_c = do.to(q.dtype)
+        has_gate = gate is not None
+        dq = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
+        dk = torch.empty(B, T, H, D, dtype=torch.float32, device=q.device)
+        dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+        dmid = torch.zeros(mid.shape, dtype=torch.float32, device=q.device)
+        dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
+        dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
+        common = dict(HQ=HQ, H=H, D=D, DV=DV, X=X, NB=NB, NP=NP, BM=BM, BN=BN, HAS_GATE=has_gate, PREC=prec)
+        _bwd_dq_kernel[(T // BM, B * HQ)](
+            q, k, v, gate, mid, seg_start, do_c, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T,
+            **common, **_launch_config(D),
+        )
+        _bwd_dkv_kernel[(T // BN, B * H)](
+            q, k, v, gate, mid, seg_start, seg_end, do_c, lse, delta, dk, dv, dg_k, scale, scale * LOG2E, T,
+            **common, **_launch_config(D),
+        )
+        dgate = dg_q + dg_k if has_gate else None
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, dmid.to(mid.dtype),
+                None, None, None, None, None)
+
+
+def framed_attention(q, k, v, gate, mid, seg_start, seg_end, *, block: int, blocks_per_window: int, scale: float):
+    """Attention of every query to the keys of earlier frame blocks in its window.
+
+    Args:
+        q: [B, T, HQ, D] queries carried to the bottom of their block; k: [B, T, H, D] keys carried to the top
+            of theirs; v: [B, T, H, DV]. Same dtype (bfloat16, float16 or float32); D, DV powers of two >= 16.
+        gate: [B, T, HQ] float32 cumulative log gate, or None.
+        mid: [B, H, W, NB * (NB - 1) // 2, D, D] frame changes F[s, t] of each window's block pairs s > t,
+            packed row by row, q's dtype.
+        seg_start, seg_end: [B, T] int32, the first and one-past-last position of each position's segment.
+        block: X, the frame block length; blocks_per_window: NB. T must be a multiple of X * NB.
+    Returns:
+        o [B, T, HQ, DV] float32 (normalized over these keys) and lse [B, HQ, T] float32 (natural log,
+        -inf where a query has no key at this level).
+    """
+    return _FramedAttention.apply(q, k, v, gate, mid, seg_start, seg_end, block, blocks_per_window, scale)
