@@ -1,7 +1,7 @@
 """GPU time of the PaTH attention op against FlashAttention (SDPA), forward and forward+backward.
 
-PaTH: fla's Triton kernel (`path_attention_fla`) and, at T <= --torch-max-t, the exact PyTorch path
-(`path_attention_torch`). Baseline: `scaled_dot_product_attention(is_causal=True)` restricted to the
+PaTH: path-lm's Triton kernel (`path_attention_triton`), fla's (`path_attention_fla`) and, at
+T <= --torch-max-t, the exact PyTorch path (`path_attention_torch`). Baseline: `scaled_dot_product_attention(is_causal=True)` restricted to the
 flash backend, layout [B, H, T, D]. bf16 q/k/v, forget gate on (w, beta, g in float32 as the model feeds
 them), B * T = 16k tokens, T = 2k/4k/8k/16k, 16 heads x 64 and 8 heads x 128. Backward takes gradients of
 every input. Median of triton.testing.do_bench.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from path_lm.path_ops import path_attention_fla, path_attention_torch
+from path_lm.path_ops import path_attention_fla, path_attention_torch, path_attention_triton
 
 FLOP_NOTE = "causal attention FLOPs for all ops: fwd 4*B*H*T^2*D/2, fwd+bwd 3.5x fwd"
 
@@ -70,6 +70,7 @@ def run(args, device):
             path, sdpa = make_inputs(B, T, H, D, device)
             impls = [("SDPA flash", lambda sdpa=sdpa: _sdpa(*sdpa), sdpa)]
             if device.type == "cuda":
+                impls.append(("PaTH path-lm", lambda path=path: path_attention_triton(*path)[0], path))
                 impls.append(("PaTH fla", lambda path=path: path_attention_fla(*path)[0], path))
             if T <= args.torch_max_t:
                 impls.append(("PaTH torch", lambda path=path: path_attention_torch(*path)[0], path))
@@ -88,6 +89,11 @@ def run(args, device):
                     row[f"{key}_vs_sdpa"] = ms / base[f"{key}_ms"] if ok else None
                 base = base or row
                 rows.append(row)
+                if name == "PaTH fla":  # how much faster path-lm's kernel is than fla's, same shapes
+                    ours = next(r for r in rows[::-1] if r["impl"] == "PaTH path-lm")
+                    for key in ("fwd", "fwd_bwd"):
+                        both = isinstance(ours[f"{key}_ms"], float) and isinstance(row[f"{key}_ms"], float)
+                        ours[f"{key}_fla_speedup"] = row[f"{key}_ms"] / ours[f"{key}_ms"] if both else None
                 print(f"# {name} H{H}xD{D} B{B} T{T}: fwd {C.fmt(fwd_ms)} ms, fwd+bwd {C.fmt(fb_ms)} ms", flush=True)
             del path, sdpa, impls, fwd, inputs
             C.free(device)
@@ -124,10 +130,12 @@ def main():
     print(f"# bf16, forget gate on, B*T = {args.tokens}; TFLOP/s: {FLOP_NOTE}; ratios: time / SDPA time\n")
     table = [[f"{r['heads']}x{r['dim']}", f"{r['B']}x{r['T']}", r["impl"],
               C.fmt(r["fwd_ms"], ".3f"), C.fmt(r["fwd_tflops"], ".0f"), C.ratio(r["fwd_vs_sdpa"], ".1f"),
-              C.fmt(r["fwd_bwd_ms"], ".3f"), C.fmt(r["fwd_bwd_tflops"], ".0f"), C.ratio(r["fwd_bwd_vs_sdpa"], ".1f")]
+              C.fmt(r["fwd_bwd_ms"], ".3f"), C.fmt(r["fwd_bwd_tflops"], ".0f"), C.ratio(r["fwd_bwd_vs_sdpa"], ".1f"),
+              C.ratio(r.get("fwd_fla_speedup"), ".1f"), C.ratio(r.get("fwd_bwd_fla_speedup"), ".1f")]
              for r in rows]
     print(C.markdown_table(["heads x dim", "B x T", "op", "fwd ms", "fwd TFLOP/s", "fwd / SDPA",
-                            "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd / SDPA"], table))
+                            "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd / SDPA",
+                            "fla / path-lm fwd", "fla / path-lm fwd+bwd"], table))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-ATTN_BACKENDS = ("auto", "torch", "fla")
+ATTN_BACKENDS = ("auto", "torch", "triton", "fla")
 MLP_TYPES = ("gated", "plain")
 CACHE_KEY_DTYPES = ("float32", "float64", "model")
 # fla's config fields that change the architecture in ways this package does not implement.
@@ -77,8 +77,9 @@ class PaTHConfig(PretrainedConfig):
         use_low_rank_w: project the Householder directions through a rank-32 bottleneck.
         use_qk_norm: per-head RMSNorm (eps 1e-5) on queries and keys.
         conv_size, conv_bias: kernel size and bias of the short convolution.
-        attn_backend: ``"auto"`` (fla's Triton kernel on CUDA when installed and the shapes allow it, else
-            the exact PyTorch path), ``"torch"`` or ``"fla"``.
+        attn_backend: ``"auto"`` (on CUDA with triton installed and head dim 64/128 in bf16/fp16: path-lm's
+            Triton kernel, else fla's when installed, else the exact PyTorch path), ``"torch"``, ``"triton"``
+            or ``"fla"``.
         cache_key_dtype: dtype of the transformed keys in the generation cache: ``"float32"`` (default;
             keys are rewritten every step, so half-precision storage drifts), ``"float64"``, or
             ``"model"`` for the model's dtype.

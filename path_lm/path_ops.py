@@ -32,6 +32,8 @@ DEFAULT_CHUNK_SIZE = 64
 # fla accepts 16/32/64/128, but fla 0.6.0's backward hits illegal memory accesses at head dim 32 (seen on an
 # H100); only the verified sizes are routed to it.
 FLA_HEAD_DIMS = (64, 128)
+# path-lm's kernel handles any power of two from 16; these are the sizes verified on a GPU.
+TRITON_HEAD_DIMS = (64, 128)
 
 logger = logging.getLogger(__name__)
 _announced: set = set()
@@ -443,15 +445,25 @@ def path_attention_triton(
     return o, keys.reshape(B, H, T_pad, D)[:, :, :T].transpose(1, 2)
 
 
-def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why fla's Triton kernel cannot run on these inputs, or None if it can."""
+def _kernel_input_problem(q: torch.Tensor, v: torch.Tensor, head_dims: tuple) -> str | None:
     if not q.is_cuda:
         return "the inputs are not on a CUDA device"
-    if q.shape[-1] not in FLA_HEAD_DIMS or v.shape[-1] not in FLA_HEAD_DIMS:
-        return f"the fla backend supports head dims {FLA_HEAD_DIMS}, not {q.shape[-1]}"
+    if q.shape[-1] not in head_dims or v.shape[-1] not in head_dims:
+        return f"the kernel supports head dims {head_dims}, not {q.shape[-1]} / {v.shape[-1]}"
     if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"fla's kernels take bfloat16/float16 inputs, not {q.dtype} (its float32 backward exceeds shared memory)"
-    return _fla_import_error()
+        return f"the kernel takes bfloat16/float16 inputs, not {q.dtype}"
+    return None
+
+
+def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why fla's Triton kernel cannot run on these inputs, or None if it can (its float32 backward exceeds
+    shared memory, so float32 inputs are refused)."""
+    return _kernel_input_problem(q, v, FLA_HEAD_DIMS) or _fla_import_error()
+
+
+def triton_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why path-lm's Triton kernel cannot run on these inputs, or None if it can."""
+    return _kernel_input_problem(q, v, TRITON_HEAD_DIMS) or _triton_import_error()
 
 
 @functools.lru_cache(maxsize=None)
@@ -464,21 +476,39 @@ def _fla_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:  # inside try: transformers' remote-code import check must not require triton
+        from .path_triton import framed_attention  # noqa: F401
+    except Exception as err:
+        return f"triton is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
+    return None
+
+
+# Kernel backends in the order 'auto' prefers them (fastest first; see docs/kernels.md).
+KERNELS = {"triton": triton_unavailable_reason, "fla": fla_unavailable_reason}
+BACKENDS = ("auto", "torch", *KERNELS)
+_DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", "torch": "exact PyTorch"}
+
+
 def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    """'auto' -> 'fla' when its kernel can run on these inputs, else 'torch' (logged once); an explicit
-    'fla' that cannot run raises."""
+    """'auto' -> the first kernel in KERNELS that can run on these inputs, else 'torch' (logged once);
+    an explicit kernel that cannot run raises."""
     if backend == "torch":
         return "torch"
-    if backend not in ("auto", "fla"):
-        raise ValueError(f"unknown attention backend {backend!r}; use 'auto', 'torch' or 'fla'")
-    reason = fla_unavailable_reason(q, v)
-    if backend == "fla" and reason is not None:
-        raise RuntimeError(f"attn_backend='fla' cannot run: {reason}. Use attn_backend='auto' or 'torch'.")
-    chosen = "torch" if reason is not None else "fla"
-    if (chosen, reason) not in _announced:
-        _announced.add((chosen, reason))
-        why = f" ({reason})" if reason else " (CUDA, fla installed, supported head dim)"
-        logger.info("PaTH attention backend: %s%s", "fla Triton kernel" if chosen == "fla" else "exact PyTorch", why)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
+    candidates = KERNELS if backend == "auto" else [backend]
+    reasons = {name: KERNELS[name](q, v) for name in candidates}
+    chosen = next((name for name, reason in reasons.items() if reason is None), "torch")
+    if backend != "auto" and chosen == "torch":
+        raise RuntimeError(
+            f"attn_backend={backend!r} cannot run: {reasons[backend]}. Use attn_backend='auto' or 'torch'."
+        )
+    why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items() if reason is not None)
+    if (chosen, why) not in _announced:
+        _announced.add((chosen, why))
+        logger.info("PaTH attention backend: %s%s", _DESCRIPTIONS[chosen], f" ({why})" if why else "")
     return chosen
 
 
@@ -537,7 +567,7 @@ def path_attention(
     Without ``cache``: the whole sequence (training, evaluation). With a cache layer (see
     ``cache_path.PaTHCacheLayer``): an empty one is filled from the prompt (prefill), one token extends it
     by an in-place rank-one update of the cached keys (decoding), several tokens continue it blockwise.
-    ``backend`` picks fla's Triton kernel or the exact PyTorch path for whole sequences and prefill;
+    ``backend`` ('auto', 'torch', 'triton', 'fla') picks the kernel for whole sequences and prefill;
     decoding and continuation always run as PyTorch ops on the inputs' device.
 
     key_mask [B, L + T]: False at padded positions of the cached and new tokens (None: no padding).
@@ -545,20 +575,20 @@ def path_attention(
     """
     T = q.shape[1]
     past_len = cache.length if cache is not None else 0
-    use_fla = past_len == 0 and resolve_backend(backend, q, v) == "fla"
+    kernel = resolve_backend(backend, q, v) if past_len == 0 else "torch"
     if cache is None:
-        if use_fla:
-            return path_attention_fla(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
-        return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
+        if kernel == "torch":
+            return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
+        return _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
     gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
     if past_len == 0:
-        if use_fla:
-            o, keys = path_attention_fla(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_keys=True)
-        else:
+        if kernel == "torch":
             o, state = path_attention_torch(
                 q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_state=True, chunk_size=chunk_size
             )
             keys = state.keys
+        else:
+            o, keys = _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_keys=True)
         cache.append(keys, v, gate)
         return o
     if T == 1 and segment_ids is None:
@@ -577,3 +607,6 @@ def path_attention(
     cache.transform_keys(state.transform)
     cache.append(state.keys, v, gate)
     return o
+
+
+_KERNEL_OPS = {"triton": path_attention_triton, "fla": path_attention_fla}

@@ -54,3 +54,30 @@ def transformed_keys_reference(k, w, beta):
             for j in range(T):
                 out[b, j, h] = prod[T - 1, j] @ k[b, j, h]
     return out
+
+
+def path_attention_recurrent(q, k, v, w, beta, g=None, scale=None, segment_ids=None):
+    """The same attention as path_attention_reference, by the decoding recurrence: before key i joins,
+    every earlier key is multiplied by H_i, so at step i the keys are H_i ... H_{j+1} k_j. Vectorized over
+    batch and heads, so autograd through it is cheap enough for gradient references. float64."""
+    q, k, v, w, beta = (x.double() for x in (q, k, v, w, beta))
+    B, T, HQ, D = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    scale = D**-0.5 if scale is None else scale
+    gcum = g.double().cumsum(1) if g is not None else torch.zeros(B, T, HQ, dtype=torch.float64)
+    carried = q.new_zeros(B, H, 0, D)
+    outs = []
+    for i in range(T):
+        wi = w[:, i, :, None, :]  # [B, H, 1, D]
+        carried = carried - beta[:, i, :, None, None] * (carried * wi).sum(-1, keepdim=True) * wi
+        carried = torch.cat([carried, k[:, i, :, None, :]], 2)  # [B, H, i + 1, D]
+        logits = q[:, i].reshape(B, H, G, 1, D) @ carried[:, :, None].transpose(-1, -2)  # [B, H, G, 1, i + 1]
+        gate = gcum[:, i, :, None] - gcum[:, : i + 1].transpose(1, 2)  # [B, HQ, i + 1]
+        logits = scale * (logits.reshape(B, HQ, i + 1) + gate)
+        if segment_ids is not None:
+            same = segment_ids[:, : i + 1] == segment_ids[:, i : i + 1]
+            logits = logits.masked_fill(~same[:, None], float("-inf"))
+        probs = torch.softmax(logits, -1).reshape(B, H, G, i + 1)
+        outs.append((probs @ v[:, : i + 1].transpose(1, 2)).reshape(B, HQ, -1))
+    return torch.stack(outs, 1)

@@ -191,7 +191,7 @@ def relative_imports(source: str) -> set[str]:
 def test_saved_folder_has_code_files(tmp_path):
     make_model().save_pretrained(tmp_path)
     saved = {p.name for p in tmp_path.glob("*.py")}
-    assert {"configuration_path.py", "modeling_path.py", "cache_path.py", "path_ops.py"} <= saved
+    assert {"configuration_path.py", "modeling_path.py", "cache_path.py", "path_ops.py", "path_triton.py"} <= saved
 
     # Every relative import of every saved file (transitively) is in the folder, byte-identical to the package.
     for name in saved:

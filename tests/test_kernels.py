@@ -1,0 +1,149 @@
+"""path-lm's Triton kernels (path_lm/path_triton.py, assembled by path_ops.path_attention_triton) against
+independent float64 references: the explicit Householder formula in tests/reference.py for small cases,
+the exact PyTorch path (itself checked against that formula in test_ops.py) for GPU-sized ones.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernels are
+defined), with small chunks so that every level of the algorithm is exercised at small T.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from reference import path_attention_recurrent, path_attention_reference, transformed_keys_reference  # noqa: E402
+from test_ops import make_inputs  # noqa: E402
+
+from path_lm.path_ops import path_attention_torch, path_attention_triton, resolve_backend  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INPUT_NAMES = ["q", "k", "v", "w", "beta", "g"]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_both(inputs, dtype, segment_ids=None, reference=path_attention_recurrent, **kernel_options):
+    """Output, carried keys and every input gradient from the kernel (inputs cast to dtype; w, beta, g
+    float32) and from the float64 reference, for one random output gradient."""
+    inputs = [x.to(DEVICE) if x is not None else None for x in inputs]
+    seg = segment_ids.to(DEVICE) if segment_ids is not None else None
+    cast = [x.to(dtype if i < 3 else torch.float32) if x is not None else None for i, x in enumerate(inputs)]
+    kernel_in = [x.requires_grad_() if x is not None else None for x in cast]
+    o, keys = path_attention_triton(*kernel_in, segment_ids=seg, output_keys=True, **kernel_options)
+    ref_in = [x.detach().double().requires_grad_() if x is not None else None for x in cast]
+    o_ref = reference(*ref_in, segment_ids=seg)
+    o_ref = o_ref[0] if isinstance(o_ref, tuple) else o_ref
+    do = torch.randn_like(o_ref)
+    present = [i for i, x in enumerate(inputs) if x is not None]
+    grads = torch.autograd.grad(o, [kernel_in[i] for i in present], do.to(o.dtype))
+    grads_ref = torch.autograd.grad(o_ref, [ref_in[i] for i in present], do)
+    named = {INPUT_NAMES[i]: (a, b) for i, a, b in zip(present, grads, grads_ref)}
+    return (o, o_ref), keys, named, [x.detach().double() if x is not None else None for x in cast]
+
+
+# Small chunks (16) and superblocks of 2-4 chunks: T ~ 100 crosses every level (own chunk, earlier chunks of
+# the superblock, earlier superblocks) and ends in a partial superblock.
+SMALL = [
+    dict(B=2, T=100, HQ=4, H=2, D=16, Dv=16, gate=True, chunks_per_superblock=2),
+    dict(B=1, T=130, HQ=2, H=2, D=16, Dv=32, gate=False, chunks_per_superblock=4),
+    dict(B=2, T=64, HQ=3, H=1, D=32, Dv=16, gate=True, chunks_per_superblock=4),
+    dict(B=1, T=20, HQ=2, H=1, D=16, Dv=16, gate=True, chunks_per_superblock=8),
+]
+
+
+def test_recurrent_reference_matches_explicit_formula():
+    """The gradient reference below (the decoding recurrence) against the explicit product formula."""
+    q, k, v, w, beta, g = make_inputs(2, 24, 4, 2, 8, seed=1)
+    segment_ids = torch.zeros(2, 24, dtype=torch.long)
+    segment_ids[0, 10:] = 1
+    expected = path_attention_reference(q, k, v, w, beta, g, segment_ids=segment_ids)
+    assert torch.allclose(path_attention_recurrent(q, k, v, w, beta, g, segment_ids=segment_ids), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_small_cases_match_float64_references(case):
+    case = dict(case)
+    nb = case.pop("chunks_per_superblock")
+    inputs = make_inputs(**case, seed=case["T"])
+    (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, chunk_size=16, chunks_per_superblock=nb)
+    assert rel_err(o, o_ref) < 1e-5
+    q, k, v, w, beta, g = cast
+    assert rel_err(keys, transformed_keys_reference(k, w, beta)) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_packed_and_padded_segments_match_float64_references():
+    inputs = make_inputs(2, 90, 4, 2, 16, seed=3)
+    segment_ids = torch.zeros(2, 90, dtype=torch.long)
+    segment_ids[0, 37:] = 1
+    segment_ids[0, 70:] = 2  # three packed documents
+    segment_ids[1, :21] = -1  # left padding
+    (o, o_ref), keys, grads, cast = run_both(
+        inputs, torch.float32, segment_ids, chunk_size=16, chunks_per_superblock=2
+    )
+    assert rel_err(o, o_ref) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+    # the real tokens of row 1 are one sequence: their keys are carried to the row's end
+    q, k, v, w, beta, g = cast
+    assert rel_err(keys[1:, 21:], transformed_keys_reference(k[1:, 21:], w[1:, 21:], beta[1:, 21:])) < 1e-5
+
+
+def test_resolve_backend_on_cpu_falls_back_and_explicit_triton_raises():
+    q = torch.randn(1, 4, 2, 64)
+    assert resolve_backend("auto", q, q) == "torch"
+    with pytest.raises(RuntimeError, match="not on a CUDA device"):
+        resolve_backend("triton", q, q)
+
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def torch_path(*args, segment_ids=None):
+    return path_attention_torch(*args, segment_ids=segment_ids)[0]
+
+
+@gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gate", [True, False])
+def test_gpu_default_blocks_match_torch_path(D, dtype, gate):
+    # T = 1200: two full superblocks of 8 x 64 and a partial one; GQA 4 query heads on 2 kv heads
+    inputs = make_inputs(2, 1200, 4, 2, D, gate=gate, seed=D)
+    (o, o_ref), keys, grads, cast = run_both(inputs, dtype, reference=torch_path)
+    assert rel_err(o, o_ref) < 1e-2
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 2e-2, name
+    _, state = path_attention_torch(*cast, output_state=True)
+    assert rel_err(keys, state.keys) < 1e-2
+
+
+@gpu
+def test_gpu_packed_documents_match_torch_path():
+    inputs = make_inputs(2, 1100, 8, 2, 64, seed=5)
+    segment_ids = torch.zeros(2, 1100, dtype=torch.long)
+    segment_ids[0, 300:] = 1
+    segment_ids[0, 555:] = 2
+    segment_ids[0, 1090:] = 3
+    segment_ids[1, :700] = -1
+    (o, o_ref), _, grads, _ = run_both(inputs, torch.bfloat16, segment_ids, reference=torch_path)
+    assert rel_err(o, o_ref) < 1e-2
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 2e-2, name
+
+
+@gpu
+def test_gpu_auto_prefers_path_lm_kernel():
+    q = torch.randn(1, 4, 2, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert resolve_backend("auto", q, q) == "triton"
+    q48 = torch.randn(1, 4, 2, 48, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head dims"):
+        resolve_backend("triton", q48, q48)
