@@ -77,8 +77,8 @@ class PaTHConfig(PretrainedConfig):
         use_low_rank_w: project the Householder directions through a rank-32 bottleneck.
         use_qk_norm: per-head RMSNorm (eps 1e-5) on queries and keys.
         conv_size, conv_bias: kernel size and bias of the short convolution.
-        attn_backend: ``"auto"`` (on CUDA with triton installed and head dim 64/128 in bf16/fp16: path-lm's
-            Triton kernel, else fla's when installed, else the exact PyTorch path), ``"torch"``, ``"triton"``
+        attn_backend: ``"auto"`` (on CUDA, head dim 64/128, bf16/fp16: fla's Triton kernel when installed,
+            else path-lm's own Triton kernel; otherwise the exact PyTorch path), ``"torch"``, ``"triton"``
             or ``"fla"``.
         cache_key_dtype: dtype of the transformed keys in the generation cache: ``"float32"`` (default;
             keys are rewritten every step, so half-precision storage drifts), ``"float64"``, or

@@ -20,6 +20,7 @@ Query head ``hq`` reads key/value head ``hq // (HQ // H)``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -344,30 +345,31 @@ def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int
     return seg_start.to(torch.int32).contiguous(), seg_end.to(torch.int32).contiguous()
 
 
-def path_attention_triton(
-    q, k, v, w, beta, g=None, *, scale=None, segment_ids=None, output_keys=False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE, chunks_per_superblock: int = 8,
-):
-    """PaTH attention with path-lm's Triton kernels (CUDA), differentiable.
+@dataclass
+class _Levels:
+    """What path-lm's kernels read, computed from the raw inputs by :func:`_path_levels` (all differentiable).
 
-    Three levels share one softmax: key superblocks (``chunk_size * chunks_per_superblock`` positions)
-    before the query's superblock, key chunks before the query's chunk inside its superblock (both through
-    :func:`path_triton.framed_attention`), and the query's own chunk (PyTorch). The per-chunk transforms,
-    the carries to superblock edges and the frame changes are small PyTorch products (float32, autograd);
-    the O(T^2) work is in the kernels. Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys
-    carried to the end of each row [B, T, H, D] float32.
+    framed: per kernel level, (queries [B, T_pad, HQ, D], keys [B, T_pad, H, D], frame changes, block,
+        blocks per window), the kernel dtype; local_logits [B, H, n, G, C, C] float32: the query's own chunk,
+        scaled, gate added, masked; v_local [B, H, n, 1, C, Dv] float32; v_kernel [B, T_pad, H, Dv];
+        gate [B, T_pad, HQ] float32 cumulative or None; k_top and p_sb for the carried keys.
     """
-    from .path_triton import framed_attention  # lazy: triton is optional
 
+    framed: list
+    local_logits: torch.Tensor
+    v_local: torch.Tensor
+    v_kernel: torch.Tensor
+    gate: torch.Tensor | None
+    k_top: torch.Tensor
+    p_sb: torch.Tensor
+
+
+def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> _Levels:
     B, T, HQ, D = q.shape
     H, Dv = k.shape[2], v.shape[-1]
     G = HQ // H
-    scale = D**-0.5 if scale is None else scale
-    C, NB = chunk_size, chunks_per_superblock
-    S = C * NB
-    n_sb = math.ceil(T / S)
-    T_pad, n = n_sb * S, n_sb * NB
-    kdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    T_pad = seg_start.shape[1]
+    n_sb, n = T_pad // (C * NB), T_pad // C
     dt = torch.float32
 
     def heads_first(x):  # [B, T, h, d] -> [B, h, T_pad, d] float32, zero padded (pads are identity steps)
@@ -394,55 +396,146 @@ def path_attention_triton(
     q_bot = q_t @ torch.stack(below, 3).unsqueeze(4)
     k_top = k_t @ torch.stack(above, 3).transpose(-1, -2)
 
-    def tokens_first(x, heads):  # [B, H, ..., C, d] -> [B, T_pad, heads, d] in the kernel dtype
-        if x.dim() == 7:  # queries: [B, H, n_sb, NB, G, C, d]
-            x = x.permute(0, 2, 3, 5, 1, 4, 6)
-        else:  # [B, H, n_sb, NB, C, d]
-            x = x.permute(0, 2, 3, 4, 1, 5)
-        return x.reshape(B, T_pad, heads, x.shape[-1]).to(kdt).contiguous()
+    def tokens_first(x):  # [B, H, n_sb, NB, (G,) C, d] -> [B, T_pad, heads, d] in the kernel dtype
+        x = x.permute(0, 2, 3, 5, 1, 4, 6) if x.dim() == 7 else x.permute(0, 2, 3, 4, 1, 5)
+        return x.to(kdt).reshape(B, T_pad, -1, x.shape[-1])
 
-    vk = F.pad(v.to(kdt), (0, 0, 0, 0, 0, T_pad - T)).contiguous()
-    gate = None
-    if g is not None:
-        gate = F.pad(g.to(dt), (0, 0, 0, T_pad - T)).cumsum(1).contiguous()  # [B, T_pad, HQ]
-    seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
-    partials = []
-    levels = [(q_bot, k_top, _pair_products(p_sb.unsqueeze(2)), S, n_sb), (q_t, k_t, _pair_products(pb), C, NB)]
-    for qx, kx, mid, block, blocks in levels:
+    framed = []
+    for qx, kx, p_blocks, block, blocks in ((q_bot, k_top, p_sb.unsqueeze(2), C * NB, n_sb), (q_t, k_t, pb, C, NB)):
         if blocks > 1:
-            partials.append(framed_attention(
-                tokens_first(qx, HQ), tokens_first(kx, H), vk, gate, mid.to(kdt).contiguous(), seg_start, seg_end,
-                block=block, blocks_per_window=blocks, scale=scale,
-            ))
+            mid = _pair_products(p_blocks).to(kdt).contiguous()
+            framed.append((tokens_first(qx).contiguous(), tokens_first(kx).contiguous(), mid, block, blocks))
 
-    # The query's own chunk: dense C x C scores, causal and within the segment.
+    gate = None
     logits = local.reshape(B, H, n, G, C, C) * scale  # [B, H, n, G, C(query), C(key)]
-    if gate is not None:
-        gc = gate.view(B, n, C, H, G).permute(0, 3, 1, 4, 2) * scale  # [B, H, n, G, C]
+    if g is not None:  # cumulative sum along time as the last dim (a scan over an outer dim is slow on GPUs)
+        gate = F.pad(g.to(dt), (0, 0, 0, T_pad - T)).transpose(1, 2).cumsum(-1)  # [B, HQ, T_pad]
+        gc = gate.view(B, H, G, n, C).transpose(2, 3) * scale  # [B, H, n, G, C]
         logits = logits + gc[..., :, None] - gc[..., None, :]
+        gate = gate.transpose(1, 2).contiguous()
     pos = torch.arange(T_pad, device=q.device).view(n, C)
     visible = (pos[:, None, :] <= pos[:, :, None])[None] & (pos[:, None, :] >= seg_start.view(B, n, C, 1))
     logits = logits.masked_fill(~visible[:, None, :, None], float("-inf"))
-    lse_local = logits.logsumexp(-1)
-    o_local = torch.softmax(logits, -1) @ F.pad(v.to(dt), (0, 0, 0, 0, 0, T_pad - T)).permute(0, 2, 1, 3).reshape(
-        B, H, n, 1, C, Dv
-    )
-    partials.append((
-        o_local.permute(0, 2, 4, 1, 3, 5).reshape(B, T_pad, HQ, Dv),
-        lse_local.permute(0, 1, 3, 2, 4).reshape(B, HQ, T_pad),
-    ))
+    v_pad = F.pad(v, (0, 0, 0, 0, 0, T_pad - T))
+    v_local = v_pad.to(dt).transpose(1, 2).reshape(B, H, n, 1, C, Dv)
+    return _Levels(framed, logits, v_local, v_pad.to(kdt).contiguous(), gate, k_top, p_sb)
 
-    lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)
-    o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
-    o = o[:, :T].to(q.dtype)
-    if not output_keys:
-        return o, None
-    # Keys carried to the end of the row: through every later superblock.
-    suffix = [eye[:, :, 0]]  # entry s: P_sb[n_sb-1] ... P_sb[s+1]
-    for s in range(n_sb - 1, 0, -1):
-        suffix.insert(0, suffix[0] @ p_sb[:, :, s])
-    keys = k_top @ torch.stack(suffix, 2)[:, :, :, None].transpose(-1, -2)  # [B, H, n_sb, NB, C, D]
-    return o, keys.reshape(B, H, T_pad, D)[:, :, :T].transpose(1, 2)
+
+@contextlib.contextmanager
+def _matmul_precision(kdt):
+    """TF32 for the float32 products around the kernels when the kernels themselves read half precision
+    (their inputs are rounded to 8-11 bits anyway); full float32 otherwise."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = kdt != torch.float32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _PaTHTriton(torch.autograd.Function):
+    """Forward: the preparation under no_grad, the kernels, one merged softmax. Backward: the preparation
+    again with autograd (nothing of it is kept between the passes), the kernels' backward against the final
+    softmax statistics, then autograd from the prepared tensors back to the inputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):
+        from .path_triton import framed_forward  # lazy: triton is optional
+
+        B, T, HQ, _ = q.shape
+        kdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        T_pad = math.ceil(T / (C * NB)) * C * NB
+        seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
+        with torch.no_grad(), _matmul_precision(kdt):
+            lv = _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt)
+            partials = [
+                framed_forward(qx, kx, lv.v_kernel, lv.gate, mid, seg_start, block=X, blocks_per_window=nb, scale=scale)
+                for qx, kx, mid, X, nb in lv.framed
+            ]
+            lse_local = lv.local_logits.logsumexp(-1)  # [B, H, n, G, C]
+            o_local = torch.softmax(lv.local_logits, -1) @ lv.v_local
+            partials.append((
+                o_local.permute(0, 2, 4, 1, 3, 5).reshape(B, T_pad, HQ, -1),
+                lse_local.permute(0, 1, 3, 2, 4).reshape(B, HQ, T_pad),
+            ))
+            lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)  # [B, HQ, T_pad]
+            o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
+            o = o[:, :T].to(q.dtype)
+            keys = None
+            if output_keys:  # keys carried to the end of the row: through every later superblock
+                suffix = [torch.eye(q.shape[-1], device=q.device).expand(B, k.shape[2], -1, -1)]
+                for s in range(lv.p_sb.shape[2] - 1, 0, -1):
+                    suffix.insert(0, suffix[0] @ lv.p_sb[:, :, s])
+                keys = lv.k_top @ torch.stack(suffix, 2)[:, :, :, None].transpose(-1, -2)  # [B, H, n_sb, NB, C, D]
+                keys = keys.reshape(B, k.shape[2], T_pad, -1)[:, :, :T].transpose(1, 2)
+        ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end)
+        ctx.args = (scale, C, NB, kdt)
+        if keys is not None:
+            ctx.mark_non_differentiable(keys)
+        return o, keys
+
+    @staticmethod
+    def backward(ctx, do, _dkeys):
+        from .path_triton import framed_backward
+
+        q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
+        scale, C, NB, kdt = ctx.args
+        B, T, HQ, _ = o.shape
+        T_pad = seg_start.shape[1]
+        inputs = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v, w, beta, g)]
+        with torch.enable_grad(), _matmul_precision(kdt):
+            lv = _path_levels(*inputs, seg_start, scale, C, NB, kdt)
+            do_pad = F.pad(do, (0, 0, 0, 0, 0, T_pad - T))
+            delta = (do_pad.float() * F.pad(o, (0, 0, 0, 0, 0, T_pad - T)).float()).sum(-1).transpose(1, 2).contiguous()
+            do_k = do_pad.to(kdt).contiguous()
+            outputs, grads = [], []
+            for qx, kx, mid, X, nb in lv.framed:
+                dq, dk, dv, dgate, dmid = framed_backward(
+                    qx, kx, lv.v_kernel, lv.gate, mid, seg_start, seg_end, do_k, lse, delta,
+                    block=X, blocks_per_window=nb, scale=scale,
+                )
+                outputs += [qx, kx, lv.v_kernel, mid]
+                grads += [dq.to(qx.dtype), dk.to(kx.dtype), dv.to(kx.dtype), dmid.to(mid.dtype)]
+                if dgate is not None:
+                    outputs.append(lv.gate)
+                    grads.append(dgate)
+            # The query's own chunk, by hand: P = exp(logits - lse), dlogits = P * (do . v - delta).
+            H, G, n = lv.local_logits.shape[1], HQ // lv.local_logits.shape[1], T_pad // C
+
+            def blocks(x):  # [B, T_pad, HQ, d] -> [B, H, n, G, C, d]
+                return x.view(B, n, C, H, G, -1).permute(0, 3, 1, 4, 2, 5)
+
+            probs = (lv.local_logits.detach() - blocks(lse.transpose(1, 2)[..., None])).exp()
+            do_b = blocks(do_pad.float())
+            dlogits = probs * (do_b @ lv.v_local.detach().transpose(-1, -2) - blocks(delta.transpose(1, 2)[..., None]))
+            outputs += [lv.local_logits, lv.v_local]
+            grads += [dlogits, (probs.transpose(-1, -2) @ do_b).sum(3, keepdim=True)]
+            pairs = [(x, dx) for x, dx in zip(outputs, grads) if x.requires_grad]  # F = I alone has no graph
+            torch.autograd.backward([x for x, _ in pairs], [dx for _, dx in pairs])
+        return (*[x.grad if x is not None else None for x in inputs], None, None, None, None, None)
+
+
+def path_attention_triton(
+    q, k, v, w, beta, g=None, *, scale=None, segment_ids=None, output_keys=False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, chunks_per_superblock: int = 8,
+):
+    """PaTH attention with path-lm's Triton kernels (CUDA), differentiable.
+
+    Three levels share one softmax: key superblocks (``chunk_size * chunks_per_superblock`` positions)
+    before the query's superblock, key chunks before the query's chunk inside its superblock (both through
+    the kernels of :mod:`path_triton`), and the query's own chunk (PyTorch). The per-chunk transforms,
+    the carries to superblock edges and the frame changes are small PyTorch products in float32 (TF32 for
+    half-precision inputs); the O(T^2) work is in the kernels. Nothing but the inputs, the output and its
+    log-sum-exp is kept for the backward, which recomputes the small products.
+
+    Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys carried to the end of each row
+    [B, T, H, D] float32 (not differentiable).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _PaTHTriton.apply(q, k, v, w, beta, g, segment_ids, scale, chunk_size, chunks_per_superblock, output_keys)
 
 
 def _kernel_input_problem(q: torch.Tensor, v: torch.Tensor, head_dims: tuple) -> str | None:
@@ -479,14 +572,15 @@ def _fla_import_error() -> str | None:
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     try:  # inside try: transformers' remote-code import check must not require triton
-        from .path_triton import framed_attention  # noqa: F401
+        from .path_triton import framed_forward  # noqa: F401
     except Exception as err:
         return f"triton is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
     return None
 
 
-# Kernel backends in the order 'auto' prefers them (fastest first; see docs/kernels.md).
-KERNELS = {"triton": triton_unavailable_reason, "fla": fla_unavailable_reason}
+# Kernel backends in the order 'auto' prefers them, fastest first (docs/kernels.md): fla's where installed;
+# path-lm's own otherwise (its O(T^2) kernels beat fla's, its per-chunk preparation in PyTorch does not yet).
+KERNELS = {"fla": fla_unavailable_reason, "triton": triton_unavailable_reason}
 BACKENDS = ("auto", "torch", *KERNELS)
 _DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", "torch": "exact PyTorch"}
 

@@ -11,7 +11,7 @@ precomputed for every block pair, so each (query tile, key block) pair costs one
 ordinary flash attention, and the backward needs no reverse walk along the chain: the gradient of F comes
 out of the dq kernel as ``q_bot^T @ (dS @ k_top)`` and flows to the P's through PyTorch autograd.
 
-:func:`framed_attention` runs those pairs for blocks of one window (pairs in different windows are
+:func:`framed_forward` / :func:`framed_backward` run those pairs for blocks of one window (pairs in different windows are
 skipped) and returns the partial output with its log-sum-exp, so that partials from several levels
 (superblocks across the sequence, chunks inside a superblock, the diagonal chunk in PyTorch) merge into
 one softmax. ``path_attention_triton`` assembles the levels.
@@ -236,63 +236,7 @@ def _block_sizes(X: int) -> tuple[int, int]:
     return tile, tile
 
 
-class _FramedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, gate, mid, seg_start, seg_end, X, NB, scale):
-        B, T, HQ, D = q.shape
-        H, DV = k.shape[2], v.shape[-1]
-        NP = NB * (NB - 1) // 2
-        BM, BN = _block_sizes(X)
-        o = torch.empty(B, T, HQ, DV, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        _fwd_kernel[(T // BM, B * HQ)](
-            q, k, v, gate, mid, seg_start, o, lse, scale * LOG2E, T,
-            HQ=HQ, H=H, D=D, DV=DV, X=X, NB=NB, NP=NP, BM=BM, BN=BN,
-            HAS_GATE=gate is not None, PREC=prec, **_launch_config(D),
-        )
-        ctx.save_for_backward(q, k, v, gate, mid, seg_start, seg_end, o, lse)
-        ctx.args = (X, NB, scale)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, gate, mid, seg_start, seg_end, o, lse = ctx.saved_tensors
-        X, NB, scale = ctx.args
-        B, T, HQ, D = q.shape
-        H, DV = k.shape[2], v.shape[-1]
-        NP = NB * (NB - 1) // 2
-        BM, BN = _block_sizes(X)
-        prec = "ieee" if q.dtype == torch.float32 else "tf32"
-        do = do.contiguous()
-        # d logsumexp: the softmax gradient with delta_i = do_i . o_i - dlse_i
-        delta = (do * o).sum(-1).transpose(1, 2)
-        if dlse is not None:
-            delta = delta - dlse
-        delta = delta.contiguous()
-        do_c = do.to(q.dtype)
-        has_gate = gate is not None
-        dq = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
-        dk = torch.empty(B, T, H, D, dtype=torch.float32, device=q.device)
-        dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
-        dmid = torch.zeros(mid.shape, dtype=torch.float32, device=q.device)
-        dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
-        dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
-        common = dict(HQ=HQ, H=H, D=D, DV=DV, X=X, NB=NB, NP=NP, BM=BM, BN=BN, HAS_GATE=has_gate, PREC=prec)
-        _bwd_dq_kernel[(T // BM, B * HQ)](
-            q, k, v, gate, mid, seg_start, do_c, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T,
-            **common, **_launch_config(D),
-        )
-        _bwd_dkv_kernel[(T // BN, B * H)](
-            q, k, v, gate, mid, seg_start, seg_end, do_c, lse, delta, dk, dv, dg_k, scale, scale * LOG2E, T,
-            **common, **_launch_config(D),
-        )
-        dgate = dg_q + dg_k if has_gate else None
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate, dmid.to(mid.dtype),
-                None, None, None, None, None)
-
-
-def framed_attention(q, k, v, gate, mid, seg_start, seg_end, *, block: int, blocks_per_window: int, scale: float):
+def framed_forward(q, k, v, gate, mid, seg_start, *, block: int, blocks_per_window: int, scale: float):
     """Attention of every query to the keys of earlier frame blocks in its window.
 
     Args:
@@ -301,10 +245,52 @@ def framed_attention(q, k, v, gate, mid, seg_start, seg_end, *, block: int, bloc
         gate: [B, T, HQ] float32 cumulative log gate, or None.
         mid: [B, H, W, NB * (NB - 1) // 2, D, D] frame changes F[s, t] of each window's block pairs s > t,
             packed row by row, q's dtype.
-        seg_start, seg_end: [B, T] int32, the first and one-past-last position of each position's segment.
+        seg_start: [B, T] int32, the first position of each position's segment.
         block: X, the frame block length; blocks_per_window: NB. T must be a multiple of X * NB.
     Returns:
         o [B, T, HQ, DV] float32 (normalized over these keys) and lse [B, HQ, T] float32 (natural log,
         -inf where a query has no key at this level).
     """
-    return _FramedAttention.apply(q, k, v, gate, mid, seg_start, seg_end, block, blocks_per_window, scale)
+    B, T, HQ, D = q.shape
+    H, DV = k.shape[2], v.shape[-1]
+    NB = blocks_per_window
+    BM, BN = _block_sizes(block)
+    o = torch.empty(B, T, HQ, DV, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    _fwd_kernel[(T // BM, B * HQ)](
+        q, k, v, gate, mid, seg_start, o, lse, scale * LOG2E, T,
+        HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, BM=BM, BN=BN,
+        HAS_GATE=gate is not None, PREC=_precision(q), **_launch_config(D),
+    )
+    return o, lse
+
+
+def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, block, blocks_per_window, scale):
+    """Gradients of the loss through the pairs of :func:`framed_forward`, given the FULL softmax's
+    statistics: lse [B, HQ, T] (natural log, over every key of every level) and delta [B, HQ, T] =
+    rowsum(do * o) of the final output. do [B, T, HQ, DV] in q's dtype; seg_end [B, T] int32 one past the
+    last position of each position's segment. Returns float32 dq, dk, dv, dgate (None without a gate), dmid."""
+    B, T, HQ, D = q.shape
+    H, DV = k.shape[2], v.shape[-1]
+    NB = blocks_per_window
+    BM, BN = _block_sizes(block)
+    has_gate = gate is not None
+    dq = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
+    dk = torch.empty(B, T, H, D, dtype=torch.float32, device=q.device)
+    dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+    dmid = torch.zeros(mid.shape, dtype=torch.float32, device=q.device)
+    dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
+    dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
+    common = dict(HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, BM=BM, BN=BN,
+                  HAS_GATE=has_gate, PREC=_precision(q), **_launch_config(D))
+    _bwd_dq_kernel[(T // BM, B * HQ)](
+        q, k, v, gate, mid, seg_start, do, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T, **common
+    )
+    _bwd_dkv_kernel[(T // BN, B * H)](
+        q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, dk, dv, dg_k, scale, scale * LOG2E, T, **common
+    )
+    return dq, dk, dv, (dg_q + dg_k if has_gate else None), dmid
+
+
+def _precision(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"

@@ -65,7 +65,7 @@ def path_attention_recurrent(q, k, v, w, beta, g=None, scale=None, segment_ids=N
     H = k.shape[2]
     G = HQ // H
     scale = D**-0.5 if scale is None else scale
-    gcum = g.double().cumsum(1) if g is not None else torch.zeros(B, T, HQ, dtype=torch.float64)
+    gcum = g.double().cumsum(1) if g is not None else q.new_zeros(B, T, HQ)
     carried = q.new_zeros(B, H, 0, D)
     outs = []
     for i in range(T):

@@ -1,6 +1,7 @@
-"""GPU tests: fla's Triton kernel behind the model against the exact PyTorch path.
+"""GPU tests: the model on each Triton kernel backend (path-lm's own, fla's) against the exact PyTorch path.
 
-Skipped without CUDA or fla. Run on a GPU machine with `python -m pytest -q tests/test_cuda.py`.
+Skipped without CUDA (fla's cases also without fla). Run on a GPU machine with
+`python -m pytest -q tests/test_cuda.py tests/test_kernels.py`.
 """
 
 import pytest
@@ -11,7 +12,13 @@ from path_lm import PaTHCache, PaTHConfig, PaTHForCausalLM
 from path_lm.path_ops import path_attention_fla, path_attention_torch, resolve_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-fla_parallel = pytest.importorskip("fla.ops.path_attn.parallel") if torch.cuda.is_available() else None
+
+KERNELS = ["triton", "fla"]
+
+
+def needs(kernel):
+    if kernel == "fla":
+        pytest.importorskip("fla.ops.path_attn.parallel")
 
 DEVICE = "cuda"
 
@@ -42,7 +49,8 @@ def small_config(**overrides):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("gate", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_op_forward_and_gradients_match_torch(D, gate, dtype):
+def test_fla_op_forward_and_gradients_match_torch(D, gate, dtype):
+    needs("fla")
     inputs = op_inputs(2, 300, 4, 2, D, dtype, gate)
     o_fla, _ = path_attention_fla(*inputs)
     do = torch.randn_like(o_fla)
@@ -57,59 +65,68 @@ def test_op_forward_and_gradients_match_torch(D, gate, dtype):
         assert rel_err(a, b) < 2 * tol, name
 
 
-def test_packed_and_padded_segments_match_torch():
+def test_fla_packed_and_padded_segments_match_torch():
+    needs("fla")
     inputs = op_inputs(2, 200, 4, 2, 64, torch.bfloat16)
     segment_ids = torch.zeros(2, 200, dtype=torch.long, device=DEVICE)
     segment_ids[0, 70:] = 1
     segment_ids[0, 150:] = 2
     segment_ids[1, :33] = -1  # left padding
-    o_fla, keys_fla = path_attention_fla(*inputs, segment_ids=segment_ids, output_keys=True)
+    o_fla, keys_kernel = path_attention_fla(*inputs, segment_ids=segment_ids, output_keys=True)
     ref = [x.detach().double() if x is not None else None for x in inputs]
     o_ref, _ = path_attention_torch(*ref, segment_ids=segment_ids)
     assert rel_err(o_fla, o_ref) < 2e-2
     # keys carried to the end of row 1 (its real tokens are one sequence) match the torch prefill state
     _, state = path_attention_torch(*[x[1:, 33:] if x is not None else None for x in ref], output_state=True)
-    assert rel_err(keys_fla[1:, 33:], state.keys) < 2e-2
+    assert rel_err(keys_kernel[1:, 33:], state.keys) < 2e-2
 
 
 def test_backend_resolution():
+    needs("fla")
     q = torch.randn(1, 4, 2, 64, device=DEVICE, dtype=torch.bfloat16)
-    assert resolve_backend("auto", q, q) == "fla"
+    assert resolve_backend("auto", q, q) == "fla"  # the faster one today (docs/kernels.md)
+    assert resolve_backend("triton", q, q) == "triton"
     assert resolve_backend("auto", q.cpu(), q.cpu()) == "torch"
     assert resolve_backend("auto", q.float(), q.float()) == "torch"
     q32 = torch.randn(1, 4, 2, 32, device=DEVICE, dtype=torch.bfloat16)
     assert resolve_backend("auto", q32, q32) == "torch"  # fla 0.6.0's backward faults at head dim 32
+    with pytest.raises(RuntimeError, match="head dims"):
+        resolve_backend("triton", q32, q32)
     q48 = torch.randn(1, 4, 2, 48, device=DEVICE, dtype=torch.bfloat16)
     assert resolve_backend("auto", q48, q48) == "torch"
     with pytest.raises(RuntimeError, match="head dims"):
         resolve_backend("fla", q48, q48)
 
 
-def test_model_logits_loss_and_gradients_match_torch_backend():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_model_logits_loss_and_gradients_match_torch_backend(kernel):
+    needs(kernel)
     torch.manual_seed(0)
-    model_fla = PaTHForCausalLM(small_config(attn_backend="fla")).to(DEVICE, torch.bfloat16)
+    model_kernel = PaTHForCausalLM(small_config(attn_backend=kernel)).to(DEVICE, torch.bfloat16)
     model_torch = PaTHForCausalLM(small_config(attn_backend="torch")).to(DEVICE, torch.bfloat16)
-    model_torch.load_state_dict(model_fla.state_dict())
+    model_torch.load_state_dict(model_kernel.state_dict())
     ids = torch.randint(1, 128, (3, 150), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :40] = 0  # left padding
     mask[2, 120:] = 0  # right padding
     labels = ids.masked_fill(mask == 0, -100)
     outs = []
-    for model in (model_fla, model_torch):
+    for model in (model_kernel, model_torch):
         out = model(ids, attention_mask=mask, labels=labels, use_cache=False)
         out.loss.backward()
         outs.append(out)
     real = mask.bool()
     assert rel_err(outs[0].logits[real], outs[1].logits[real]) < 2e-2
     assert abs(outs[0].loss.item() - outs[1].loss.item()) < 2e-2
-    for (name, p1), p2 in zip(model_fla.named_parameters(), model_torch.parameters()):
+    for (name, p1), p2 in zip(model_kernel.named_parameters(), model_torch.parameters()):
         assert rel_err(p1.grad, p2.grad) < 5e-2, name
 
 
-def test_packed_position_ids_match_separate_documents():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_position_ids_match_separate_documents(kernel):
+    needs(kernel)
     torch.manual_seed(0)
-    model = PaTHForCausalLM(small_config(attn_backend="fla")).to(DEVICE, torch.bfloat16).eval()
+    model = PaTHForCausalLM(small_config(attn_backend=kernel)).to(DEVICE, torch.bfloat16).eval()
     docs = [torch.randint(1, 128, (n,), device=DEVICE) for n in (37, 80, 11)]
     packed = torch.cat(docs)[None]
     position_ids = torch.cat([torch.arange(len(d), device=DEVICE) for d in docs])[None]
@@ -119,34 +136,38 @@ def test_packed_position_ids_match_separate_documents():
     assert rel_err(packed_logits, alone) < 1e-2
 
 
-def test_prefill_cache_and_generate_match_torch_backend():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prefill_cache_and_generate_match_torch_backend(kernel):
+    needs(kernel)
     torch.manual_seed(0)
     config = dict(initializer_range=0.3)  # peaked logits: greedy tokens are robust to bf16 rounding
-    model_fla = PaTHForCausalLM(small_config(attn_backend="fla", **config)).to(DEVICE, torch.bfloat16).eval()
+    model_kernel = PaTHForCausalLM(small_config(attn_backend=kernel, **config)).to(DEVICE, torch.bfloat16).eval()
     model_torch = PaTHForCausalLM(small_config(attn_backend="torch", **config)).to(DEVICE, torch.bfloat16).eval()
-    model_torch.load_state_dict(model_fla.state_dict())
+    model_torch.load_state_dict(model_kernel.state_dict())
     ids = torch.randint(1, 128, (2, 70), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :25] = 0
     caches = []
     with torch.no_grad():
-        for model in (model_fla, model_torch):
+        for model in (model_kernel, model_torch):
             cache = PaTHCache(model.config)
             model(ids, attention_mask=mask, cache=cache, use_cache=True)
             caches.append(cache)
-        for layer_fla, layer_torch in zip(caches[0].layers, caches[1].layers):
-            keys_fla, keys_torch = layer_fla.keys_view(), layer_torch.keys_view()
-            assert rel_err(keys_fla[0], keys_torch[0]) < 2e-2
-            assert rel_err(keys_fla[1, :, 25:], keys_torch[1, :, 25:]) < 2e-2
-        gen_fla = model_fla.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+        for layer_kernel, layer_torch in zip(caches[0].layers, caches[1].layers):
+            keys_kernel, keys_torch = layer_kernel.keys_view(), layer_torch.keys_view()
+            assert rel_err(keys_kernel[0], keys_torch[0]) < 2e-2
+            assert rel_err(keys_kernel[1, :, 25:], keys_torch[1, :, 25:]) < 2e-2
+        gen_kernel = model_kernel.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
         gen_torch = model_torch.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    assert torch.equal(gen_fla, gen_torch)
+    assert torch.equal(gen_kernel, gen_torch)
 
 
-@pytest.mark.parametrize("beta_max", [None])
-def test_bf16_training_stays_finite(beta_max):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_training_stays_finite(kernel):
+    needs(kernel)
+    beta_max = None
     torch.manual_seed(0)
-    config = small_config(attn_backend="fla", beta_max=beta_max, initializer_range=0.02, num_hidden_layers=4)
+    config = small_config(attn_backend=kernel, beta_max=beta_max, initializer_range=0.02, num_hidden_layers=4)
     model = PaTHForCausalLM(config).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # a learnable signal: counting sequences (next id = id + 1) from random starts
