@@ -36,12 +36,6 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _pair_index(s, t):
-    # strictly lower-triangular block pairs, packed row by row: (1,0), (2,0), (2,1), (3,0), ...
-    return s * (s - 1) // 2 + t
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, GATE, MID, SEG, O, LSE,
     scale_log2, T,
@@ -72,7 +66,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DV], tl.float32)
     for t_loc in range(t_lo, s_loc):
-        f = tl.load(mid_base + _pair_index(s_loc, t_loc) * D * D + od[:, None] * D + od[None, :])
+        f = tl.load(mid_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :])
         u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
         k_start = (window * NB + t_loc) * X
         j_lo = tl.maximum(k_start, (first // BN) * BN)
@@ -134,7 +128,7 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BM, D], tl.float32)
     dg = tl.zeros([BM], tl.float32)
     for t_loc in range(t_lo, s_loc):
-        f_off = pair_base + _pair_index(s_loc, t_loc) * D * D + od[:, None] * D + od[None, :]
+        f_off = pair_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :]
         f = tl.load(MID + f_off)
         u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
         du = tl.zeros([BM, D], tl.float32)
@@ -196,7 +190,7 @@ def _bwd_dkv_kernel(
         if HAS_GATE:
             g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
         for s_loc in range(t_loc + 1, s_hi):
-            f = tl.load(MID + pair_base + _pair_index(s_loc, t_loc) * D * D + od[:, None] * D + od[None, :])
+            f = tl.load(MID + pair_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :])
             q_start = (window * NB + s_loc) * X
             i_hi = tl.minimum(q_start + X, last)
             for i0 in range(q_start, i_hi, BM):

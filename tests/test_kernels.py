@@ -2,17 +2,13 @@
 independent float64 references: the explicit Householder formula in tests/reference.py for small cases,
 the exact PyTorch path (itself checked against that formula in test_ops.py) for GPU-sized ones.
 
-Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernels are
-defined), with small chunks so that every level of the algorithm is exercised at small T.
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py before
+triton is imported), with small chunks so that every level of the algorithm is exercised at small T.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from reference import path_attention_recurrent, path_attention_reference, transformed_keys_reference  # noqa: E402
