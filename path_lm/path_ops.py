@@ -117,6 +117,17 @@ def _block_transforms(qc, kc, wc, bc):
     return p, q_t, k_t, local
 
 
+def _suffix_products(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entry l along ``dim`` (the block axis of p [..., D, D]): P_{N-1} ... P_{l+1}, the identity for the last
+    block. A key carried to the end of block l reaches the end of all N blocks as rows @ entry^T."""
+    p = p.movedim(dim, 0)
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device).expand(p.shape[1:])
+    out = [eye]
+    for b in range(p.shape[0] - 1, 0, -1):
+        out.append(out[-1] @ p[b])
+    return torch.stack(out[::-1]).movedim(0, dim)
+
+
 def path_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,7 +184,6 @@ def path_attention_torch(
     p, q_t, k_t, local = _block_transforms(qc.view(n, B, H, G, C, D), kc, wc, bc)
     q_t = q_t.view(n, B, H, G * C, D)
     diagonals = [local.view(n, B, H, G * C, C)]
-    eye = torch.eye(D, dtype=dt, device=q.device)
 
     # Across blocks: the scores of query block a and key block b < a are Qt_a P_{a-1} ... P_{b+1} Kt_b^T.
     # Walk the offset s = a - b; every query block advances at once (a wavefront), one D x D product each.
@@ -251,10 +261,7 @@ def path_attention_torch(
     if not output_state:
         return o, None
     # Suffix products: the keys of block b are carried through P_{b+1}, ..., P_{n-1}.
-    suffix = [eye.expand(B, H, D, D)]
-    for b in range(n - 1, 0, -1):
-        suffix.append(suffix[-1] @ p[b])
-    suffix = torch.stack(suffix[::-1])  # [n, B, H, D, D]; entry b = P_{n-1} ... P_{b+1}
+    suffix = _suffix_products(p, 0)  # [n, B, H, D, D]; entry b = P_{n-1} ... P_{b+1}
     keys = (k_t @ suffix.transpose(-1, -2)).permute(1, 0, 3, 2, 4).reshape(B, n * C, H, D)[:, :T]
     transform = suffix[0] @ p[0]
     return o, PaTHState(keys=keys, transform=transform)
@@ -388,13 +395,10 @@ def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> _Levels:
     for l in range(1, NB + 1):
         below.append(pb[:, :, :, l - 1] @ below[-1])
     p_sb = below.pop()
-    above = [eye]  # entry l: P_{NB-1} ... P_{l+1}
-    for l in range(NB - 1, 0, -1):
-        above.insert(0, above[0] @ pb[:, :, :, l])
     q_t = q_t.reshape(B, H, n_sb, NB, G, C, D)
     k_t = k_t.reshape(B, H, n_sb, NB, C, D)
     q_bot = q_t @ torch.stack(below, 3).unsqueeze(4)
-    k_top = k_t @ torch.stack(above, 3).transpose(-1, -2)
+    k_top = k_t @ _suffix_products(pb, 3).transpose(-1, -2)
 
     def tokens_first(x):  # [B, H, n_sb, NB, (G,) C, d] -> [B, T_pad, heads, d] in the kernel dtype
         x = x.permute(0, 2, 3, 5, 1, 4, 6) if x.dim() == 7 else x.permute(0, 2, 3, 4, 1, 5)
@@ -466,10 +470,8 @@ class _PaTHTriton(torch.autograd.Function):
             o = o[:, :T].to(q.dtype)
             keys = None
             if output_keys:  # keys carried to the end of the row: through every later superblock
-                suffix = [torch.eye(q.shape[-1], device=q.device).expand(B, k.shape[2], -1, -1)]
-                for s in range(lv.p_sb.shape[2] - 1, 0, -1):
-                    suffix.insert(0, suffix[0] @ lv.p_sb[:, :, s])
-                keys = lv.k_top @ torch.stack(suffix, 2)[:, :, :, None].transpose(-1, -2)  # [B, H, n_sb, NB, C, D]
+                suffix = _suffix_products(lv.p_sb, 2)[:, :, :, None]
+                keys = lv.k_top @ suffix.transpose(-1, -2)  # [B, H, n_sb, NB, C, D]
                 keys = keys.reshape(B, k.shape[2], T_pad, -1)[:, :, :T].transpose(1, 2)
         ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end)
         ctx.args = (scale, C, NB, kdt)
@@ -592,9 +594,12 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
-    candidates = KERNELS if backend == "auto" else [backend]
-    reasons = {name: KERNELS[name](q, v) for name in candidates}
-    chosen = next((name for name, reason in reasons.items() if reason is None), "torch")
+    chosen, reasons = "torch", {}
+    for name in KERNELS if backend == "auto" else [backend]:  # stop at the first kernel that can run
+        reasons[name] = KERNELS[name](q, v)
+        if reasons[name] is None:
+            chosen = name
+            break
     if backend != "auto" and chosen == "torch":
         raise RuntimeError(
             f"attn_backend={backend!r} cannot run: {reasons[backend]}. Use attn_backend='auto' or 'torch'."

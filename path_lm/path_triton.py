@@ -21,8 +21,6 @@ triton is imported here at module level; import this module lazily and only on C
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 try:  # inside try: loading a checkpoint's remote code must not require triton
@@ -32,7 +30,6 @@ except ImportError as err:
     raise ImportError(f"the PaTH Triton kernels need triton (pip install path-lm[cuda]): {err}") from err
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
