@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from .cache_path import PaTHCache, PaTHCacheLayer
+from .cache_path import PaTHCache, PaTHCacheLayer, PaTHStaticCache, PaTHStaticCacheLayer
 from .configuration_path import PaTHConfig
 from .modeling_path import (
     PaTHAttention,
@@ -30,6 +30,8 @@ PaTHForSequenceClassification.register_for_auto_class("AutoModelForSequenceClass
 __all__ = [
     "PaTHAttention",
     "PaTHCache",
+    "PaTHStaticCache",
+    "PaTHStaticCacheLayer",
     "PaTHCacheLayer",
     "PaTHConfig",
     "PaTHForCausalLM",

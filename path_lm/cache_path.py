@@ -37,6 +37,7 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     is_compileable = False
     is_croppable = False
+    is_static = False
 
     def __init__(self, key_dtype: str = "float32", **kwargs):
         super().__init__()
@@ -72,8 +73,10 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.is_initialized = False
         self.length = 0
 
+    _batch_tensors = ("keys", "values", "gates", "conv_state")
+
     def _map_batch(self, fn) -> None:
-        for name in ("keys", "values", "gates", "conv_state"):
+        for name in self._batch_tensors:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -104,10 +107,15 @@ class PaTHCacheLayer(CacheLayerMixin):
             return model_dtype
         return {"float32": torch.float32, "float64": torch.float64}[self.key_dtype]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None):
+    def set_conv_state(self, state: torch.Tensor) -> None:
+        """Keep the last ``conv_size - 1`` inputs of the short convolution, [B, K-1, kv_dim]."""
+        self.conv_state = state
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):
         """Write T new positions: keys [B, T, H, D] (already transformed to the newest position), values
-        [B, T, H, Dv], gates [B, T, HQ] cumulative. Returns views over the whole cache:
-        keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L] or None."""
+        [B, T, H, Dv], gates [B, T, HQ] cumulative, key_mask [B, T] (False at padding; kept by the static
+        cache only, the dynamic cache reads the caller's attention mask). Returns views over the whole
+        cache: keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L] or None."""
         B, T, H, D = keys.shape
         start, end = self.length, self.length + T
         if self.keys is None:
@@ -151,6 +159,107 @@ class PaTHCacheLayer(CacheLayerMixin):
         keys.copy_(keys.to(transform.dtype) @ transform.transpose(-1, -2))
 
 
+def _mark_static(tensor: torch.Tensor) -> torch.Tensor:
+    """Tell torch.compile that the buffer keeps its address (CUDA graphs replay it in place)."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(tensor)
+    return tensor
+
+
+class PaTHStaticCacheLayer(PaTHCacheLayer):
+    """A PaTH cache layer with buffers of fixed size ``max_cache_len``, allocated once (at the prefill) and
+    written in place, and the cached length kept as a device tensor: a single-token decoding step reads and
+    writes only device memory, so it can run under ``torch.compile`` and CUDA graphs without recompiling.
+
+    Beside the dynamic layer's buffers it keeps key_mask [B, max_cache_len] (False at padding) and
+    ``position`` (int64 scalar tensor, the number of cached tokens). ``length`` reads ``position`` back to
+    the host and is used only outside compiled decoding steps (prefill, multi-token continuation)."""
+
+    is_compileable = True
+    is_static = True
+    _batch_tensors = ("keys", "values", "gates", "conv_state", "key_mask")
+
+    def __init__(self, max_cache_len: int, key_dtype: str = "float32", **kwargs):
+        self.max_cache_len = int(max_cache_len)
+        self.position: torch.Tensor | None = None
+        self.key_mask: torch.Tensor | None = None
+        self.filled = False
+        super().__init__(key_dtype)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}(max_cache_len={self.max_cache_len}, key_dtype={self.key_dtype})"
+
+    @property
+    def length(self) -> int:
+        return int(self.position) if self.position is not None else 0
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if self.position is not None:
+            self.position.fill_(value)
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        """Empty the cache, keeping its buffers (and their addresses, which compiled graphs hold)."""
+        for name in self._batch_tensors:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor.fill_(name == "key_mask")
+        if self.position is not None:
+            self.position.zero_()
+        self.filled = False
+
+    def _map_batch(self, fn) -> None:
+        for name in self._batch_tensors:
+            tensor = getattr(self, name)
+            if tensor is None:
+                continue
+            mapped = fn(tensor)
+            if mapped.shape == tensor.shape:
+                tensor.copy_(mapped)  # beam reordering: in place, the address stays
+            else:
+                setattr(self, name, _mark_static(mapped.contiguous()))
+
+    def set_conv_state(self, state: torch.Tensor) -> None:
+        if self.conv_state is None or self.conv_state.shape != state.shape:
+            self.conv_state = _mark_static(state.clone())
+        else:
+            self.conv_state.copy_(state)
+
+    def _allocate(self, keys, values, gates) -> None:
+        B, _, H, D = keys.shape
+        L = self.max_cache_len
+        self._key_dtype = self._resolve_key_dtype(values.dtype)
+        self.keys = _mark_static(keys.new_zeros(B, H, L, D, dtype=self._key_dtype))
+        self.values = _mark_static(values.new_zeros(B, H, L, values.shape[-1]))
+        self.gates = _mark_static(gates.new_zeros(B, gates.shape[-1], L)) if gates is not None else None
+        self.key_mask = _mark_static(torch.ones(B, L, dtype=torch.bool, device=keys.device))
+        self.position = _mark_static(torch.zeros((), dtype=torch.long, device=keys.device))
+        self.is_initialized = True
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):
+        B, T = keys.shape[:2]
+        start = self.length
+        if start + T > self.max_cache_len:
+            raise ValueError(
+                f"the static PaTH cache holds max_cache_len={self.max_cache_len} tokens; {start} are cached and "
+                f"{T} more were given. Create it with a larger max_cache_len (generate(): max_cache_len=...)"
+            )
+        if self.keys is None:
+            self._allocate(keys, values, gates)
+        if self.keys.shape[0] != B:
+            raise ValueError(
+                f"the static PaTH cache was allocated for batch {self.keys.shape[0]}, got batch {B}; "
+                f"create a new cache (or call reset() before a new batch of the same size)"
+            )
+        if self.key_mask is not None:
+            self.key_mask[:, start : start + T] = True if key_mask is None else key_mask
+        self.filled = True
+        return super().append(keys, values, gates)
+
+
 class PaTHCache(Cache):
     """Cache of a PaTH model: one :class:`PaTHCacheLayer` per layer.
 
@@ -175,4 +284,42 @@ class PaTHCache(Cache):
         return self.layers[0].batch_size
 
 
-__all__ = ["PaTHCache", "PaTHCacheLayer"]
+class PaTHStaticCache(PaTHCache):
+    """Preallocated PaTH cache for compiled decoding: ``generate(..., cache_implementation="static")``
+    creates one, and ``torch.compile`` (``generate()``'s automatic compilation on CUDA, or your own)
+    then runs each decoding step as one graph. Buffers are allocated at the prefill for the prompt's batch
+    and ``max_cache_len`` positions.
+
+    >>> cache = PaTHStaticCache(model.config, max_cache_len=4096)
+    >>> out = model.generate(ids, max_new_tokens=256, cache=cache)   # past_key_values= before 5.24
+    """
+
+    def __init__(
+        self,
+        config=None,
+        max_cache_len: int | None = None,
+        num_hidden_layers: int | None = None,
+        cache_key_dtype: str | None = None,
+        **kwargs,
+    ):
+        if max_cache_len is None or int(max_cache_len) <= 0:
+            raise ValueError(f"PaTHStaticCache needs max_cache_len > 0 (prompt + new tokens), got {max_cache_len}")
+        if config is not None:
+            num_hidden_layers = config.num_hidden_layers if num_hidden_layers is None else num_hidden_layers
+            cache_key_dtype = cache_key_dtype or getattr(config, "cache_key_dtype", "float32")
+        if num_hidden_layers is None:
+            raise ValueError("PaTHStaticCache needs the model config or num_hidden_layers")
+        Cache.__init__(
+            self,
+            layers=[
+                PaTHStaticCacheLayer(max_cache_len, cache_key_dtype or "float32") for _ in range(num_hidden_layers)
+            ],
+        )
+
+    @property
+    def filled(self) -> bool:
+        """True once a prompt has been written: single-token calls then take the compiled decoding step."""
+        return self.layers[0].filled
+
+
+__all__ = ["PaTHCache", "PaTHCacheLayer", "PaTHStaticCache", "PaTHStaticCacheLayer"]

@@ -17,7 +17,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_path import PaTHCache
+from .cache_path import PaTHCache, PaTHStaticCache
 from .configuration_path import PaTHConfig
 from .path_ops import path_attention
 
@@ -110,6 +110,11 @@ def padding_masks(attention_mask: torch.Tensor | None, past_len: int, new_len: i
     return key_mask, None if token_mask.all() else token_mask
 
 
+def is_static_step(layer_cache, new_len: int) -> bool:
+    """A single-token step on a filled static cache: the decoding step that compiles into one graph."""
+    return layer_cache is not None and layer_cache.is_static and layer_cache.filled and new_len == 1
+
+
 class PaTHAttention(nn.Module):
     """PaTH attention layer, a drop-in for ``fla.layers.PaTHAttention`` (same arguments, defaults and
     parameter names; returns ``(output, None, cache)``) that runs on any device.
@@ -197,10 +202,13 @@ class PaTHAttention(nn.Module):
             layer_cache = cache.layer(self.layer_idx)
         elif use_cache:
             raise ValueError("use_cache=True needs a PaTHCache; pass cache=PaTHCache(config) (the model does this)")
-        past_len = layer_cache.length if layer_cache is not None else 0
-
-        key_mask, token_mask = padding if padding is not None else padding_masks(attention_mask, past_len, T)
-        if token_mask is not None and segment_ids is None:
+        if is_static_step(layer_cache, T):
+            # Compiled decoding: no host sync. The mask covers the new token only; the cache keeps the rest.
+            key_mask = token_mask = attention_mask[:, -1:].bool() if attention_mask is not None else None
+        else:
+            past_len = layer_cache.length if layer_cache is not None else 0
+            key_mask, token_mask = padding if padding is not None else padding_masks(attention_mask, past_len, T)
+        if token_mask is not None and segment_ids is None and not is_static_step(layer_cache, T):
             # Padding is its own segment, so padded queries stay finite and real ones never see it.
             segment_ids = token_mask.long() - 1
 
@@ -223,7 +231,7 @@ class PaTHAttention(nn.Module):
             conv_state = layer_cache.conv_state if layer_cache is not None else None
             w, new_conv_state = self.w_conv1d(w, segment_ids, conv_state)
             if layer_cache is not None:
-                layer_cache.conv_state = new_conv_state
+                layer_cache.set_conv_state(new_conv_state)
 
         q = self.maybe_q_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = self.maybe_k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
@@ -395,32 +403,39 @@ class PaTHModel(PaTHPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
+        replacement = None
         if cache is not None and not isinstance(cache, PaTHCache):
-            if cache.is_compileable:
-                raise ValueError(
-                    f"PaTH models cannot use a static/compilable cache ({type(cache).__name__}, e.g. from "
-                    f"cache_implementation='static'): every token rewrites all cached keys. Leave "
-                    f"cache_implementation unset; generate() then uses a PaTHCache"
-                )
-            # generate() creates a standard cache for every model; an empty one is swapped for a PaTH cache,
-            # which the output carries back to generate().
+            # generate() creates a standard cache for every model; an empty one is swapped for a PaTH cache
+            # (a static one for cache_implementation="static"), which the output carries back to generate().
             if cache.get_seq_length() > 0:
                 raise TypeError(
-                    f"PaTH models need a PaTHCache (its keys are rewritten every step), got a filled "
-                    f"{type(cache).__name__}; pass cache=None or PaTHCache(model.config)"
+                    f"PaTH models need a PaTHCache or PaTHStaticCache (its keys are rewritten every step), got a "
+                    f"filled {type(cache).__name__}; pass cache=None, PaTHCache(model.config) or "
+                    f"PaTHStaticCache(model.config, max_cache_len=...)"
                 )
+            max_len = cache.get_max_length() if cache.is_compileable else -1
+            if cache.is_compileable and max_len <= 0:
+                raise ValueError(
+                    f"a static cache ({type(cache).__name__}) without a maximum length cannot be replaced by a "
+                    f"PaTHStaticCache; pass cache=PaTHStaticCache(model.config, max_cache_len=...)"
+                )
+            replacement = PaTHStaticCache(config=self.config, max_cache_len=max_len) if max_len > 0 else None
             cache = None
             use_cache = True
         if use_cache and cache is None:
-            cache = PaTHCache(config=self.config)
+            cache = replacement if replacement is not None else PaTHCache(config=self.config)
         if self.gradient_checkpointing and self.training and cache is not None:
             logger.warning_once("gradient checkpointing does not work with a cache; continuing without it")
             cache = None
 
         segment_ids = None
-        past_len = cache.get_seq_length() if cache is not None else 0
-        padding = padding_masks(attention_mask, past_len, inputs_embeds.shape[1])  # once for all layers
-        if padding[0] is None and past_len == 0:
+        if cache is not None and is_static_step(cache.layers[0], inputs_embeds.shape[1]):
+            padding = None  # compiled decoding step: each layer reads the new token's mask, no host sync
+            past_len = None
+        else:
+            past_len = cache.get_seq_length() if cache is not None else 0
+            padding = padding_masks(attention_mask, past_len, inputs_embeds.shape[1])  # once for all layers
+        if padding is not None and padding[0] is None and past_len == 0:
             # A padding mask takes precedence: generate() writes position ids that restart after left padding.
             segment_ids = segment_ids_from_packing(position_ids, kwargs.get("cu_seq_lens_q"), inputs_embeds.shape[1])
 
@@ -457,6 +472,11 @@ class PaTHForCausalLM(PaTHPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embeddings
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """generate() asks models with a static cache for a 4D causal mask; PaTH builds its own causal
+        structure and reads only the 2D padding mask, which is returned as it is."""
+        return attention_mask
 
     def set_input_embeddings(self, value):
         self.model.embeddings = value

@@ -277,6 +277,7 @@ def path_decode_step(
     gate: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    use_kernel: bool = False,
 ) -> torch.Tensor:
     """Attention of one new token over a cache whose keys are updated in place.
 
@@ -291,6 +292,7 @@ def path_decode_step(
         values: [B, H, L + 1, Dv].
         gate: [B, HQ, L + 1] cumulative log gates, the new token's last (None without a gate).
         key_mask: [B, L + 1] bool, False for padding.
+        use_kernel: run path-lm's fused Triton decoding kernel (CUDA; see :func:`decode_kernel_usable`).
     Returns:
         o [B, 1, HQ, Dv] in q's dtype.
     """
@@ -299,6 +301,14 @@ def path_decode_step(
     G = HQ // H
     dt = compute_dtype(q.dtype)
     scale = D**-0.5 if scale is None else scale
+    if use_kernel:
+        from .path_triton import decode_attention
+
+        n = torch.full((), L1 - 1, dtype=torch.long, device=q.device)
+        o = decode_attention(
+            q[:, 0], keys, values, w[:, 0].to(dt), beta[:, 0].to(dt), n, gates=gate, key_mask=key_mask, scale=scale
+        )
+        return o.unsqueeze(1).to(q.dtype)
     if L1 > 1:
         old = keys[:, :, :-1]
         w_col = w[:, 0].to(dt).unsqueeze(-1)  # [B, H, D, 1]
@@ -316,6 +326,76 @@ def path_decode_step(
     probs = torch.softmax(logits, dim=-1)
     o = probs @ values.to(dt)  # [B, H, G, Dv]
     return o.reshape(B, 1, HQ, -1).to(q.dtype)
+
+
+def path_decode_step_static(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    layer,
+    *,
+    token_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    use_kernel: bool = False,
+) -> torch.Tensor:
+    """One decoding step on a filled static cache layer (``cache_path.PaTHStaticCacheLayer``), with no host
+    synchronization and no shape that depends on the cached length, so that it compiles into one graph.
+
+    The new token goes to slot ``layer.position``: its gate continues the previous slot's, its value and raw
+    key are written there, every earlier key gets the token's Householder update, and the query attends to
+    slots up to the new one (and not to padding). ``use_kernel``: the fused Triton kernel, which touches only
+    the filled slots; otherwise PyTorch ops over the whole buffer (slots past the end stay zero).
+
+    q [B, 1, HQ, D]; k, w [B, 1, H, D]; v [B, 1, H, Dv]; beta [B, 1, H]; g [B, 1, HQ] or None (log gate of
+    this step); token_mask [B, 1] bool (False: the new token is padding). Returns o [B, 1, HQ, Dv].
+    """
+    B, _, HQ, D = q.shape
+    H = k.shape[2]
+    G = HQ // H
+    dt = compute_dtype(q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    keys, values = layer.keys, layer.values
+    slot = layer.position.reshape(1)
+    gates = None
+    if g is not None:
+        gates = layer.gates
+        previous = gates.index_select(2, (slot - 1).clamp(min=0))  # [B, HQ, 1]
+        gates.index_copy_(2, slot, previous + g.transpose(1, 2).to(gates.dtype))
+    values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
+    if token_mask is not None:
+        layer.key_mask.index_copy_(1, slot, token_mask.reshape(B, 1).to(torch.bool))
+    w0, beta0 = w[:, 0].to(dt), beta[:, 0].to(dt)  # [B, H, D], [B, H]
+    if use_kernel:
+        from .path_triton import decode_attention
+
+        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
+        o = decode_attention(q[:, 0], keys, values, w0, beta0, layer.position, gates=gates, key_mask=layer.key_mask, scale=scale)
+    else:
+        # Slots past the new one hold zeros, which the update leaves at zero; the new slot is written after it.
+        kw = keys.to(dt) @ w0.unsqueeze(-1)  # [B, H, L, 1]
+        keys.sub_((kw * (beta0[..., None] * w0).unsqueeze(-2)).to(keys.dtype))
+        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
+        logits = q[:, 0].to(dt).reshape(B, H, G, D) @ keys.to(dt).transpose(-1, -2)  # [B, H, G, L]
+        if gates is not None:
+            gate = gates.to(dt).reshape(B, H, G, -1)
+            logits = logits + (gate.index_select(3, slot) - gate)
+        logits = logits * scale
+        allowed = (torch.arange(keys.shape[2], device=keys.device) <= layer.position) & layer.key_mask  # [B, L]
+        allowed = allowed[:, None, None, :]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        o = (probs @ values.to(dt)).reshape(B, HQ, -1)
+    layer.position.add_(1)
+    return o.unsqueeze(1).to(q.dtype)
+
+
+def decode_kernel_usable(q: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
+    """Whether decoding steps run path-lm's fused Triton kernel: on CUDA with triton installed, head dims
+    that are powers of two from 16 to 256, unless ``backend='torch'`` asks for PyTorch ops."""
+    dims_ok = all(16 <= d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+    return backend != "torch" and q.is_cuda and dims_ok and _triton_import_error() is None
 
 
 def _pair_products(p: torch.Tensor) -> torch.Tensor:
@@ -673,6 +753,11 @@ def path_attention(
     Returns o [B, T, HQ, Dv] in q's dtype.
     """
     T = q.shape[1]
+    if cache is not None and cache.is_static and cache.filled and T == 1:  # compiled decoding: no host sync
+        return path_decode_step_static(
+            q, k, v, w, beta, g, cache, token_mask=key_mask, scale=scale,
+            use_kernel=decode_kernel_usable(q, v, backend),
+        )
     past_len = cache.length if cache is not None else 0
     kernel = resolve_backend(backend, q, v) if past_len == 0 else "torch"
     if cache is None:
@@ -688,11 +773,14 @@ def path_attention(
             keys = state.keys
         else:
             o, keys = _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_keys=True)
-        cache.append(keys, v, gate)
+        cache.append(keys, v, gate, key_mask)
         return o
     if T == 1 and segment_ids is None:
         keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache
-        return path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale)
+        return path_decode_step(
+            q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale,
+            use_kernel=decode_kernel_usable(q, v, backend),
+        )
     past = PaTHPast(
         keys=cache.keys_view().transpose(1, 2),
         values=cache.values_view().transpose(1, 2),
@@ -704,7 +792,7 @@ def path_attention(
         q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, past=past, output_state=True, chunk_size=chunk_size
     )
     cache.transform_keys(state.transform)
-    cache.append(state.keys, v, gate)
+    cache.append(state.keys, v, gate, key_mask[:, past_len:] if key_mask is not None else None)
     return o
 
 

@@ -285,3 +285,136 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
 
 def _precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding: one new token against the cache, in one pass over the cached keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, W, BETA, GATE, MASK, N, OP, MP, LP,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
+    Slots below n are cached keys: each gets the new token's update k <- k - beta (k . w) w, is written back,
+    and is scored; slot n holds the new token's raw key (scored, not updated). Writes the split's
+    unnormalized output, running max and sum of exponentials."""
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    n_split = tl.num_programs(0)
+    b = i_bh // H
+    h = i_bh % H
+    n = tl.load(N)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    og = tl.arange(0, GP)
+    on = tl.arange(0, BN)
+    g_ok = og < G
+    hq = h * G + og
+    q = tl.load(Q + (b * (H * G) + hq)[:, None] * D + od[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    w = tl.load(W + i_bh * D + od).to(tl.float32)
+    beta = tl.load(BETA + i_bh).to(tl.float32)
+    k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    if HAS_GATE:
+        g_rows = GATE + b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h
+        g_q = tl.load(g_rows + n, mask=g_ok, other=0.0)
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DV], tl.float32)
+    start = i_s * split_len
+    stop = tl.minimum(start + split_len, n + 1)
+    for off in range(start, stop, BN):
+        cols = off + on
+        valid = cols < stop
+        old = cols < n
+        k_ptr = k_base + cols.to(tl.int64)[:, None] * D + od[None, :]
+        k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+        kw = tl.sum(k * w[None, :], axis=1)
+        k = k - (beta * tl.where(old, kw, 0.0))[:, None] * w[None, :]
+        tl.store(k_ptr, k.to(K.dtype.element_ty), mask=old[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [GP, BN]
+        if HAS_GATE:
+            g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
+            s = s + (g_q[:, None] - g_k)
+        s = s * scale
+        ok = valid
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + b.to(tl.int64) * sm_b + cols, mask=valid, other=0) != 0)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        m_i = m_new
+    part = i_bh * n_split + i_s
+    tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
+    tl.store(MP + part * GP + og, m_i)
+    tl.store(LP + part * GP + og, l_i)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def decode_attention(q, keys, values, w, beta, n, *, gates=None, key_mask=None, scale: float):
+    """One decoding step of PaTH attention, fused: the new token's Householder update of every cached key
+    (in place), the scores and the weighted values, split over the sequence (flash-decoding) and merged.
+
+    Args:
+        q [B, HQ, D]; w [B, H, D] unit norm; beta [B, H].
+        keys [B, H, L, D]: slots below n are the cache, carried to the previous position, updated in place;
+            slot n is the new token's raw key; slots above n are ignored. Rows must be contiguous.
+        values [B, H, L, DV], rows contiguous; gates [B, HQ, L] cumulative log gates (slot n: the new
+            token's), float32; key_mask [B, L] bool, False at padding.
+        n: int64 tensor with one element, the new token's slot (read on the device: no host sync).
+    Returns:
+        o [B, HQ, DV] float32.
+    """
+    B, HQ, D = q.shape
+    H, L, DV = keys.shape[1], keys.shape[2], values.shape[-1]
+    G = HQ // H
+    if keys.stride(-1) != 1 or keys.stride(-2) != D or values.stride(-1) != 1 or values.stride(-2) != DV:
+        raise ValueError("decode_attention needs key and value rows contiguous along the head dimension")
+    GP = max(16, triton.next_power_of_2(G))
+    BN = 64 if max(D, DV) <= 64 else 32
+    tiles = triton.cdiv(L, BN)
+    n_split = max(1, min(tiles, triton.cdiv(2 * _sm_count(q.device), B * H)))
+    split_len = triton.cdiv(tiles, n_split) * BN
+    n_split = triton.cdiv(L, split_len)
+    o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
+    has_gate, has_mask = gates is not None, key_mask is not None
+    if has_mask:
+        key_mask = key_mask.contiguous()
+        key_mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
+    _decode_kernel[(n_split, B * H)](
+        q.contiguous(), keys, values, w.contiguous(), beta.contiguous(),
+        gates if has_gate else q, key_mask if has_mask else q, n, o_part, m_part, l_part,
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
+        key_mask.stride(0) if has_mask else 0, scale, split_len,
+        H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, num_warps=4,
+    )
+    # Merge the splits: empty ones have max -inf and sum 0.
+    m_all = m_part.amax(dim=1, keepdim=True)
+    m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+    weight = torch.exp(m_part - m_all)  # [B*H, S, GP]
+    o = (weight[..., None] * o_part).sum(1) / (weight * l_part).sum(1)[..., None]
+    return o[:, :G].reshape(B, HQ, DV)
