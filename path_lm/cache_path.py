@@ -107,8 +107,11 @@ class PaTHCacheLayer(CacheLayerMixin):
             return model_dtype
         return {"float32": torch.float32, "float64": torch.float64}[self.key_dtype]
 
+    def get_conv_state(self) -> torch.Tensor | None:
+        """The last ``conv_size - 1`` inputs of the short convolution, [B, K-1, kv_dim] (None when empty)."""
+        return self.conv_state
+
     def set_conv_state(self, state: torch.Tensor) -> None:
-        """Keep the last ``conv_size - 1`` inputs of the short convolution, [B, K-1, kv_dim]."""
         self.conv_state = state
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):
@@ -221,6 +224,9 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
                 tensor.copy_(mapped)  # beam reordering: in place, the address stays
             else:
                 setattr(self, name, _mark_static(mapped.contiguous()))
+
+    def get_conv_state(self) -> torch.Tensor | None:
+        return self.conv_state if self.filled else None
 
     def set_conv_state(self, state: torch.Tensor) -> None:
         if self.conv_state is None or self.conv_state.shape != state.shape:

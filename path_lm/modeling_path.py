@@ -228,7 +228,7 @@ class PaTHAttention(nn.Module):
             beta = beta * keep
             g = g * keep if g is not None else None
         if self.use_w_shortconv:
-            conv_state = layer_cache.conv_state if layer_cache is not None else None
+            conv_state = layer_cache.get_conv_state() if layer_cache is not None else None
             w, new_conv_state = self.w_conv1d(w, segment_ids, conv_state)
             if layer_cache is not None:
                 layer_cache.set_conv_state(new_conv_state)
@@ -473,9 +473,15 @@ class PaTHForCausalLM(PaTHPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embeddings
 
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+    def create_masks_for_generate(self, attention_mask=None, inputs_embeds=None, **kwargs):
         """generate() asks models with a static cache for a 4D causal mask; PaTH builds its own causal
-        structure and reads only the 2D padding mask, which is returned as it is."""
+        structure and reads only the 2D padding mask. A decoding step on a filled static cache needs only
+        the new token's column (the cache keeps the rest), which has the same shape at every step, so the
+        compiled step is not recompiled as the sequence grows."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        new_len = inputs_embeds.shape[1] if inputs_embeds is not None else None
+        if attention_mask is not None and isinstance(cache, PaTHStaticCache) and cache.filled and new_len == 1:
+            return attention_mask[:, -1:].contiguous()
         return attention_mask
 
     def set_input_embeddings(self, value):

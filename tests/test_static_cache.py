@@ -1,0 +1,277 @@
+"""The static PaTH cache (compiled decoding) and the fused decoding kernel, on CPU.
+
+- generate(cache_implementation="static") and a user-made PaTHStaticCache produce exactly the tokens of the
+  default dynamic cache (greedy, left padding, beam search, sampling, several returned sequences), and a
+  static cache continues across calls;
+- a decoding step on a static cache compiles into ONE graph (fullgraph=True) that is reused at every step
+  (no recompilation as the cached length grows) and gives the logits of the uncompiled step;
+- the fused Triton decoding kernel (run by Triton's CPU interpreter here) against a float64 explicit formula:
+  updated keys in place, output, GQA, forget gate, padding, splits over the sequence, float32 and bf16 keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_generation import CACHE_KW, PAD, cache_of, make_model, random_ids
+
+from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer
+from path_lm.path_ops import path_decode_step, path_decode_step_static
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(seed=0)
+
+
+def left_padded(batch: int, length: int, pads: list[int], seed: int):
+    ids = random_ids(batch, length, seed=seed)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads):
+        ids[row, :n] = PAD
+        mask[row, :n] = 0
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate() with a static cache equals the dynamic cache
+# ---------------------------------------------------------------------------------------------------------
+
+GENERATE_CASES = {
+    "greedy": dict(do_sample=False),
+    "beam3": dict(do_sample=False, num_beams=3),
+    "sample_2_sequences": dict(do_sample=True, top_k=8, num_return_sequences=2),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", GENERATE_CASES, ids=list(GENERATE_CASES))
+def test_static_generate_equals_dynamic(model, case):
+    ids, mask = left_padded(3, 11, [0, 4, 2], seed=5)
+    options = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, **GENERATE_CASES[case])
+    torch.manual_seed(0)
+    dynamic = model.generate(ids, **options)
+    torch.manual_seed(0)
+    static = model.generate(ids, cache_implementation="static", **options)
+    assert torch.equal(static, dynamic)
+
+
+@torch.no_grad()
+def test_user_static_cache_is_filled_in_place_and_continues(model):
+    """A PaTHStaticCache passed to generate() is the one filled; generating on from it (a multi-token
+    continuation, then single steps) equals one uninterrupted generation with a dynamic cache."""
+    ids = random_ids(2, 9, seed=6)
+    whole = model.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False)
+    cache = PaTHStaticCache(model.config, max_cache_len=40)
+    first = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, **{CACHE_KW: cache})
+    assert cache.get_seq_length() == 9 + 6 - 1  # the last token is generated, not yet cached
+    layer = cache.layers[0]
+    assert isinstance(layer, PaTHStaticCacheLayer) and layer.keys.shape[2] == 40
+    addresses = [t.data_ptr() for t in (layer.keys, layer.values, layer.gates, layer.conv_state)]
+    rest = model.generate(first, max_new_tokens=8, min_new_tokens=8, do_sample=False, **{CACHE_KW: cache})
+    assert torch.equal(rest, whole)
+    assert addresses == [t.data_ptr() for t in (layer.keys, layer.values, layer.gates, layer.conv_state)]
+
+
+@torch.no_grad()
+def test_static_cache_forward_equals_full_forward(model):
+    """Prefill, single steps, a 5-token continuation and more single steps on a static cache: every logit
+    equals one full forward."""
+    ids, mask = left_padded(2, 26, [3, 0], seed=7)
+    full = model(ids, attention_mask=mask, use_cache=False).logits
+    cache = PaTHStaticCache(model.config, max_cache_len=32)
+    pieces, pos = [], 0
+    for n in [12, 1, 1, 1, 5, 1, 1, 1, 1, 1, 1]:
+        out = model(ids[:, pos : pos + n], attention_mask=mask[:, : pos + n], use_cache=True, **{CACHE_KW: cache})
+        assert cache_of(out) is cache
+        pos += n
+        pieces.append(out.logits)
+    assert pos == ids.shape[1] and cache.get_seq_length() == pos
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], full[real], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_static_cache_errors_say_what_to_change(model):
+    with pytest.raises(ValueError, match="max_cache_len"):
+        PaTHStaticCache(model.config)
+    cache = PaTHStaticCache(model.config, max_cache_len=10)
+    model(random_ids(2, 8, seed=8), use_cache=True, **{CACHE_KW: cache})
+    with pytest.raises(ValueError, match="larger max_cache_len"):
+        model(random_ids(2, 3, seed=9), use_cache=True, **{CACHE_KW: cache})
+    cache.reset()
+    with pytest.raises(ValueError, match="allocated for batch 2"):
+        model(random_ids(3, 4, seed=9), use_cache=True, **{CACHE_KW: cache})
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(1)
+
+
+@torch.no_grad()
+def test_reset_keeps_buffers_and_starts_over(model):
+    ids = random_ids(1, 7, seed=10)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    cache = PaTHStaticCache(model.config, max_cache_len=16)
+    model.generate(random_ids(1, 9, seed=11), max_new_tokens=5, do_sample=False, **{CACHE_KW: cache})
+    keys = cache.layers[1].keys
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not cache.filled and keys.abs().sum() == 0
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, **{CACHE_KW: cache})
+    assert torch.equal(out, expected) and cache.layers[1].keys is keys
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile: one graph for every step
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_static_decoding_step_compiles_to_one_graph_reused_every_step():
+    model = make_model(seed=1)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    ids, mask = left_padded(2, 10, [2, 0], seed=12)
+    compiled_cache = PaTHStaticCache(model.config, max_cache_len=24)
+    eager_cache = PaTHStaticCache(model.config, max_cache_len=24)
+    out = model(ids, attention_mask=mask, use_cache=True, **{CACHE_KW: compiled_cache})
+    model(ids, attention_mask=mask, use_cache=True, **{CACHE_KW: eager_cache})
+    step = torch.compile(model, backend=counting_backend, fullgraph=True, dynamic=False)
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(6):
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        compiled = step(token, attention_mask=mask[:, -1:].contiguous(), use_cache=True, **{CACHE_KW: compiled_cache}).logits
+        eager = model(token, attention_mask=mask, use_cache=True, **{CACHE_KW: eager_cache}).logits
+        torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+        token = eager.argmax(-1)
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled for 6 steps: the step recompiles as the cache grows"
+    assert compiled_cache.get_seq_length() == eager_cache.get_seq_length() == 16
+
+
+@torch.no_grad()
+def test_generate_feeds_compiled_steps_fixed_shapes(model):
+    """With a static cache, every decoding step generate() runs gets inputs of one shape (the padding mask
+    reduced to the new token's column), so the compiled step never recompiles as the sequence grows."""
+    ids, mask = left_padded(2, 9, [3, 0], seed=13)
+    shapes = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, PaTHStaticCache) and cache.filled:
+            shapes.append((tuple(kwargs["input_ids"].shape), tuple(kwargs["attention_mask"].shape)))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.generate(ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7, do_sample=False,
+                       cache_implementation="static")
+    finally:
+        handle.remove()
+    assert shapes == [((2, 1), (2, 1))] * 6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused decoding kernel (Triton; CPU interpreter here)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def decode_reference(q, keys, values, w, beta, n, gates, key_mask, scale):
+    """float64 explicit formula: keys below n get k - beta (k . w) w; softmax over slots <= n not masked."""
+    q, keys, values, w, beta = (x.double() for x in (q, keys, values, w, beta))
+    H, G = keys.shape[1], q.shape[1] // keys.shape[1]
+    k = keys.clone()
+    old = k[:, :, :n]
+    k[:, :, :n] = old - beta[..., None, None] * (old @ w[..., None]) * w[:, :, None, :]
+    kk = k[:, :, : n + 1].repeat_interleave(G, 1)
+    logits = torch.einsum("bhd,bhld->bhl", q, kk)
+    if gates is not None:
+        logits = logits + gates.double()[:, :, n : n + 1] - gates.double()[:, :, : n + 1]
+    logits = logits * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, : n + 1], -math.inf)
+    probs = logits.softmax(-1)
+    return torch.einsum("bhl,bhlv->bhv", probs, values[:, :, : n + 1].double().repeat_interleave(G, 1)), k
+
+
+KERNEL_CASES = [
+    dict(B=2, HQ=4, H=2, D=32, DV=16, L=300, n=250, gate=True, mask=True, key_dtype=torch.float32),
+    dict(B=1, HQ=2, H=2, D=64, DV=64, L=100, n=99, gate=False, mask=False, key_dtype=torch.float32),
+    dict(B=3, HQ=8, H=2, D=16, DV=32, L=70, n=5, gate=True, mask=True, key_dtype=torch.bfloat16),
+    dict(B=1, HQ=1, H=1, D=16, DV=16, L=40, n=0, gate=True, mask=False, key_dtype=torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[f"case{i}" for i in range(len(KERNEL_CASES))])
+def test_decode_kernel_matches_explicit_formula(case):
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_attention
+
+    B, HQ, H, D, DV, L, n = (case[x] for x in ("B", "HQ", "H", "D", "DV", "L", "n"))
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(B, HQ, D, generator=gen).bfloat16()
+    keys = torch.randn(B, H, L, D, generator=gen).to(case["key_dtype"])
+    values = torch.randn(B, H, L, DV, generator=gen).bfloat16()
+    w = F.normalize(torch.randn(B, H, D, generator=gen), dim=-1)
+    beta = 2 * torch.rand(B, H, generator=gen)
+    gates = -torch.rand(B, HQ, L, generator=gen).cumsum(-1) if case["gate"] else None
+    key_mask = None
+    if case["mask"]:
+        key_mask = torch.rand(B, L, generator=gen) > 0.3
+        key_mask[:, n] = True
+    o_ref, keys_ref = decode_reference(q, keys, values, w, beta, n, gates, key_mask, D**-0.5)
+    updated = keys.clone()
+    o = decode_attention(q, updated, values, w, beta, torch.tensor(n), gates=gates, key_mask=key_mask, scale=D**-0.5)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
+    if case["key_dtype"] == torch.float32:
+        torch.testing.assert_close(updated[:, :, :n].double(), keys_ref[:, :, :n], atol=2e-6, rtol=1e-6)
+    else:  # stored rounded to bf16: within one rounding of the exact update
+        torch.testing.assert_close(updated[:, :, :n].double(), keys_ref[:, :, :n].bfloat16().double(), atol=0.02, rtol=0.01)
+    assert torch.equal(updated[:, :, n:], keys[:, :, n:]), "the new key and the slots after it must stay untouched"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic_step", "static_step"])
+def test_decode_steps_with_kernel_equal_torch_ops(static):
+    """The decoding steps of both caches give the same output and cache with the kernel and with torch ops."""
+    pytest.importorskip("triton")
+    B, HQ, H, D, L = 2, 4, 2, 16, 37
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, 1, HQ, D, generator=gen)
+    k = torch.randn(B, 1, H, D, generator=gen)
+    v = torch.randn(B, 1, H, D, generator=gen)
+    w = F.normalize(torch.randn(B, 1, H, D, generator=gen), dim=-1)
+    beta = 2 * torch.rand(B, 1, H, generator=gen)
+    g = F.logsigmoid(torch.randn(B, 1, HQ, generator=gen))
+    prompt_keys, prompt_values = torch.randn(B, L, H, D, generator=gen), torch.randn(B, L, H, D, generator=gen)
+    prompt_gates = -torch.rand(B, L, HQ, generator=gen).cumsum(1)
+    results = []
+    for use_kernel in (False, True):
+        layer = PaTHStaticCacheLayer(64) if static else PaTHCache(num_hidden_layers=1).layers[0]
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[0, :5] = False
+        layer.append(prompt_keys, prompt_values, prompt_gates, mask if static else None)
+        if static:
+            o = path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=torch.ones(B, 1, dtype=torch.bool),
+                                        use_kernel=use_kernel)
+        else:
+            gate = layer.cumulative_gate(g)
+            keys, values, gates = layer.append(k, v, gate)
+            full_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool)], 1)
+            o = path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=full_mask, use_kernel=use_kernel)
+        results.append((o, layer.keys_view().clone(), layer.get_seq_length()))
+    (o_torch, keys_torch, n_torch), (o_kernel, keys_kernel, n_kernel) = results
+    torch.testing.assert_close(o_kernel, o_torch, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys_kernel, keys_torch, atol=1e-6, rtol=1e-5)
+    assert n_torch == n_kernel == L + 1
