@@ -21,6 +21,9 @@ from test_generation import CACHE_KW, PAD, cache_of, make_model, random_ids
 from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer
 from path_lm.path_ops import path_decode_step, path_decode_step_static
 
+# The kernel tests run on the GPU when there is one, else in Triton's CPU interpreter (conftest.py).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
@@ -190,7 +193,7 @@ def test_generate_feeds_compiled_steps_fixed_shapes(model):
 def decode_reference(q, keys, values, w, beta, n, gates, key_mask, scale):
     """float64 explicit formula: keys below n get k - beta (k . w) w; softmax over slots <= n not masked."""
     q, keys, values, w, beta = (x.double() for x in (q, keys, values, w, beta))
-    H, G = keys.shape[1], q.shape[1] // keys.shape[1]
+    G = q.shape[1] // keys.shape[1]
     k = keys.clone()
     old = k[:, :, :n]
     k[:, :, :n] = old - beta[..., None, None] * (old @ w[..., None]) * w[:, :, None, :]
@@ -231,8 +234,11 @@ def test_decode_kernel_matches_explicit_formula(case):
         key_mask = torch.rand(B, L, generator=gen) > 0.3
         key_mask[:, n] = True
     o_ref, keys_ref = decode_reference(q, keys, values, w, beta, n, gates, key_mask, D**-0.5)
-    updated = keys.clone()
-    o = decode_attention(q, updated, values, w, beta, torch.tensor(n), gates=gates, key_mask=key_mask, scale=D**-0.5)
+    on = [x.to(KERNEL_DEVICE) if x is not None else None for x in (q, keys.clone(), values, w, beta, gates, key_mask)]
+    q, updated, values, w, beta, gates, key_mask = on
+    position = torch.tensor(n, device=KERNEL_DEVICE)
+    o = decode_attention(q, updated, values, w, beta, position, gates=gates, key_mask=key_mask, scale=D**-0.5)
+    o, updated = o.cpu(), updated.cpu()
     torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
     if case["key_dtype"] == torch.float32:
         torch.testing.assert_close(updated[:, :, :n].double(), keys_ref[:, :, :n], atol=2e-6, rtol=1e-6)
@@ -256,19 +262,22 @@ def test_decode_steps_with_kernel_equal_torch_ops(static):
     g = F.logsigmoid(torch.randn(B, 1, HQ, generator=gen))
     prompt_keys, prompt_values = torch.randn(B, L, H, D, generator=gen), torch.randn(B, L, H, D, generator=gen)
     prompt_gates = -torch.rand(B, L, HQ, generator=gen).cumsum(1)
+    q, k, v, w, beta, g, prompt_keys, prompt_values, prompt_gates = (
+        x.to(KERNEL_DEVICE) for x in (q, k, v, w, beta, g, prompt_keys, prompt_values, prompt_gates)
+    )
     results = []
     for use_kernel in (False, True):
         layer = PaTHStaticCacheLayer(64) if static else PaTHCache(num_hidden_layers=1).layers[0]
-        mask = torch.ones(B, L, dtype=torch.bool)
+        mask = torch.ones(B, L, dtype=torch.bool, device=KERNEL_DEVICE)
         mask[0, :5] = False
         layer.append(prompt_keys, prompt_values, prompt_gates, mask if static else None)
         if static:
-            o = path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=torch.ones(B, 1, dtype=torch.bool),
+            o = path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=torch.ones(B, 1, dtype=torch.bool, device=KERNEL_DEVICE),
                                         use_kernel=use_kernel)
         else:
             gate = layer.cumulative_gate(g)
             keys, values, gates = layer.append(k, v, gate)
-            full_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool)], 1)
+            full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             o = path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=full_mask, use_kernel=use_kernel)
         results.append((o, layer.keys_view().clone(), layer.get_seq_length()))
     (o_torch, keys_torch, n_torch), (o_kernel, keys_kernel, n_kernel) = results

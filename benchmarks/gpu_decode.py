@@ -1,0 +1,172 @@
+"""Greedy decoding speed of PaTH against transformers' Llama of the same shape, with dynamic caches and with
+static caches compiled (generate()'s own torch.compile + CUDA graphs), beside the memory-bandwidth floor.
+
+Both models bf16, hidden 768, 12 layers, 12 heads x 64, vocab 32000, intermediate 2048 by default (~134M
+with untied embeddings); random prompts of --contexts tokens at --batches rows, no padding.
+
+- modes: "dynamic" = generate() with the default cache (PaTH: PaTHCache with float32 transformed keys; Llama:
+  DynamicCache); "static" = generate(cache_implementation="static", max_cache_len=context + new tokens),
+  which transformers compiles (mode "reduce-overhead": CUDA graphs) on CUDA; PaTH then decodes through a
+  PaTHStaticCache. PaTH's decoding steps run path-lm's fused Triton kernel in both modes; its prefill runs
+  the model's attn_backend ("auto": fla when installed, else path-lm's kernel).
+- ms/token: two generate() calls after a warm-up call (which compiles in static mode), with N0 and N1 new
+  tokens (min_new_tokens = max_new_tokens); ms/token = (time(N1) - time(N0)) / (N1 - N0), so the prefill,
+  the cache set-up and the first graph replay cancel out. tokens/s = batch / ms/token.
+- floor: bytes one decoding step must move over the measured copy bandwidth (a large device-to-device
+  copy, read + write). Bytes: every weight except the input embedding (one row of it is read); Llama reads
+  K and V (bf16); PaTH reads and writes its transformed keys (float32), reads the values (bf16), the
+  cumulative gates (float32 per query head) and the padding mask, at the mean context of the timed steps.
+Cases that run out of memory are reported and skipped.
+
+    python benchmarks/gpu_decode.py [--contexts 1024 8192 32768] [--batches 1 8 32] [--modes dynamic static]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _common as C
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from path_lm import PaTHConfig, PaTHForCausalLM
+
+
+def build_configs(args):
+    path_cfg = PaTHConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
+        use_forget_gate=True, tie_word_embeddings=False, attn_backend=args.path_backend,
+    )
+    llama_cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=path_cfg.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        hidden_act="silu", rms_norm_eps=path_cfg.norm_eps, tie_word_embeddings=False,
+        max_position_embeddings=max(args.contexts) + args.n1, attn_implementation="sdpa",
+    )
+    return {"PaTH": (PaTHForCausalLM, path_cfg), "Llama": (LlamaForCausalLM, llama_cfg)}
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), median of 10."""
+    if device.type != "cuda":
+        return float("nan")
+    buffers = torch.empty(2, 2**30, dtype=torch.uint8, device=device)
+    ms = C.bench_ms(lambda: buffers[1].copy_(buffers[0]), device)
+    return 2 * 2**30 / (ms * 1e-3)
+
+
+def step_bytes(name, model, config, batch, context) -> int:
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    weights += config.hidden_size * 2  # one embedding row
+    kv_dim = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) if name == "Llama" \
+        else config.num_kv_heads * (config.hidden_size // config.num_heads)
+    if name == "Llama":
+        per_token = 2 * kv_dim * 2
+    else:
+        key_bytes = 4 if config.cache_key_dtype == "float32" else 2
+        per_token = 2 * kv_dim * key_bytes + kv_dim * 2 + config.num_heads * 4 + 1
+    return weights + config.num_hidden_layers * batch * context * per_token
+
+
+def run_case(model, ids, mode, args, device):
+    B, L = ids.shape
+    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    if mode == "static":
+        options.update(cache_implementation="static", max_cache_len=L + args.n1)
+
+    def generate(n):
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **options)
+        assert out.shape == (B, L + n), out.shape
+
+    generate(args.n0)  # warm-up: compiles and records the graphs in static mode
+    t0 = min(C.time_calls_ms(lambda: generate(args.n0), device, repeats=args.repeats))
+    t1 = min(C.time_calls_ms(lambda: generate(args.n1), device, repeats=args.repeats))
+    ms = (t1 - t0) / (args.n1 - args.n0)
+    return {"ms_per_token": ms, "tokens_per_s": B / (ms * 1e-3), "generate_ms_n0": t0, "generate_ms_n1": t1,
+            "peak_gib": C.peak_gib(device)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--modes", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"])
+    parser.add_argument("--models", nargs="+", default=["PaTH", "Llama"], choices=["PaTH", "Llama"])
+    parser.add_argument("--n0", type=int, default=8, help="new tokens of the shorter timed generate()")
+    parser.add_argument("--n1", type=int, default=72, help="new tokens of the longer timed generate()")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per length (the fastest counts)")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--path-backend", default="auto")
+    C.add_common_args(parser, "gpu_decode")
+    args = parser.parse_args()
+    device = C.pick_device(args)
+    if args.tiny:
+        args.hidden, args.layers, args.heads, args.vocab, args.path_backend = 64, 2, 2, 128, "torch"
+        args.contexts, args.batches, args.n0, args.n1, args.repeats = [16, 32], [1, 2], 2, 6, 1
+    assert args.n1 > args.n0 >= 1
+    args.contexts = sorted(args.contexts)  # generate() keeps the largest static cache length it has seen
+    configs = build_configs(args)
+    bandwidth = copy_bandwidth(device)
+    meta = {**C.environment(device), "dtype": "bfloat16", "hidden": args.hidden, "layers": args.layers,
+            "heads": args.heads, "vocab": args.vocab, "n0": args.n0, "n1": args.n1,
+            "copy_bandwidth_gb_s": bandwidth / 1e9, "path_attn_backend": args.path_backend,
+            "path_cache_key_dtype": configs["PaTH"][1].cache_key_dtype, "tiny": args.tiny}
+    print(f"# copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+
+    rows = []
+    for name in args.models:
+        model_cls, config = configs[name]
+        with torch.device(device):
+            model = model_cls(config)
+        model = model.to(torch.bfloat16).eval()
+        params = sum(p.numel() for p in model.parameters())
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        with torch.inference_mode():
+            for mode in args.modes:
+                for L in args.contexts:
+                    for B in args.batches:
+                        torch.compiler.reset()  # a fresh compile per shape: no recompilation limit reached
+                        C.free(device)
+                        ids = torch.randint(3, config.vocab_size, (B, L), generator=gen).to(device)
+                        try:
+                            r = run_case(model, ids, mode, args, device)
+                        except Exception as err:
+                            r = {"error": C.failure(err)}
+                        del ids
+                        C.free(device)
+                        mean_context = L + (args.n0 + args.n1) // 2
+                        floor_ms = 1e3 * step_bytes(name, model, config, B, mean_context) / bandwidth
+                        rows.append({"model": name, "params": params, "mode": mode, "context": L, "batch": B,
+                                     "floor_ms": floor_ms, **r})
+                        done = r.get("error") or f"{r['ms_per_token']:.3f} ms/token, {r['tokens_per_s']:,.0f} tok/s"
+                        print(f"# {name} {mode} L={L} B={B}: {done} (floor {floor_ms:.3f} ms)", flush=True)
+        del model
+        C.free(device)
+    path = C.write_json(args, "gpu_decode", {"meta": meta, "rows": rows})
+
+    llama = {(r["mode"], r["context"], r["batch"]): r for r in rows if r["model"] == "Llama" and "error" not in r}
+    table = []
+    for r in rows:
+        head = [r["model"], r["mode"], r["context"], r["batch"]]
+        if "error" in r:
+            table.append(head + [r["error"], "-", "-", f"{r['floor_ms']:.3f}", "-", "-"])
+            continue
+        base = llama.get((r["mode"], r["context"], r["batch"]))
+        vs = C.ratio(r["tokens_per_s"] / base["tokens_per_s"]) if base else "-"
+        table.append(head + [f"{r['ms_per_token']:.3f}", f"{r['tokens_per_s']:,.0f}", vs, f"{r['floor_ms']:.3f}",
+                             C.ratio(r["ms_per_token"] / r["floor_ms"], ".1f"), C.fmt(r["peak_gib"], ".1f")])
+    print(f"\n# wrote {path}")
+    print(f"# {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
+          f"fla {meta['fla']}; {meta['date']}")
+    print(f"# bf16, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; greedy; "
+          f"ms/token = (generate({args.n1}) - generate({args.n0})) / {args.n1 - args.n0}; copy bandwidth "
+          f"{bandwidth / 1e9:.0f} GB/s\n")
+    print(C.markdown_table(["model", "mode", "context", "batch", "ms/token", "tokens/s", "vs Llama (same mode)",
+                            "floor ms", "x floor", "peak GiB"], table))
+
+
+if __name__ == "__main__":
+    main()
