@@ -12,6 +12,10 @@ with untied embeddings); random prompts of --contexts tokens at --batches rows, 
 - ms/token: two generate() calls after a warm-up call (which compiles in static mode), with N0 and N1 new
   tokens (min_new_tokens = max_new_tokens); ms/token = (time(N1) - time(N0)) / (N1 - N0), so the prefill,
   the cache set-up and the first graph replay cancel out. tokens/s = batch / ms/token.
+- step ms (static mode, --step-batches): the compiled decoding step alone, without generate()'s per-token
+  work (logits processing, stopping checks, appending the token): the callable generate() compiled
+  (``model.get_compiled_call``), called in a loop of --step-count greedy steps on a prefilled static cache
+  (PaTHStaticCache / transformers' StaticCache), CUDA events around the loop.
 - floor: bytes one decoding step must move over the measured copy bandwidth (a large device-to-device
   copy, read + write). Bytes: every weight except the input embedding (one row of it is read); Llama reads
   K and V (bf16); PaTH reads and writes its transformed keys (float32), reads the values (bf16), the
@@ -27,9 +31,13 @@ import argparse
 
 import _common as C
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from path_lm import PaTHConfig, PaTHForCausalLM
+from path_lm import PaTHConfig, PaTHForCausalLM, PaTHStaticCache
+
+# transformers 5.24 renamed the cache argument from `past_key_values` to `cache`.
+CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def build_configs(args):
@@ -82,8 +90,33 @@ def run_case(model, ids, mode, args, device):
     t0 = min(C.time_calls_ms(lambda: generate(args.n0), device, repeats=args.repeats))
     t1 = min(C.time_calls_ms(lambda: generate(args.n1), device, repeats=args.repeats))
     ms = (t1 - t0) / (args.n1 - args.n0)
-    return {"ms_per_token": ms, "tokens_per_s": B / (ms * 1e-3), "generate_ms_n0": t0, "generate_ms_n1": t1,
-            "peak_gib": C.peak_gib(device)}
+    result = {"ms_per_token": ms, "tokens_per_s": B / (ms * 1e-3), "generate_ms_n0": t0, "generate_ms_n1": t1,
+              "peak_gib": C.peak_gib(device)}
+    if mode == "static" and B in args.step_batches and device.type == "cuda":
+        result["step_ms"] = compiled_step_ms(model, ids, L + args.n1, args, device)
+    return result
+
+
+def compiled_step_ms(model, ids, max_cache_len, args, device) -> float:
+    """Milliseconds per call of generate()'s compiled forward, greedy steps on a prefilled static cache."""
+    config = model.config
+    if isinstance(model, PaTHForCausalLM):
+        cache = PaTHStaticCache(config, max_cache_len=max_cache_len)
+    else:
+        cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    step = model.get_compiled_call(model.generation_config.compile_config)
+    logits = model(ids, use_cache=True, logits_to_keep=1, **{CACHE_KW: cache}).logits
+    token = logits[:, -1:].argmax(-1)
+
+    def run(n):
+        nonlocal token
+        for _ in range(n):
+            out = step(input_ids=token, use_cache=True, logits_to_keep=1, return_dict=True, **{CACHE_KW: cache})
+            token = out.logits[:, -1:].argmax(-1)
+
+    run(3)  # warm-up: recompiles or re-records if this call differs from generate()'s
+    count = min(args.step_count, max_cache_len - ids.shape[1] - 3)
+    return C.time_calls_ms(lambda: run(count), device, repeats=1)[0] / count
 
 
 def main():
@@ -95,6 +128,8 @@ def main():
     parser.add_argument("--n0", type=int, default=8, help="new tokens of the shorter timed generate()")
     parser.add_argument("--n1", type=int, default=72, help="new tokens of the longer timed generate()")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per length (the fastest counts)")
+    parser.add_argument("--step-batches", type=int, nargs="*", default=[1], help="batches timed as compiled steps")
+    parser.add_argument("--step-count", type=int, default=48)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
@@ -152,12 +187,14 @@ def main():
     for r in rows:
         head = [r["model"], r["mode"], r["context"], r["batch"]]
         if "error" in r:
-            table.append(head + [r["error"], "-", "-", f"{r['floor_ms']:.3f}", "-", "-"])
+            table.append(head + [r["error"], "-", "-", "-", f"{r['floor_ms']:.3f}", "-", "-", "-"])
             continue
         base = llama.get((r["mode"], r["context"], r["batch"]))
         vs = C.ratio(r["tokens_per_s"] / base["tokens_per_s"]) if base else "-"
-        table.append(head + [f"{r['ms_per_token']:.3f}", f"{r['tokens_per_s']:,.0f}", vs, f"{r['floor_ms']:.3f}",
-                             C.ratio(r["ms_per_token"] / r["floor_ms"], ".1f"), C.fmt(r["peak_gib"], ".1f")])
+        step = r.get("step_ms")
+        table.append(head + [f"{r['ms_per_token']:.3f}", f"{r['tokens_per_s']:,.0f}", vs, C.fmt(step, ".3f"),
+                             f"{r['floor_ms']:.3f}", C.ratio(r["ms_per_token"] / r["floor_ms"], ".1f"),
+                             C.ratio(step / r["floor_ms"], ".1f") if step else "-", C.fmt(r["peak_gib"], ".1f")])
     print(f"\n# wrote {path}")
     print(f"# {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}, "
           f"fla {meta['fla']}; {meta['date']}")
@@ -165,7 +202,7 @@ def main():
           f"ms/token = (generate({args.n1}) - generate({args.n0})) / {args.n1 - args.n0}; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s\n")
     print(C.markdown_table(["model", "mode", "context", "batch", "ms/token", "tokens/s", "vs Llama (same mode)",
-                            "floor ms", "x floor", "peak GiB"], table))
+                            "step ms", "floor ms", "token x floor", "step x floor", "peak GiB"], table))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     def cumulative_gate(self, g: torch.Tensor) -> torch.Tensor:
         """Per-step log gates g [B, T, HQ] -> cumulative gates continuing the cache, float32."""
-        cumulative = g.to(torch.promote_types(g.dtype, torch.float32)).cumsum(1)
+        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        cumulative = g.cumsum(1) if g.shape[1] > 1 else g
         offset = self.gate_offset()
         return cumulative if offset is None else cumulative + offset[:, None, :]
 

@@ -304,9 +304,8 @@ def path_decode_step(
     if use_kernel:
         from .path_triton import decode_attention
 
-        n = torch.full((), L1 - 1, dtype=torch.long, device=q.device)
         o = decode_attention(
-            q[:, 0], keys, values, w[:, 0].to(dt), beta[:, 0].to(dt), n, gates=gate, key_mask=key_mask, scale=scale
+            q[:, 0], keys, values, w[:, 0].to(dt), beta[:, 0].to(dt), L1 - 1, gates=gate, key_mask=key_mask, scale=scale
         )
         return o.unsqueeze(1).to(q.dtype)
     if L1 > 1:

@@ -295,9 +295,9 @@ def _precision(q):
 @triton.jit
 def _decode_kernel(
     Q, K, V, W, BETA, GATE, MASK, N, OP, MP, LP,
-    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
     Slots below n are cached keys: each gets the new token's update k <- k - beta (k . w) w, is written back,
@@ -308,7 +308,10 @@ def _decode_kernel(
     n_split = tl.num_programs(0)
     b = i_bh // H
     h = i_bh % H
-    n = tl.load(N)
+    if N_ON_DEVICE:
+        n = tl.load(N)
+    else:
+        n = n_value
     od = tl.arange(0, D)
     ov = tl.arange(0, DV)
     og = tl.arange(0, GP)
@@ -361,6 +364,27 @@ def _decode_kernel(
     tl.store(LP + part * GP + og, l_i)
 
 
+@triton.jit
+def _decode_merge_kernel(OP, MP, LP, O, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr):
+    """Program b * H + h: merge the splits' partial softmaxes (empty splits: max -inf, sum 0) into
+    O [B, HQ, DV] float32, rows h * G ... h * G + G - 1."""
+    i_bh = tl.program_id(0)
+    og = tl.arange(0, GP)
+    ov = tl.arange(0, DV)
+    m_all = tl.full([GP], float("-inf"), tl.float32)
+    for i in range(n_split):
+        m_all = tl.maximum(m_all, tl.load(MP + (i_bh * n_split + i) * GP + og))
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    num = tl.zeros([GP, DV], tl.float32)
+    den = tl.zeros([GP], tl.float32)
+    for i in range(n_split):
+        part = i_bh * n_split + i
+        weight = tl.exp(tl.load(MP + part * GP + og) - m_all)
+        den += weight * tl.load(LP + part * GP + og)
+        num += weight[:, None] * tl.load(OP + (part * GP + og)[:, None] * DV + ov[None, :])
+    tl.store(O + (i_bh * G + og)[:, None] * DV + ov[None, :], num / den[:, None], mask=(og < G)[:, None])
+
+
 _SM_COUNT: dict = {}
 
 
@@ -382,7 +406,8 @@ def decode_attention(q, keys, values, w, beta, n, *, gates=None, key_mask=None, 
             slot n is the new token's raw key; slots above n are ignored. Rows must be contiguous.
         values [B, H, L, DV], rows contiguous; gates [B, HQ, L] cumulative log gates (slot n: the new
             token's), float32; key_mask [B, L] bool, False at padding.
-        n: int64 tensor with one element, the new token's slot (read on the device: no host sync).
+        n: the new token's slot: an int, or an int64 tensor with one element (read on the device, so a
+            compiled step needs no host sync).
     Returns:
         o [B, HQ, DV] float32.
     """
@@ -400,21 +425,18 @@ def decode_attention(q, keys, values, w, beta, n, *, gates=None, key_mask=None, 
     o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
     m_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
     l_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
-    has_gate, has_mask = gates is not None, key_mask is not None
-    if has_mask:
+    has_gate, has_mask, on_device = gates is not None, key_mask is not None, isinstance(n, torch.Tensor)
+    if has_mask and key_mask.stride(-1) != 1:
         key_mask = key_mask.contiguous()
-        key_mask = key_mask.view(torch.uint8) if key_mask.dtype == torch.bool else key_mask
     _decode_kernel[(n_split, B * H)](
         q.contiguous(), keys, values, w.contiguous(), beta.contiguous(),
-        gates if has_gate else q, key_mask if has_mask else q, n, o_part, m_part, l_part,
+        gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, o_part, m_part, l_part,
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
-        key_mask.stride(0) if has_mask else 0, scale, split_len,
-        H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, num_warps=4,
+        key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n,
+        H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
+        num_warps=4,
     )
-    # Merge the splits: empty ones have max -inf and sum 0.
-    m_all = m_part.amax(dim=1, keepdim=True)
-    m_all = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
-    weight = torch.exp(m_part - m_all)  # [B*H, S, GP]
-    o = (weight[..., None] * o_part).sum(1) / (weight * l_part).sum(1)[..., None]
-    return o[:, :G].reshape(B, HQ, DV)
+    o = torch.empty(B, HQ, DV, dtype=torch.float32, device=q.device)
+    _decode_merge_kernel[(B * H,)](o_part, m_part, l_part, o, n_split, G=G, GP=GP, DV=DV, num_warps=4)
+    return o
