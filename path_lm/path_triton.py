@@ -345,7 +345,7 @@ def _decode_kernel(
         if HAS_GATE:
             g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
             s = s + (g_q[:, None] - g_k)
-        s = s * scale
+        s = (s * scale).to(tl.float32)  # torch.compile passes Python floats as float64
         ok = valid
         if HAS_MASK:
             ok = ok & (tl.load(MASK + b.to(tl.int64) * sm_b + cols, mask=valid, other=0) != 0)
