@@ -480,7 +480,8 @@ class PaTHForCausalLM(PaTHPreTrainedModel, GenerationMixin):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         new_len = inputs_embeds.shape[1] if inputs_embeds is not None else None
         if attention_mask is not None and isinstance(cache, PaTHStaticCache) and cache.filled and new_len == 1:
-            return attention_mask[:, -1:].contiguous()
+            # a fresh tensor: a [B, 1] view keeps the row stride, which grows every step (and recompiles)
+            return attention_mask[:, -1:].clone(memory_format=torch.contiguous_format)
         return attention_mask
 
     def set_input_embeddings(self, value):

@@ -165,16 +165,19 @@ def test_static_decoding_step_compiles_to_one_graph_reused_every_step():
 
 
 @torch.no_grad()
-def test_generate_feeds_compiled_steps_fixed_shapes(model):
-    """With a static cache, every decoding step generate() runs gets inputs of one shape (the padding mask
-    reduced to the new token's column), so the compiled step never recompiles as the sequence grows."""
-    ids, mask = left_padded(2, 9, [3, 0], seed=13)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_feeds_compiled_steps_fixed_shapes(model, batch):
+    """With a static cache, every decoding step generate() runs gets inputs of one shape and stride (the
+    padding mask reduced to the new token's column), so the compiled step never recompiles as the sequence
+    grows. Batch 1 matters: a [1, 1] view of the growing mask would keep its growing row stride."""
+    ids, mask = left_padded(batch, 9, [3, 0][:batch], seed=13)
     shapes = []
 
     def record(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, PaTHStaticCache) and cache.filled:
-            shapes.append((tuple(kwargs["input_ids"].shape), tuple(kwargs["attention_mask"].shape)))
+            step_mask = kwargs["attention_mask"]
+            shapes.append((tuple(kwargs["input_ids"].shape), tuple(step_mask.shape), step_mask.stride()))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -182,7 +185,7 @@ def test_generate_feeds_compiled_steps_fixed_shapes(model):
                        cache_implementation="static")
     finally:
         handle.remove()
-    assert shapes == [((2, 1), (2, 1))] * 6
+    assert shapes == [((batch, 1), (batch, 1), (1, 1))] * 6
 
 
 # ---------------------------------------------------------------------------------------------------------
