@@ -419,7 +419,8 @@ def decode_attention(q, keys, values, w, beta, n, *, gates=None, key_mask=None, 
     GP = max(16, triton.next_power_of_2(G))
     BN = 64 if max(D, DV) <= 64 else 32
     tiles = triton.cdiv(L, BN)
-    n_split = max(1, min(tiles, triton.cdiv(2 * _sm_count(q.device), B * H)))
+    # enough programs to fill the GPU several times over (each walks its split serially)
+    n_split = max(1, min(tiles, triton.cdiv(8 * _sm_count(q.device), B * H)))
     split_len = triton.cdiv(tiles, n_split) * BN
     n_split = triton.cdiv(L, split_len)
     o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
