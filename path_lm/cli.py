@@ -158,7 +158,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "data", "trainer_arg")}
-    train(args.data, trainer_args=_trainer_args(args.trainer_arg), **options)
+    try:
+        train(args.data, trainer_args=_trainer_args(args.trainer_arg), **options)
+    finally:
+        import torch.distributed as dist
+
+        # Under torchrun, close the process group before exit: a process that exits with it open can
+        # abort in the communication threads' teardown ("terminate called without an active exception").
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
