@@ -66,6 +66,14 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def bf16_model(model_cls, config, device: torch.device):
+    """(model built on `device` in bf16 eval mode, its parameter count)."""
+    with torch.device(device):
+        model = model_cls(config)
+    model = model.to(torch.bfloat16).eval()
+    return model, sum(p.numel() for p in model.parameters())
+
+
 def free(device: torch.device) -> None:
     """Release cached blocks and restart the peak-memory counter (call between cases)."""
     gc.collect()

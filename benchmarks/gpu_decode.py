@@ -154,10 +154,7 @@ def main():
     rows = []
     for name in args.models:
         model_cls, config = configs[name]
-        with torch.device(device):
-            model = model_cls(config)
-        model = model.to(torch.bfloat16).eval()
-        params = sum(p.numel() for p in model.parameters())
+        model, params = C.bf16_model(model_cls, config, device)
         gen = torch.Generator(device="cpu").manual_seed(0)
         with torch.inference_mode():
             for mode in args.modes:

@@ -94,10 +94,7 @@ def main():
     rows = []
     for name in args.models:
         model_cls, config = configs[name]
-        with torch.device(device):
-            model = model_cls(config)
-        model = model.to(torch.bfloat16).eval()
-        params = sum(p.numel() for p in model.parameters())
+        model, params = C.bf16_model(model_cls, config, device)
         gen = torch.Generator(device="cpu").manual_seed(0)
         with torch.inference_mode():  # warm-up: kernels compiled, generate's first-call setup done
             ids = torch.randint(0, config.vocab_size, (1, min(args.contexts)), generator=gen).to(device)
