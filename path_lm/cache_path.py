@@ -120,7 +120,8 @@ class PaTHCacheLayer(CacheLayerMixin):
         cache only, the dynamic cache reads the caller's attention mask). Returns views over the whole
         cache: keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L] or None."""
         B, T, H, D = keys.shape
-        start, end = self.length, self.length + T
+        start = self.length
+        end = start + T
         if self.keys is None:
             self.is_initialized = True
             self._key_dtype = self._resolve_key_dtype(values.dtype)
@@ -280,8 +281,11 @@ class PaTHCache(Cache):
             num_hidden_layers = config.num_hidden_layers if num_hidden_layers is None else num_hidden_layers
             cache_key_dtype = cache_key_dtype or getattr(config, "cache_key_dtype", "float32")
         if num_hidden_layers is None:
-            raise ValueError("PaTHCache needs the model config or num_hidden_layers")
-        super().__init__(layers=[PaTHCacheLayer(cache_key_dtype or "float32") for _ in range(num_hidden_layers)])
+            raise ValueError(f"{type(self).__name__} needs the model config or num_hidden_layers")
+        super().__init__(layers=[self._new_layer(cache_key_dtype or "float32") for _ in range(num_hidden_layers)])
+
+    def _new_layer(self, key_dtype: str) -> PaTHCacheLayer:
+        return PaTHCacheLayer(key_dtype)
 
     def layer(self, layer_idx: int | None) -> PaTHCacheLayer:
         return self.layers[layer_idx or 0]
@@ -307,21 +311,14 @@ class PaTHStaticCache(PaTHCache):
         max_cache_len: int | None = None,
         num_hidden_layers: int | None = None,
         cache_key_dtype: str | None = None,
-        **kwargs,
     ):
         if max_cache_len is None or int(max_cache_len) <= 0:
             raise ValueError(f"PaTHStaticCache needs max_cache_len > 0 (prompt + new tokens), got {max_cache_len}")
-        if config is not None:
-            num_hidden_layers = config.num_hidden_layers if num_hidden_layers is None else num_hidden_layers
-            cache_key_dtype = cache_key_dtype or getattr(config, "cache_key_dtype", "float32")
-        if num_hidden_layers is None:
-            raise ValueError("PaTHStaticCache needs the model config or num_hidden_layers")
-        Cache.__init__(
-            self,
-            layers=[
-                PaTHStaticCacheLayer(max_cache_len, cache_key_dtype or "float32") for _ in range(num_hidden_layers)
-            ],
-        )
+        self._layer_length = int(max_cache_len)  # transformers' Cache has a read-only `max_cache_len`
+        super().__init__(config, num_hidden_layers, cache_key_dtype)
+
+    def _new_layer(self, key_dtype: str) -> PaTHStaticCacheLayer:
+        return PaTHStaticCacheLayer(self._layer_length, key_dtype)
 
     @property
     def filled(self) -> bool:

@@ -87,11 +87,21 @@ class PaTHShortConvolution(nn.Conv1d):
         return F.silu(y), padded[:, padded.shape[1] - (K - 1) :]
 
 
-def padding_masks(attention_mask: torch.Tensor | None, past_len: int, new_len: int):
-    """(key_mask [B, past_len + new_len], token_mask [B, new_len]) as bool, False at padding; each is None
-    when it has no padding."""
+def is_static_step(layer_cache, new_len: int) -> bool:
+    """A single-token step on a filled static cache: the decoding step that compiles into one graph."""
+    return layer_cache is not None and layer_cache.is_static and layer_cache.filled and new_len == 1
+
+
+def padding_masks(attention_mask: torch.Tensor | None, layer_cache, new_len: int):
+    """(key_mask [B, cached + new_len], token_mask [B, new_len]) as bool, False at padding; each is None
+    when it has no padding. On a compiled decoding step (:func:`is_static_step`) both are the new token's
+    column, with no host sync: the static cache keeps the mask of the earlier positions."""
+    if is_static_step(layer_cache, new_len):
+        step = attention_mask[:, -1:].bool() if attention_mask is not None else None
+        return step, step
     if attention_mask is None:
         return None, None
+    past_len = layer_cache.length if layer_cache is not None else 0
     if attention_mask.dim() != 2:
         raise ValueError(
             f"attention_mask must be 2D [batch, past + new tokens] with 0 at padding, got shape "
@@ -107,11 +117,6 @@ def padding_masks(attention_mask: torch.Tensor | None, past_len: int, new_len: i
         return None, None
     token_mask = key_mask[:, past_len:]
     return key_mask, None if token_mask.all() else token_mask
-
-
-def is_static_step(layer_cache, new_len: int) -> bool:
-    """A single-token step on a filled static cache: the decoding step that compiles into one graph."""
-    return layer_cache is not None and layer_cache.is_static and layer_cache.filled and new_len == 1
 
 
 class PaTHAttention(nn.Module):
@@ -201,12 +206,7 @@ class PaTHAttention(nn.Module):
             layer_cache = cache.layer(self.layer_idx)
         elif use_cache:
             raise ValueError("use_cache=True needs a PaTHCache; pass cache=PaTHCache(config) (the model does this)")
-        if is_static_step(layer_cache, T):
-            # Compiled decoding: no host sync. The mask covers the new token only; the cache keeps the rest.
-            key_mask = token_mask = attention_mask[:, -1:].bool() if attention_mask is not None else None
-        else:
-            past_len = layer_cache.length if layer_cache is not None else 0
-            key_mask, token_mask = padding if padding is not None else padding_masks(attention_mask, past_len, T)
+        key_mask, token_mask = padding if padding is not None else padding_masks(attention_mask, layer_cache, T)
         if token_mask is not None and segment_ids is None and not is_static_step(layer_cache, T):
             # Padding is its own segment, so padded queries stay finite and real ones never see it.
             segment_ids = token_mask.long() - 1
@@ -402,7 +402,6 @@ class PaTHModel(PaTHPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        replacement = None
         if cache is not None and not isinstance(cache, PaTHCache):
             # generate() creates a standard cache for every model; an empty one is swapped for a PaTH cache
             # (a static one for cache_implementation="static"), which the output carries back to generate().
@@ -412,31 +411,31 @@ class PaTHModel(PaTHPreTrainedModel):
                     f"filled {type(cache).__name__}; pass cache=None, PaTHCache(model.config) or "
                     f"PaTHStaticCache(model.config, max_cache_len=...)"
                 )
-            max_len = cache.get_max_length() if cache.is_compileable else -1
-            if cache.is_compileable and max_len <= 0:
-                raise ValueError(
-                    f"a static cache ({type(cache).__name__}) without a maximum length cannot be replaced by a "
-                    f"PaTHStaticCache; pass cache=PaTHStaticCache(model.config, max_cache_len=...)"
-                )
-            replacement = PaTHStaticCache(config=self.config, max_cache_len=max_len) if max_len > 0 else None
-            cache = None
+            if cache.is_compileable:
+                max_len = cache.get_max_length()
+                if max_len <= 0:
+                    raise ValueError(
+                        f"a static cache ({type(cache).__name__}) without a maximum length cannot be replaced by "
+                        f"a PaTHStaticCache; pass cache=PaTHStaticCache(model.config, max_cache_len=...)"
+                    )
+                cache = PaTHStaticCache(self.config, max_cache_len=max_len)
+            else:
+                cache = PaTHCache(self.config)
             use_cache = True
         if use_cache and cache is None:
-            cache = replacement if replacement is not None else PaTHCache(config=self.config)
+            cache = PaTHCache(config=self.config)
         if self.gradient_checkpointing and self.training and cache is not None:
             logger.warning_once("gradient checkpointing does not work with a cache; continuing without it")
             cache = None
 
         segment_ids = None
-        if cache is not None and is_static_step(cache.layers[0], inputs_embeds.shape[1]):
-            padding = None  # compiled decoding step: each layer reads the new token's mask, no host sync
-            past_len = None
-        else:
-            past_len = cache.get_seq_length() if cache is not None else 0
-            padding = padding_masks(attention_mask, past_len, inputs_embeds.shape[1])  # once for all layers
-        if padding is not None and padding[0] is None and past_len == 0:
+        T = inputs_embeds.shape[1]
+        first_layer = cache.layers[0] if cache is not None else None
+        padding = padding_masks(attention_mask, first_layer, T)  # once for all layers
+        empty = first_layer is None or (not is_static_step(first_layer, T) and not first_layer.length)
+        if padding[0] is None and empty:
             # A padding mask takes precedence: generate() writes position ids that restart after left padding.
-            segment_ids = segment_ids_from_packing(position_ids, kwargs.get("cu_seq_lens_q"), inputs_embeds.shape[1])
+            segment_ids = segment_ids_from_packing(position_ids, kwargs.get("cu_seq_lens_q"), T)
 
         hidden_states = inputs_embeds
         if self.config.embedding_multiplier is not None:
