@@ -73,7 +73,7 @@ def perplexity_by_position(
     """Loss and perplexity by position for sequences of ``max_len`` tokens cut from the stream (disjoint),
     averaged over sequences and over buckets of ``bucket_size`` positions (default ``max_len / 16``).
     Each row: start, end (target positions, end exclusive), tokens, loss, perplexity."""
-    n_seq = (len(tokens)) // max_len
+    n_seq = len(tokens) // max_len
     if max_sequences:
         n_seq = min(n_seq, max_sequences)
     if n_seq == 0:
@@ -88,9 +88,9 @@ def perplexity_by_position(
     rows = []
     for start in range(1, max_len, bucket_size):  # target positions 1 .. max_len - 1
         end = min(start + bucket_size, max_len)
-        loss = (nll_sum[start - 1 : end - 1].sum() / ((end - start) * n_seq)).item()
-        tokens = (end - start) * n_seq
-        rows.append({"start": start, "end": end, "tokens": tokens, "loss": loss, "perplexity": math.exp(loss)})
+        count = (end - start) * n_seq
+        loss = (nll_sum[start - 1 : end - 1].sum() / count).item()
+        rows.append({"start": start, "end": end, "tokens": count, "loss": loss, "perplexity": math.exp(loss)})
     return rows
 
 
@@ -148,7 +148,7 @@ def evaluate(
     if by_position:
         if not max_len:
             raise ValueError("--by-position needs --max-len")
-        rows = perplexity_by_position(model, tokens, max_len, bucket_size)
+        rows = perplexity_by_position(model, tokens, max_len, bucket_size, batch_size)
         results["by_position"] = {"max_len": max_len, "train_len": train_len, "rows": rows}
     if output_dir is not None:
         output_dir = Path(output_dir)

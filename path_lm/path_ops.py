@@ -746,7 +746,9 @@ def path_attention(
     ``cache_path.PaTHCacheLayer``): an empty one is filled from the prompt (prefill), one token extends it
     by an in-place rank-one update of the cached keys (decoding), several tokens continue it blockwise.
     ``backend`` ('auto', 'torch', 'triton', 'fla') picks the kernel for whole sequences and prefill;
-    decoding and continuation always run as PyTorch ops on the inputs' device.
+    single-token decoding runs path-lm's fused Triton step on CUDA (unless ``backend='torch'``), and
+    multi-token continuation runs as PyTorch ops on the inputs' device. On a filled static cache
+    (``cache_path.PaTHStaticCacheLayer``) a single token takes :func:`path_decode_step_static`.
 
     key_mask [B, L + T]: False at padded positions of the cached and new tokens (None: no padding).
     Returns o [B, T, HQ, Dv] in q's dtype.

@@ -414,7 +414,7 @@ def run_quickstart(
     for kind in ("path", "rope"):
         label = MODEL_KINDS[kind][0]
         model = build_model(kind, seed=seed, **shape)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = model.num_parameters()
         say(f"\n== training {label} ({type(model).__name__}, {n_params:,} parameters), {steps} steps of {batch_size} ==")
         training[label] = train_model(
             model, train_tokens, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,

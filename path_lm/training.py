@@ -676,7 +676,7 @@ def train(
         "tokenizer": {"source": tokenizer_source, "size": len(tok)},
         "model": {
             "source": model_source,
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": model.num_parameters(),
             "hidden_size": model.config.hidden_size,
             "num_hidden_layers": model.config.num_hidden_layers,
             "num_heads": model.config.num_heads,
@@ -699,8 +699,7 @@ def train(
         "eval_curve": [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e],
         "wall_seconds": time.perf_counter() - wall_start,
     }
-    if trainer.is_world_process_zero():
-        plot_loss_curve(history, output_dir / PLOT_NAME)
+    if trainer.is_world_process_zero():  # the loss curve is already drawn (LossCurveCallback)
         (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
     final = save_final_model(trainer, output_dir, summary)
     if trainer.is_world_process_zero():
