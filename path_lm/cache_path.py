@@ -7,6 +7,11 @@ repeated rank-one updates drift when rounded to half precision), the raw values,
 gate of every position, and the last ``conv_size - 1`` inputs of the short convolution.
 
 Buffers grow in blocks, so decoding writes one slot per token in place instead of copying the cache.
+
+On CUDA the fused decoding kernel keeps most keys in place between steps: only the last ``FRAME_WINDOW``
+keys are rewritten per token; older ones stay in an earlier frame, carried by a D x D matrix per head
+(``frames``), and are rewritten once every ``FRAME_WINDOW`` tokens. :meth:`PaTHCacheLayer.carry_framed_keys`
+brings every key to the last position; :meth:`PaTHCacheLayer.keys_view` calls it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 GROWTH_BLOCK = 256
+FRAME_WINDOW = 64
 
 
 def _grow(buffer: torch.Tensor | None, length: int, needed: int, shape_fn) -> torch.Tensor:
@@ -33,7 +39,8 @@ def _grow(buffer: torch.Tensor | None, length: int, needed: int, shape_fn) -> to
 
 class PaTHCacheLayer(CacheLayerMixin):
     """One layer's PaTH state. Keys [B, H, capacity, D], values [B, H, capacity, Dv],
-    gates [B, HQ, capacity] (cumulative log forget gate, float32), conv_state [B, K-1, kv_dim]."""
+    gates [B, HQ, capacity] (cumulative log forget gate, float32), conv_state [B, K-1, kv_dim], and
+    frames [B, 2, H, D, D] (float32) once the decoding kernel has run (see the module docstring)."""
 
     is_compileable = False
     is_croppable = False
@@ -44,6 +51,9 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.key_dtype = key_dtype
         self.gates: torch.Tensor | None = None
         self.conv_state: torch.Tensor | None = None
+        self.frames: torch.Tensor | None = None
+        self.frame_window = FRAME_WINDOW
+        self._frames_used = False
         self.length = 0
 
     def __repr__(self):
@@ -69,11 +79,12 @@ class PaTHCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.gates = self.conv_state = None
+        self.keys = self.values = self.gates = self.conv_state = self.frames = None
+        self._frames_used = False
         self.is_initialized = False
         self.length = 0
 
-    _batch_tensors = ("keys", "values", "gates", "conv_state")
+    _batch_tensors = ("keys", "values", "gates", "conv_state", "frames")
 
     def _map_batch(self, fn) -> None:
         for name in self._batch_tensors:
@@ -135,10 +146,41 @@ class PaTHCacheLayer(CacheLayerMixin):
             )
             self.gates[:, :, start:end] = gates.transpose(1, 2)
         self.length = end
-        return self.keys_view(), self.values_view(), self.gates_view() if gates is not None else None
+        keys_now = self.keys[:, :, :end]  # as stored: framed keys are not carried here
+        return keys_now, self.values_view(), self.gates_view() if gates is not None else None
 
     def keys_view(self) -> torch.Tensor:
+        """The cached keys [B, H, L, D], carried to the last cached position."""
+        self.carry_framed_keys()
         return self.keys[:, :, : self.length]
+
+    def decode_frames(self) -> torch.Tensor:
+        """The frame buffer of the decoding kernel, [B, 2, H, D, D] float32, created as identities."""
+        if self.frames is None:
+            B, H, _, D = self.keys.shape
+            self.frames = _identity_frames(B, H, D, self.keys.device)
+        self._frames_used = True
+        return self.frames
+
+    def carry_framed_keys(self) -> None:
+        """Rewrite the keys the decoding kernel left in an older frame (all but the last FRAME_WINDOW, at
+        most) as carried to the last cached position, and reset the frames to the identity."""
+        if self.frames is None or not self._frames_used:
+            return
+        self._carry_framed_keys()
+        self._frames_used = False
+
+    def _carry_framed_keys(self) -> None:
+        length = self.length
+        framed = self.frame_window * ((length - 1) // self.frame_window) if length else 0
+        if framed:
+            carry = self.frames[:, length % 2]  # [B, H, D, D]
+            keys = self.keys[:, :, :framed]
+            keys.copy_(keys.to(torch.float32) @ carry.transpose(-1, -2))
+        self._reset_frames()
+
+    def _reset_frames(self) -> None:
+        self.frames.copy_(torch.eye(self.frames.shape[-1], device=self.frames.device).expand_as(self.frames))
 
     def values_view(self) -> torch.Tensor:
         return self.values[:, :, : self.length]
@@ -164,6 +206,10 @@ class PaTHCacheLayer(CacheLayerMixin):
         keys.copy_(keys.to(transform.dtype) @ transform.transpose(-1, -2))
 
 
+def _identity_frames(B: int, H: int, D: int, device) -> torch.Tensor:
+    return torch.eye(D, device=device).expand(B, 2, H, D, D).contiguous()
+
+
 def _mark_static(tensor: torch.Tensor) -> torch.Tensor:
     """Tell torch.compile that the buffer keeps its address (CUDA graphs replay it in place)."""
     if not torch.compiler.is_compiling():
@@ -182,7 +228,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
 
     is_compileable = True
     is_static = True
-    _batch_tensors = ("keys", "values", "gates", "conv_state", "key_mask")
+    _batch_tensors = ("keys", "values", "gates", "conv_state", "key_mask", "frames")
 
     def __init__(self, max_cache_len: int, key_dtype: str = "float32", **kwargs):
         self.max_cache_len = int(max_cache_len)
@@ -210,8 +256,10 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         """Empty the cache, keeping its buffers (and their addresses, which compiled graphs hold)."""
         for name in self._batch_tensors:
             tensor = getattr(self, name)
-            if tensor is not None:
+            if tensor is not None and name != "frames":
                 tensor.fill_(name == "key_mask")
+        if self.frames is not None:
+            self._reset_frames()
         if self.position is not None:
             self.position.zero_()
         self.filled = False
@@ -230,6 +278,17 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
     def get_conv_state(self) -> torch.Tensor | None:
         return self.conv_state if self.filled else None
 
+    def decode_frames(self) -> torch.Tensor:
+        # Allocated with the buffers on CUDA; compiled steps cannot tell the host they used it, so
+        # carry_framed_keys() always runs.
+        if self.frames is None:
+            self.frames = _identity_frames(self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1], self.keys.device)
+        return self.frames
+
+    def carry_framed_keys(self) -> None:
+        if self.frames is not None:
+            self._carry_framed_keys()
+
     def set_conv_state(self, state: torch.Tensor) -> None:
         if self.conv_state is None or self.conv_state.shape != state.shape:
             self.conv_state = _mark_static(state.clone())
@@ -245,6 +304,8 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         self.gates = _mark_static(gates.new_zeros(B, gates.shape[-1], L)) if gates is not None else None
         self.key_mask = _mark_static(torch.ones(B, L, dtype=torch.bool, device=keys.device))
         self.position = _mark_static(torch.zeros((), dtype=torch.long, device=keys.device))
+        if keys.is_cuda:  # for the decoding kernel; allocated here so that compiled steps see a fixed address
+            self.frames = _mark_static(_identity_frames(B, H, D, keys.device))
         self.is_initialized = True
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):

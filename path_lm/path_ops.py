@@ -278,6 +278,8 @@ def path_decode_step(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     use_kernel: bool = False,
+    frames: torch.Tensor | None = None,
+    window: int = 64,
 ) -> torch.Tensor:
     """Attention of one new token over a cache whose keys are updated in place.
 
@@ -293,6 +295,8 @@ def path_decode_step(
         gate: [B, HQ, L + 1] cumulative log gates, the new token's last (None without a gate).
         key_mask: [B, L + 1] bool, False for padding.
         use_kernel: run path-lm's fused Triton decoding kernel (CUDA; see :func:`decode_kernel_usable`).
+        frames, window: the kernel's lazily carried keys (``path_triton.decode_attention``); None: every
+            key is rewritten.
     Returns:
         o [B, 1, HQ, Dv] in q's dtype.
     """
@@ -305,9 +309,10 @@ def path_decode_step(
         from .path_triton import decode_attention
 
         o = decode_attention(
-            q[:, 0], keys, values, w[:, 0].to(dt), beta[:, 0].to(dt), L1 - 1, gates=gate, key_mask=key_mask, scale=scale
+            q[:, 0], keys, values, w[:, 0].to(dt), beta[:, 0].to(dt), L1 - 1,
+            gates=gate, key_mask=key_mask, frames=frames, window=window, scale=scale, out_dtype=q.dtype,
         )
-        return o.unsqueeze(1).to(q.dtype)
+        return o.unsqueeze(1)
     if L1 > 1:
         old = keys[:, :, :-1]
         w_col = w[:, 0].to(dt).unsqueeze(-1)  # [B, H, D, 1]
@@ -371,8 +376,13 @@ def path_decode_step_static(
         from .path_triton import decode_attention
 
         keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
-        o = decode_attention(q[:, 0], keys, values, w0, beta0, layer.position, gates=gates, key_mask=layer.key_mask, scale=scale)
+        o = decode_attention(
+            q[:, 0], keys, values, w0, beta0, layer.position, gates=gates, key_mask=layer.key_mask,
+            frames=layer.decode_frames(), window=layer.frame_window, scale=scale, out_dtype=q.dtype,
+        )
     else:
+        if layer.frames is not None and not torch.compiler.is_compiling():
+            layer.carry_framed_keys()  # keys the kernel left framed (a backend switch between calls)
         # Slots past the new one hold zeros, which the update leaves at zero; the new slot is written after it.
         kw = keys.to(dt) @ w0.unsqueeze(-1)  # [B, H, L, 1]
         keys.sub_((kw * (beta0[..., None] * w0).unsqueeze(-2)).to(keys.dtype))
@@ -777,10 +787,13 @@ def path_attention(
         cache.append(keys, v, gate, key_mask)
         return o
     if T == 1 and segment_ids is None:
-        keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache
+        use_kernel = decode_kernel_usable(q, v, backend)
+        if not use_kernel:
+            cache.carry_framed_keys()
+        keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache, as stored
         return path_decode_step(
-            q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale,
-            use_kernel=decode_kernel_usable(q, v, backend),
+            q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale, use_kernel=use_kernel,
+            frames=cache.decode_frames() if use_kernel else None, window=cache.frame_window,
         )
     past = PaTHPast(
         keys=cache.keys_view().transpose(1, 2),

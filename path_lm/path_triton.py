@@ -293,16 +293,33 @@ def _precision(q):
 
 
 @triton.jit
+def _group_scores(q, k, USE_DOT: tl.constexpr):
+    """q [GP, D] . k [BN, D] -> [GP, BN] in float32: a tensor-core-shaped product for GP >= 16 rows, else
+    elementwise multiply-and-sum (GP = 1 would waste 15 of 16 products on padding rows)."""
+    if USE_DOT:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        return tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+
+
+@triton.jit
 def _decode_kernel(
-    Q, K, V, W, BETA, GATE, MASK, N, OP, MP, LP,
+    Q, K, V, W, BETA, GATE, MASK, N, FR, OP, MP, LP,
     sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
-    Slots below n are cached keys: each gets the new token's update k <- k - beta (k . w) w, is written back,
-    and is scored; slot n holds the new token's raw key (scored, not updated). Writes the split's
-    unnormalized output, running max and sum of exponentials."""
+    Writes the split's unnormalized output, running max and sum of exponentials.
+
+    Slot n holds the new token's raw key (scored, not updated). Slots below n are cached keys, carried to
+    the previous position. Without frames each gets the new token's update k <- k - beta (k . w) w, is
+    written back, and is scored. With frames (see :func:`decode_attention`) only the window
+    [s, n), s = WINDOW * floor((n - 1) / WINDOW), is updated in place; keys below s stay in an older frame
+    and M (frames[b, n % 2, h]) carries them to position n - 1, so they are scored against M'^T q with
+    M' = H_n M and not rewritten. When n is a multiple of WINDOW they are rewritten as M' k and M resets
+    to the identity. Split 0 writes the next step's M into frames[b, (n + 1) % 2, h]."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     n_split = tl.num_programs(0)
@@ -318,7 +335,8 @@ def _decode_kernel(
     on = tl.arange(0, BN)
     g_ok = og < G
     hq = h * G + og
-    q = tl.load(Q + (b * (H * G) + hq)[:, None] * D + od[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q_rows = Q + (b * (H * G) + hq)[:, None] * D
+    q = tl.load(q_rows + od[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
     w = tl.load(W + i_bh * D + od).to(tl.float32)
     beta = tl.load(BETA + i_bh).to(tl.float32)
     k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
@@ -326,6 +344,36 @@ def _decode_kernel(
     if HAS_GATE:
         g_rows = GATE + b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h
         g_q = tl.load(g_rows + n, mask=g_ok, other=0.0)
+
+    s_old = n * 0
+    fold = n * 0
+    q_old = q
+    if HAS_FRAMES:
+        s_old = tl.maximum(n - 1, 0) // WINDOW * WINDOW
+        fold = (n % WINDOW == 0).to(tl.int32)
+        fr_bh = FR + (b.to(tl.int64) * 2 * H + h) * (D * D)
+        m_cur = fr_bh + (n % 2) * (H * D * D)
+        # u = w^T M and q M, over row blocks of M (a D x D tile at once would not fit in registers at D = 128)
+        u = tl.zeros([D], tl.float32)
+        qm = tl.zeros([GP, D], tl.float32)
+        for d0 in tl.static_range(0, D, EB):
+            ob = d0 + tl.arange(0, EB)
+            m_blk = tl.load(m_cur + ob[:, None] * D + od[None, :])  # [EB, D]
+            u += tl.sum(tl.load(W + i_bh * D + ob).to(tl.float32)[:, None] * m_blk, axis=0)
+            q_blk = tl.load(q_rows + ob[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)  # [GP, EB]
+            if USE_DOT:
+                qm += tl.dot(q_blk, m_blk, input_precision="ieee")
+            else:
+                qm += tl.sum(q_blk[:, :, None] * m_blk[None, :, :], axis=1)
+        q_old = qm - beta * tl.sum(q * w[None, :], axis=1)[:, None] * u[None, :]  # M'^T q
+        if i_s == 0:
+            m_next = fr_bh + ((n + 1) % 2) * (H * D * D)
+            for d0 in tl.static_range(0, D, EB):
+                ob = d0 + tl.arange(0, EB)
+                m_blk = tl.load(m_cur + ob[:, None] * D + od[None, :])
+                m_blk -= (beta * tl.load(W + i_bh * D + ob).to(tl.float32))[:, None] * u[None, :]  # rows of H_n M
+                eye = (ob[:, None] == od[None, :]).to(tl.float32)
+                tl.store(m_next + ob[:, None] * D + od[None, :], tl.where(fold != 0, eye, m_blk))
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -335,13 +383,33 @@ def _decode_kernel(
     for off in range(start, stop, BN):
         cols = off + on
         valid = cols < stop
-        old = cols < n
         k_ptr = k_base + cols.to(tl.int64)[:, None] * D + od[None, :]
         k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-        kw = tl.sum(k * w[None, :], axis=1)
-        k = k - (beta * tl.where(old, kw, 0.0))[:, None] * w[None, :]
-        tl.store(k_ptr, k.to(K.dtype.element_ty), mask=old[:, None])
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [GP, BN]
+        if (off + BN <= s_old) & (fold == 0):  # framed keys only: read, never written
+            s = _group_scores(q_old, k, USE_DOT)
+        else:
+            framed = cols < s_old
+            in_window = (cols < n) & (cols >= s_old)
+            kw = tl.sum(k * w[None, :], axis=1)
+            k_new = k - (beta * tl.where(in_window, kw, 0.0))[:, None] * w[None, :]
+            tl.store(k_ptr, k_new.to(K.dtype.element_ty), mask=in_window[:, None])
+            s = _group_scores(q, k_new, USE_DOT)
+            if HAS_FRAMES:
+                if off < s_old:
+                    if fold != 0:  # carry the framed keys to position n: k <- M' k, by column blocks
+                        s_f = tl.zeros([GP, BN], tl.float32)
+                        for e0 in tl.static_range(0, D, EB):
+                            oe = e0 + tl.arange(0, EB)
+                            m_blk = tl.load(m_cur + oe[:, None] * D + od[None, :])
+                            m_blk -= (beta * tl.load(W + i_bh * D + oe).to(tl.float32))[:, None] * u[None, :]
+                            k_blk = tl.dot(k, tl.trans(m_blk), input_precision="ieee")  # [BN, EB]
+                            k_blk = k_blk.to(K.dtype.element_ty)
+                            tl.store(k_base + cols.to(tl.int64)[:, None] * D + oe[None, :], k_blk, mask=framed[:, None])
+                            q_blk = tl.load(q_rows + oe[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+                            s_f += _group_scores(q_blk, k_blk.to(tl.float32), USE_DOT)
+                        s = tl.where(framed[None, :], s_f, s)
+                    else:
+                        s = tl.where(framed[None, :], _group_scores(q_old, k, USE_DOT), s)
         if HAS_GATE:
             g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
             s = s + (g_q[:, None] - g_k)
@@ -356,7 +424,11 @@ def _decode_kernel(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        if USE_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     part = i_bh * n_split + i_s
     tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
@@ -367,7 +439,7 @@ def _decode_kernel(
 @triton.jit
 def _decode_merge_kernel(OP, MP, LP, O, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr):
     """Program b * H + h: merge the splits' partial softmaxes (empty splits: max -inf, sum 0) into
-    O [B, HQ, DV] float32, rows h * G ... h * G + G - 1."""
+    O [B, HQ, DV] (in O's dtype), rows h * G ... h * G + G - 1."""
     i_bh = tl.program_id(0)
     og = tl.arange(0, GP)
     ov = tl.arange(0, DV)
@@ -382,7 +454,8 @@ def _decode_merge_kernel(OP, MP, LP, O, n_split, G: tl.constexpr, GP: tl.constex
         weight = tl.exp(tl.load(MP + part * GP + og) - m_all)
         den += weight * tl.load(LP + part * GP + og)
         num += weight[:, None] * tl.load(OP + (part * GP + og)[:, None] * DV + ov[None, :])
-    tl.store(O + (i_bh * G + og)[:, None] * DV + ov[None, :], num / den[:, None], mask=(og < G)[:, None])
+    o = num / den[:, None]
+    tl.store(O + (i_bh * G + og)[:, None] * DV + ov[None, :], o.to(O.dtype.element_ty), mask=(og < G)[:, None])
 
 
 _SM_COUNT: dict = {}
@@ -396,31 +469,55 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device.index]
 
 
-def decode_attention(q, keys, values, w, beta, n, *, gates=None, key_mask=None, scale: float):
-    """One decoding step of PaTH attention, fused: the new token's Householder update of every cached key
-    (in place), the scores and the weighted values, split over the sequence (flash-decoding) and merged.
+def _decode_launch(D: int, DV: int, G: int) -> tuple[int, int, int]:
+    """(keys per tile, warps, programs per SM) of the decoding kernel."""
+    return (64, 4, 8) if max(D, DV) <= 64 else (32, 4, 8)
+
+
+def decode_attention(
+    q, keys, values, w, beta, n, *, gates=None, key_mask=None, frames=None, window: int = 64, scale: float,
+    out_dtype=torch.float32, launch=None,
+):
+    """One decoding step of PaTH attention, fused: the new token's Householder update of the cached keys,
+    the scores and the weighted values, split over the sequence (flash-decoding) and merged.
 
     Args:
         q [B, HQ, D]; w [B, H, D] unit norm; beta [B, H].
-        keys [B, H, L, D]: slots below n are the cache, carried to the previous position, updated in place;
+        keys [B, H, L, D]: slots below n are the cache, carried to the previous position (see frames);
             slot n is the new token's raw key; slots above n are ignored. Rows must be contiguous.
         values [B, H, L, DV], rows contiguous; gates [B, HQ, L] cumulative log gates (slot n: the new
             token's), float32; key_mask [B, L] bool, False at padding.
         n: the new token's slot: an int, or an int64 tensor with one element (read on the device, so a
             compiled step needs no host sync).
+        frames: None: every cached key is updated in place (read and written each step). Else a float32
+            [B, 2, H, D, D] buffer, both [:, 0] and [:, 1] the identity when the cache holds keys carried
+            to its last position: keys below ``window * floor((n - 1) / window)`` are then only read, and
+            carried by a D x D matrix kept in frames (and written back once every ``window`` steps), so a
+            step reads those keys once instead of reading and writing them. Keep frames with the cache and
+            call :func:`carry_framed_keys` before reading the keys with anything else.
+        window: the in-place window of ``frames`` (a power of two, at least the tile of keys).
+        out_dtype: the output's dtype (the merge kernel rounds to it).
+        launch: (keys per tile, warps, programs per SM), overriding :func:`_decode_launch` (for tuning).
     Returns:
-        o [B, HQ, DV] float32.
+        o [B, HQ, DV] in out_dtype.
     """
     B, HQ, D = q.shape
     H, L, DV = keys.shape[1], keys.shape[2], values.shape[-1]
     G = HQ // H
     if keys.stride(-1) != 1 or keys.stride(-2) != D or values.stride(-1) != 1 or values.stride(-2) != DV:
         raise ValueError("decode_attention needs key and value rows contiguous along the head dimension")
-    GP = max(16, triton.next_power_of_2(G))
-    BN = 64 if max(D, DV) <= 64 else 32
+    use_dot = G > 1
+    GP = max(16, triton.next_power_of_2(G)) if use_dot else 1
+    BN, warps, per_sm = launch if launch is not None else _decode_launch(D, DV, G)
+    has_frames = frames is not None
+    if has_frames:
+        if frames.shape != (B, 2, H, D, D) or frames.dtype != torch.float32 or not frames.is_contiguous():
+            raise ValueError(f"frames must be a contiguous float32 [B, 2, H, D, D] buffer, got {tuple(frames.shape)}")
+        if window % BN or window & (window - 1):
+            raise ValueError(f"window ({window}) must be a power of two and a multiple of the key tile ({BN})")
     tiles = triton.cdiv(L, BN)
     # enough programs to fill the GPU several times over (each walks its split serially)
-    n_split = max(1, min(tiles, triton.cdiv(8 * _sm_count(q.device), B * H)))
+    n_split = max(1, min(tiles, triton.cdiv(per_sm * _sm_count(q.device), B * H)))
     split_len = triton.cdiv(tiles, n_split) * BN
     n_split = triton.cdiv(L, split_len)
     o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
@@ -431,13 +528,14 @@ def decode_attention(q, keys, values, w, beta, n, *, gates=None, key_mask=None, 
         key_mask = key_mask.contiguous()
     _decode_kernel[(n_split, B * H)](
         q.contiguous(), keys, values, w.contiguous(), beta.contiguous(),
-        gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, o_part, m_part, l_part,
+        gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
+        o_part, m_part, l_part,
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
         key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
-        num_warps=4,
+        USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), num_warps=warps,
     )
-    o = torch.empty(B, HQ, DV, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
     _decode_merge_kernel[(B * H,)](o_part, m_part, l_part, o, n_split, G=G, GP=GP, DV=DV, num_warps=4)
     return o

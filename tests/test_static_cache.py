@@ -6,7 +6,8 @@
 - a decoding step on a static cache compiles into ONE graph (fullgraph=True) that is reused at every step
   (no recompilation as the cached length grows) and gives the logits of the uncompiled step;
 - the fused Triton decoding kernel (run by Triton's CPU interpreter here) against a float64 explicit formula:
-  updated keys in place, output, GQA, forget gate, padding, splits over the sequence, float32 and bf16 keys.
+  updated keys in place, output, GQA, forget gate, padding, splits over the sequence, float32 and bf16 keys,
+  and keys carried lazily (frames) across several windows.
 """
 
 from __future__ import annotations
@@ -216,6 +217,11 @@ KERNEL_CASES = [
     dict(B=1, HQ=2, H=2, D=64, DV=64, L=100, n=99, gate=False, mask=False, key_dtype=torch.float32),
     dict(B=3, HQ=8, H=2, D=16, DV=32, L=70, n=5, gate=True, mask=True, key_dtype=torch.bfloat16),
     dict(B=1, HQ=1, H=1, D=16, DV=16, L=40, n=0, gate=True, mask=False, key_dtype=torch.float32),
+    # one query head per kv head (elementwise products), tiles of 16 keys, several splits, bf16 output
+    dict(B=2, HQ=3, H=3, D=32, DV=32, L=200, n=150, gate=True, mask=True, key_dtype=torch.float32,
+         launch=(16, 2, 2), out=torch.bfloat16),
+    dict(B=1, HQ=8, H=2, D=64, DV=64, L=90, n=64, gate=True, mask=False, key_dtype=torch.bfloat16,
+         launch=(32, 4, 1), out=torch.bfloat16),
 ]
 
 
@@ -240,9 +246,17 @@ def test_decode_kernel_matches_explicit_formula(case):
     on = [x.to(KERNEL_DEVICE) if x is not None else None for x in (q, keys.clone(), values, w, beta, gates, key_mask)]
     q, updated, values, w, beta, gates, key_mask = on
     position = torch.tensor(n, device=KERNEL_DEVICE)
-    o = decode_attention(q, updated, values, w, beta, position, gates=gates, key_mask=key_mask, scale=D**-0.5)
+    out = case.get("out", torch.float32)
+    o = decode_attention(
+        q, updated, values, w, beta, position, gates=gates, key_mask=key_mask, scale=D**-0.5,
+        out_dtype=out, launch=case.get("launch"),
+    )
+    assert o.dtype == out
     o, updated = o.cpu(), updated.cpu()
-    torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
+    if out == torch.float32:
+        torch.testing.assert_close(o.double(), o_ref, atol=2e-6, rtol=1e-5)
+    else:  # rounded once, at the end: within one bf16 step (2^-7 relative; Triton's interpreter truncates)
+        torch.testing.assert_close(o.double(), o_ref, atol=1e-6, rtol=2**-7)
     if case["key_dtype"] == torch.float32:
         torch.testing.assert_close(updated[:, :, :n].double(), keys_ref[:, :, :n], atol=2e-6, rtol=1e-6)
     else:  # stored rounded to bf16: within one rounding of the exact update
@@ -253,37 +267,99 @@ def test_decode_kernel_matches_explicit_formula(case):
 @torch.no_grad()
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic_step", "static_step"])
 def test_decode_steps_with_kernel_equal_torch_ops(static):
-    """The decoding steps of both caches give the same output and cache with the kernel and with torch ops."""
+    """The decoding steps of both caches give the same outputs and cache with the kernel and with torch
+    ops, over 40 steps that cross a window of lazily carried keys (cache.FRAME_WINDOW), and a continuation
+    by several tokens afterwards (which carries the framed keys first)."""
     pytest.importorskip("triton")
-    B, HQ, H, D, L = 2, 4, 2, 16, 37
+    B, HQ, H, D, L, steps = 2, 4, 2, 16, 37, 40
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(B, 1, HQ, D, generator=gen)
-    k = torch.randn(B, 1, H, D, generator=gen)
-    v = torch.randn(B, 1, H, D, generator=gen)
-    w = F.normalize(torch.randn(B, 1, H, D, generator=gen), dim=-1)
-    beta = 2 * torch.rand(B, 1, H, generator=gen)
-    g = F.logsigmoid(torch.randn(B, 1, HQ, generator=gen))
+    step_inputs = []
+    for _ in range(steps):
+        step_inputs.append((
+            torch.randn(B, 1, HQ, D, generator=gen), torch.randn(B, 1, H, D, generator=gen),
+            torch.randn(B, 1, H, D, generator=gen), F.normalize(torch.randn(B, 1, H, D, generator=gen), dim=-1),
+            2 * torch.rand(B, 1, H, generator=gen), F.logsigmoid(torch.randn(B, 1, HQ, generator=gen)),
+        ))
     prompt_keys, prompt_values = torch.randn(B, L, H, D, generator=gen), torch.randn(B, L, H, D, generator=gen)
     prompt_gates = -torch.rand(B, L, HQ, generator=gen).cumsum(1)
-    q, k, v, w, beta, g, prompt_keys, prompt_values, prompt_gates = (
-        x.to(KERNEL_DEVICE) for x in (q, k, v, w, beta, g, prompt_keys, prompt_values, prompt_gates)
-    )
+    more = [torch.randn(B, 3, *shape, generator=gen) for shape in ((HQ, D), (H, D), (H, D), (H, D))]
+    more_w = F.normalize(more[3], dim=-1)
+    more_beta, more_g = 2 * torch.rand(B, 3, H, generator=gen), F.logsigmoid(torch.randn(B, 3, HQ, generator=gen))
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
     results = []
     for use_kernel in (False, True):
-        layer = PaTHStaticCacheLayer(64) if static else PaTHCache(num_hidden_layers=1).layers[0]
+        layer = PaTHStaticCacheLayer(96) if static else PaTHCache(num_hidden_layers=1).layers[0]
         mask = torch.ones(B, L, dtype=torch.bool, device=KERNEL_DEVICE)
         mask[0, :5] = False
-        layer.append(prompt_keys, prompt_values, prompt_gates, mask if static else None)
-        if static:
-            o = path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=torch.ones(B, 1, dtype=torch.bool, device=KERNEL_DEVICE),
-                                        use_kernel=use_kernel)
-        else:
-            gate = layer.cumulative_gate(g)
-            keys, values, gates = layer.append(k, v, gate)
-            full_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            o = path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=full_mask, use_kernel=use_kernel)
-        results.append((o, layer.keys_view().clone(), layer.get_seq_length()))
-    (o_torch, keys_torch, n_torch), (o_kernel, keys_kernel, n_kernel) = results
-    torch.testing.assert_close(o_kernel, o_torch, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(keys_kernel, keys_torch, atol=1e-6, rtol=1e-5)
-    assert n_torch == n_kernel == L + 1
+        layer.append(on(prompt_keys), on(prompt_values), on(prompt_gates), mask if static else None)
+        outputs = []
+        for q, k, v, w, beta, g in step_inputs:
+            q, k, v, w, beta, g = (on(x) for x in (q, k, v, w, beta, g))
+            if static:
+                token_mask = torch.ones(B, 1, dtype=torch.bool, device=KERNEL_DEVICE)
+                outputs.append(path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=token_mask, use_kernel=use_kernel))
+            else:
+                gate = layer.cumulative_gate(g)
+                keys, values, gates = layer.append(k, v, gate)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                frames = layer.decode_frames() if use_kernel else None
+                outputs.append(path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=mask,
+                                                use_kernel=use_kernel, frames=frames, window=layer.frame_window))
+        if use_kernel:
+            assert layer.frames is not None, "the kernel steps keep framed keys"
+        carried = layer.keys_view().clone()
+        # continuation by three tokens through path_attention (PyTorch ops), which reads the carried keys
+        from path_lm.path_ops import path_attention
+
+        full_mask = torch.ones(B, L + steps + 3, dtype=torch.bool, device=KERNEL_DEVICE)
+        full_mask[0, :5] = False
+        o_more = path_attention(on(more[0]), on(more[1]), on(more[2]), on(more_w), on(more_beta), on(more_g),
+                                key_mask=full_mask, cache=layer, backend="torch")
+        results.append((torch.cat(outputs, 1), carried, layer.keys_view().clone(), o_more, layer.get_seq_length()))
+    for name, a, b in zip(("outputs", "carried keys", "keys after continuation", "continuation"), *results):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
+    assert results[0][-1] == results[1][-1] == L + steps + 3
+
+
+@pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
+def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ):
+    """Decoding steps with lazily carried keys (frames) over three windows of 16: every step's output and,
+    at the end, the keys carried by the test's own formula, against float64 keys rewritten at every step."""
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_attention
+
+    B, H, D, DV, P, steps, window = 2, 2, 32, 16, 21, 40, 16
+    L = P + steps
+    gen = torch.Generator().manual_seed(HQ)
+    exact = torch.zeros(B, H, L, D, dtype=torch.float64)
+    exact[:, :, :P] = torch.randn(B, H, P, D, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, H, L, DV, generator=gen).bfloat16()
+    gates = -torch.rand(B, HQ, L, generator=gen).cumsum(-1)
+    key_mask = torch.rand(B, L, generator=gen) > 0.2
+    key_mask[:, P:] = True
+    keys = exact.float().to(KERNEL_DEVICE)
+    frames = torch.eye(D).expand(B, 2, H, D, D).contiguous().to(KERNEL_DEVICE)
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
+    for n in range(P, L):
+        q = torch.randn(B, HQ, D, generator=gen).bfloat16()
+        k_new = torch.randn(B, H, D, generator=gen, dtype=torch.float64)
+        w = F.normalize(torch.randn(B, H, D, generator=gen), dim=-1)
+        beta = 2 * torch.rand(B, H, generator=gen)
+        exact[:, :, n] = k_new
+        keys[:, :, n] = on(k_new.float())
+        o_ref, exact = decode_reference(q, exact, values, w, beta, n, gates, key_mask, D**-0.5)
+        o = decode_attention(
+            on(q), keys, on(values), on(w), on(beta), torch.tensor(n, device=KERNEL_DEVICE), gates=on(gates),
+            key_mask=on(key_mask), frames=frames, window=window, scale=D**-0.5, launch=(16, 2, 2),
+        )
+        torch.testing.assert_close(o.cpu().double(), o_ref, atol=1e-5, rtol=1e-4, msg=f"step at slot {n}")
+        if n % window == 0:  # every key was carried to position n and the frames are the identity
+            torch.testing.assert_close(keys[:, :, :n].cpu().double(), exact[:, :, :n], atol=1e-5, rtol=1e-5)
+    # Keys below window * floor((L - 1) / window) are in an older frame; frames[:, L % 2] carries them.
+    framed = window * ((L - 1) // window)
+    assert 0 < framed < L - 1
+    carried = keys.cpu().double().clone()
+    carried[:, :, :framed] = carried[:, :, :framed] @ frames[:, L % 2].cpu().double().transpose(-1, -2)
+    torch.testing.assert_close(carried[:, :, :L], exact, atol=1e-5, rtol=1e-5)
+    stale = keys[:, :, :framed].cpu().double()
+    assert (stale - exact[:, :, :framed]).abs().max() > 0.1, "framed keys should not be rewritten between folds"
