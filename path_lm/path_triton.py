@@ -303,6 +303,51 @@ def _group_scores(q, k, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _frame_carry_rows(FR_CUR, W, i_bh, beta, u, ob, od, D: tl.constexpr):
+    """Rows ob of M' = H_n M = M - beta w (w^T M), from M (frames at FR_CUR) and u = w^T M."""
+    m_blk = tl.load(FR_CUR + ob[:, None] * D + od[None, :])
+    return m_blk - (beta * tl.load(W + i_bh * D + ob).to(tl.float32))[:, None] * u[None, :]
+
+
+@triton.jit
+def _decode_fold_kernel(
+    K, W, BETA, N, FR, sk_b, sk_h, split_len, n_value,
+    H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, EB: tl.constexpr, N_ON_DEVICE: tl.constexpr,
+    WINDOW: tl.constexpr, PREC: tl.constexpr,
+):
+    """Program (split, b * H + h). On a step whose slot n is a multiple of WINDOW (n > 0): rewrite the framed
+    keys [0, n - WINDOW) as M' k (M' = H_n M, M = frames[b, n % 2, h]), carried to position n. Other
+    steps do nothing (the kernel stays in the step, so that a compiled step has a fixed set of launches)."""
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    if N_ON_DEVICE:
+        n = tl.load(N)
+    else:
+        n = n_value
+    if (n % WINDOW == 0) & (n > WINDOW):
+        od = tl.arange(0, D)
+        on = tl.arange(0, BN)
+        beta = tl.load(BETA + i_bh).to(tl.float32)
+        m_cur = FR + (b.to(tl.int64) * 2 * H + h) * (D * D) + (n % 2) * (H * D * D)
+        u = tl.zeros([D], tl.float32)
+        for d0 in tl.static_range(0, D, EB):
+            ob = d0 + tl.arange(0, EB)
+            u += tl.sum(tl.load(W + i_bh * D + ob).to(tl.float32)[:, None] * tl.load(m_cur + ob[:, None] * D + od[None, :]), axis=0)
+        k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+        start = i_s * split_len
+        for off in range(start, tl.minimum(start + split_len, n - WINDOW), BN):
+            rows = k_base + (off + on).to(tl.int64)[:, None] * D
+            k = tl.load(rows + od[None, :]).to(tl.float32)
+            for e0 in tl.static_range(0, D, EB):
+                oe = e0 + tl.arange(0, EB)
+                m_blk = _frame_carry_rows(m_cur, W, i_bh, beta, u, oe, od, D)
+                k_blk = tl.dot(k, tl.trans(m_blk), input_precision=PREC)  # [BN, EB]
+                tl.store(rows + oe[None, :], k_blk.to(K.dtype.element_ty))
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, W, BETA, GATE, MASK, N, FR, OP, MP, LP,
     sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value,
@@ -316,10 +361,11 @@ def _decode_kernel(
     Slot n holds the new token's raw key (scored, not updated). Slots below n are cached keys, carried to
     the previous position. Without frames each gets the new token's update k <- k - beta (k . w) w, is
     written back, and is scored. With frames (see :func:`decode_attention`) only the window
-    [s, n), s = WINDOW * floor((n - 1) / WINDOW), is updated in place; keys below s stay in an older frame
-    and M (frames[b, n % 2, h]) carries them to position n - 1, so they are scored against M'^T q with
-    M' = H_n M and not rewritten. When n is a multiple of WINDOW they are rewritten as M' k and M resets
-    to the identity. Split 0 writes the next step's M into frames[b, (n + 1) % 2, h]."""
+    [s, n), s = WINDOW * floor((n - 1) / WINDOW), is updated in place; the keys below s are in an older
+    frame that M = frames[b, n % 2, h] carries to position n - 1: they are only read, and scored against
+    M'^T q with M' = H_n M. On a step where n is a multiple of WINDOW, :func:`_decode_fold_kernel` has
+    already carried them to position n, so they are scored against q and M restarts from the identity.
+    Split 0 writes the next step's M into frames[b, (n + 1) % 2, h]."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     n_split = tl.num_programs(0)
@@ -346,13 +392,11 @@ def _decode_kernel(
         g_q = tl.load(g_rows + n, mask=g_ok, other=0.0)
 
     s_old = n * 0
-    fold = n * 0
     q_old = q
     if HAS_FRAMES:
         s_old = tl.maximum(n - 1, 0) // WINDOW * WINDOW
-        fold = (n % WINDOW == 0).to(tl.int32)
-        fr_bh = FR + (b.to(tl.int64) * 2 * H + h) * (D * D)
-        m_cur = fr_bh + (n % 2) * (H * D * D)
+        fold = n % WINDOW == 0
+        m_cur = FR + (b.to(tl.int64) * 2 * H + h) * (D * D) + (n % 2) * (H * D * D)
         # u = w^T M and q M, over row blocks of M (a D x D tile at once would not fit in registers at D = 128)
         u = tl.zeros([D], tl.float32)
         qm = tl.zeros([GP, D], tl.float32)
@@ -365,15 +409,14 @@ def _decode_kernel(
                 qm += tl.dot(q_blk, m_blk, input_precision="ieee")
             else:
                 qm += tl.sum(q_blk[:, :, None] * m_blk[None, :, :], axis=1)
-        q_old = qm - beta * tl.sum(q * w[None, :], axis=1)[:, None] * u[None, :]  # M'^T q
+        q_old = tl.where(fold, q, qm - beta * tl.sum(q * w[None, :], axis=1)[:, None] * u[None, :])  # M'^T q
         if i_s == 0:
-            m_next = fr_bh + ((n + 1) % 2) * (H * D * D)
+            m_next = FR + (b.to(tl.int64) * 2 * H + h) * (D * D) + ((n + 1) % 2) * (H * D * D)
             for d0 in tl.static_range(0, D, EB):
                 ob = d0 + tl.arange(0, EB)
-                m_blk = tl.load(m_cur + ob[:, None] * D + od[None, :])
-                m_blk -= (beta * tl.load(W + i_bh * D + ob).to(tl.float32))[:, None] * u[None, :]  # rows of H_n M
                 eye = (ob[:, None] == od[None, :]).to(tl.float32)
-                tl.store(m_next + ob[:, None] * D + od[None, :], tl.where(fold != 0, eye, m_blk))
+                m_blk = _frame_carry_rows(m_cur, W, i_bh, beta, u, ob, od, D)
+                tl.store(m_next + ob[:, None] * D + od[None, :], tl.where(fold, eye, m_blk))
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -385,31 +428,14 @@ def _decode_kernel(
         valid = cols < stop
         k_ptr = k_base + cols.to(tl.int64)[:, None] * D + od[None, :]
         k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-        if (off + BN <= s_old) & (fold == 0):  # framed keys only: read, never written
+        if off < s_old:  # framed keys (whole tiles: s_old is a multiple of the tile): read, never written
             s = _group_scores(q_old, k, USE_DOT)
         else:
-            framed = cols < s_old
-            in_window = (cols < n) & (cols >= s_old)
+            in_window = cols < n
             kw = tl.sum(k * w[None, :], axis=1)
-            k_new = k - (beta * tl.where(in_window, kw, 0.0))[:, None] * w[None, :]
-            tl.store(k_ptr, k_new.to(K.dtype.element_ty), mask=in_window[:, None])
-            s = _group_scores(q, k_new, USE_DOT)
-            if HAS_FRAMES:
-                if off < s_old:
-                    if fold != 0:  # carry the framed keys to position n: k <- M' k, by column blocks
-                        s_f = tl.zeros([GP, BN], tl.float32)
-                        for e0 in tl.static_range(0, D, EB):
-                            oe = e0 + tl.arange(0, EB)
-                            m_blk = tl.load(m_cur + oe[:, None] * D + od[None, :])
-                            m_blk -= (beta * tl.load(W + i_bh * D + oe).to(tl.float32))[:, None] * u[None, :]
-                            k_blk = tl.dot(k, tl.trans(m_blk), input_precision="ieee")  # [BN, EB]
-                            k_blk = k_blk.to(K.dtype.element_ty)
-                            tl.store(k_base + cols.to(tl.int64)[:, None] * D + oe[None, :], k_blk, mask=framed[:, None])
-                            q_blk = tl.load(q_rows + oe[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-                            s_f += _group_scores(q_blk, k_blk.to(tl.float32), USE_DOT)
-                        s = tl.where(framed[None, :], s_f, s)
-                    else:
-                        s = tl.where(framed[None, :], _group_scores(q_old, k, USE_DOT), s)
+            k = k - (beta * tl.where(in_window, kw, 0.0))[:, None] * w[None, :]
+            tl.store(k_ptr, k.to(K.dtype.element_ty), mask=in_window[:, None])
+            s = _group_scores(q, k, USE_DOT)
         if HAS_GATE:
             g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
             s = s + (g_q[:, None] - g_k)
@@ -470,8 +496,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _decode_launch(D: int, DV: int, G: int) -> tuple[int, int, int]:
-    """(keys per tile, warps, programs per SM) of the decoding kernel."""
-    return (64, 4, 8) if max(D, DV) <= 64 else (32, 4, 8)
+    """(keys per tile, warps, programs per SM) of the decoding kernel: measured on an H100 at head dim 64
+    (docs/kernels.md); larger head dims take half the tile to keep the key tile in registers."""
+    return (64, 2, 8) if max(D, DV) <= 64 else (32, 4, 8)
 
 
 def decode_attention(
@@ -526,9 +553,17 @@ def decode_attention(
     has_gate, has_mask, on_device = gates is not None, key_mask is not None, isinstance(n, torch.Tensor)
     if has_mask and key_mask.stride(-1) != 1:
         key_mask = key_mask.contiguous()
+    q, w, beta = q.contiguous(), w.contiguous(), beta.contiguous()
+    if has_frames:
+        _decode_fold_kernel[(n_split, B * H)](
+            keys, w, beta, n if on_device else q, frames,
+            keys.stride(0), keys.stride(1), split_len, 0 if on_device else n,
+            H=H, D=D, BN=BN, EB=min(D, 32), N_ON_DEVICE=on_device, WINDOW=window, num_warps=4,
+            # three TF32 products: float32 accuracy on tensor cores (the interpreter multiplies in float32)
+            PREC="tf32x3" if keys.is_cuda else "ieee",
+        )
     _decode_kernel[(n_split, B * H)](
-        q.contiguous(), keys, values, w.contiguous(), beta.contiguous(),
-        gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
+        q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
         o_part, m_part, l_part,
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
