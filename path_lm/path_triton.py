@@ -303,6 +303,17 @@ def _group_scores(q, k, USE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _decode_program(N, n_value, H: tl.constexpr, N_ON_DEVICE: tl.constexpr):
+    """(split, b * H + h, b, h, n) of a decoding program; n (the new token's slot) from the device or an int."""
+    i_bh = tl.program_id(1)
+    if N_ON_DEVICE:
+        n = tl.load(N)
+    else:
+        n = n_value
+    return tl.program_id(0), i_bh, i_bh // H, i_bh % H, n
+
+
+@triton.jit
 def _frame_carry_rows(FR_CUR, W, i_bh, beta, u, ob, od, D: tl.constexpr):
     """Rows ob of M' = H_n M = M - beta w (w^T M), from M (frames at FR_CUR) and u = w^T M."""
     m_blk = tl.load(FR_CUR + ob[:, None] * D + od[None, :])
@@ -318,14 +329,7 @@ def _decode_fold_kernel(
     """Program (split, b * H + h). On a step whose slot n is a multiple of WINDOW (n > 0): rewrite the framed
     keys [0, n - WINDOW) as M' k (M' = H_n M, M = frames[b, n % 2, h]), carried to position n. Other
     steps do nothing (the kernel stays in the step, so that a compiled step has a fixed set of launches)."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // H
-    h = i_bh % H
-    if N_ON_DEVICE:
-        n = tl.load(N)
-    else:
-        n = n_value
+    i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
     if (n % WINDOW == 0) & (n > WINDOW):
         od = tl.arange(0, D)
         on = tl.arange(0, BN)
@@ -366,15 +370,8 @@ def _decode_kernel(
     M'^T q with M' = H_n M. On a step where n is a multiple of WINDOW, :func:`_decode_fold_kernel` has
     already carried them to position n, so they are scored against q and M restarts from the identity.
     Split 0 writes the next step's M into frames[b, (n + 1) % 2, h]."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
     n_split = tl.num_programs(0)
-    b = i_bh // H
-    h = i_bh % H
-    if N_ON_DEVICE:
-        n = tl.load(N)
-    else:
-        n = n_value
     od = tl.arange(0, D)
     ov = tl.arange(0, DV)
     og = tl.arange(0, GP)
