@@ -31,13 +31,7 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dog", "ran", "to", "pa
          "tree", "by", "river"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost 10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
