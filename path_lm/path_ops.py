@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -460,7 +461,8 @@ class _Levels:
     p_sb: torch.Tensor
 
 
-def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> _Levels:
+def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> tuple:
+    """The fields of :class:`_Levels`, as a tuple (what torch.compile returns best)."""
     B, T, HQ, D = q.shape
     H, Dv = k.shape[2], v.shape[-1]
     G = HQ // H
@@ -511,7 +513,7 @@ def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> _Levels:
     logits = logits.masked_fill(~visible[:, None, :, None], float("-inf"))
     v_pad = F.pad(v, (0, 0, 0, 0, 0, T_pad - T))
     v_local = v_pad.to(dt).transpose(1, 2).reshape(B, H, n, 1, C, Dv)
-    return _Levels(framed, logits, v_local, v_pad.to(kdt).contiguous(), gate, k_top, p_sb)
+    return framed, logits, v_local, v_pad.to(kdt).contiguous(), gate, k_top, p_sb
 
 
 @contextlib.contextmanager
@@ -529,10 +531,81 @@ def _matmul_precision(kdt):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _merge_levels(partials: list, local_logits: torch.Tensor, v_local: torch.Tensor, T: int) -> tuple:
+    """One softmax from the kernels' partial (output, log-sum-exp) pairs and the own-chunk logits.
+    Returns o [B, T, HQ, Dv] float32 and lse [B, HQ, T_pad]."""
+    B, H, n, G, C, _ = local_logits.shape
+    lse_local = local_logits.logsumexp(-1)  # [B, H, n, G, C]
+    o_local = torch.softmax(local_logits, -1) @ v_local
+    partials = [*partials, (
+        o_local.permute(0, 2, 4, 1, 3, 5).reshape(B, n * C, H * G, -1),
+        lse_local.permute(0, 1, 3, 2, 4).reshape(B, H * G, n * C),
+    )]
+    lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)  # [B, HQ, T_pad]
+    o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
+    return o[:, :T], lse
+
+
+def _local_grads(local_logits, v_local, do_pad, o_pad, lse) -> tuple:
+    """The own-chunk level's backward by hand: P = exp(logits - lse), dlogits = P * (do . v - delta).
+    Returns delta [B, HQ, T_pad] = rowsum(do * o), dlogits and dv_local (shaped like local_logits, v_local)."""
+    B, H, n, G, C, _ = local_logits.shape
+    delta = (do_pad.float() * o_pad.float()).sum(-1).transpose(1, 2)  # [B, HQ, T_pad]
+
+    def blocks(x):  # [B, T_pad, HQ, d] -> [B, H, n, G, C, d]
+        return x.reshape(B, n, C, H, G, -1).permute(0, 3, 1, 4, 2, 5)
+
+    probs = (local_logits - blocks(lse.transpose(1, 2)[..., None])).exp()
+    do_b = blocks(do_pad.float())
+    dlogits = probs * (do_b @ v_local.transpose(-1, -2) - blocks(delta.transpose(1, 2)[..., None]))
+    return delta.contiguous(), dlogits, (probs.transpose(-1, -2) @ do_b).sum(3, keepdim=True)
+
+
+def compile_enabled() -> bool:
+    """Whether the Triton backend runs its PyTorch preparation through ``torch.compile`` (CUDA only):
+    ``PATH_LM_COMPILE_PREP=1``. Off by default: on an H100 it made forward+backward 1.65x faster at head
+    dim 64 but took 36 s to compile, and at head dim 128 it compiled for 193 s and slowed the forward
+    (docs/kernels.md, v3)."""
+    return os.environ.get("PATH_LM_COMPILE_PREP", "0") == "1"
+
+
+def _compiled_on_cuda(fn):
+    """``fn`` compiled by torch.compile, on CUDA tensors when :func:`compile_enabled`; eager otherwise.
+
+    The preparation is many small elementwise passes over [B, H, T, D] tensors and 64 x 64 products: eager
+    PyTorch launches hundreds of kernels and moves each tensor many times; the compiled version fuses them.
+    If compiling fails (no compiler toolchain, an unsupported op), the eager function runs and a warning
+    says why, once."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal compiled
+        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in args)
+        if compiled is False or not on_cuda or not compile_enabled() or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn)
+        try:
+            return compiled(*args)
+        except Exception as err:  # noqa: BLE001  compilation failed: the eager function gives the same result
+            logger.warning("torch.compile of %s failed, running it eagerly: %s", fn.__name__, err)
+            compiled = False
+            return fn(*args)
+
+    return call
+
+
+_prepare = _compiled_on_cuda(_path_levels)
+_merge = _compiled_on_cuda(_merge_levels)
+_local_backward = _compiled_on_cuda(_local_grads)
+
+
 class _PaTHTriton(torch.autograd.Function):
     """Forward: the preparation under no_grad, the kernels, one merged softmax. Backward: the preparation
     again with autograd (nothing of it is kept between the passes), the kernels' backward against the final
-    softmax statistics, then autograd from the prepared tensors back to the inputs."""
+    softmax statistics, then autograd from the prepared tensors back to the inputs. The PyTorch parts run
+    compiled on CUDA (:func:`_compiled_on_cuda`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):
@@ -543,20 +616,13 @@ class _PaTHTriton(torch.autograd.Function):
         T_pad = math.ceil(T / (C * NB)) * C * NB
         seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
         with torch.no_grad(), _matmul_precision(kdt):
-            lv = _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt)
+            lv = _Levels(*_prepare(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt))
             partials = [
                 framed_forward(qx, kx, lv.v_kernel, lv.gate, mid, seg_start, block=X, blocks_per_window=nb, scale=scale)
                 for qx, kx, mid, X, nb in lv.framed
             ]
-            lse_local = lv.local_logits.logsumexp(-1)  # [B, H, n, G, C]
-            o_local = torch.softmax(lv.local_logits, -1) @ lv.v_local
-            partials.append((
-                o_local.permute(0, 2, 4, 1, 3, 5).reshape(B, T_pad, HQ, -1),
-                lse_local.permute(0, 1, 3, 2, 4).reshape(B, HQ, T_pad),
-            ))
-            lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)  # [B, HQ, T_pad]
-            o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
-            o = o[:, :T].to(q.dtype)
+            o, lse = _merge(partials, lv.local_logits, lv.v_local, T)
+            o = o.to(q.dtype)
             keys = None
             if output_keys:  # keys carried to the end of the row: through every later superblock
                 suffix = _suffix_products(lv.p_sb, 2)[:, :, :, None]
@@ -574,15 +640,17 @@ class _PaTHTriton(torch.autograd.Function):
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
         scale, C, NB, kdt = ctx.args
-        B, T, HQ, _ = o.shape
+        T = o.shape[1]
         T_pad = seg_start.shape[1]
         inputs = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v, w, beta, g)]
         with torch.enable_grad(), _matmul_precision(kdt):
-            lv = _path_levels(*inputs, seg_start, scale, C, NB, kdt)
+            lv = _Levels(*_prepare(*inputs, seg_start, scale, C, NB, kdt))
             do_pad = F.pad(do, (0, 0, 0, 0, 0, T_pad - T))
-            delta = (do_pad.float() * F.pad(o, (0, 0, 0, 0, 0, T_pad - T)).float()).sum(-1).transpose(1, 2).contiguous()
+            delta, dlogits, dv_local = _local_backward(
+                lv.local_logits.detach(), lv.v_local.detach(), do_pad, F.pad(o, (0, 0, 0, 0, 0, T_pad - T)), lse
+            )
             do_k = do_pad.to(kdt).contiguous()
-            outputs, grads = [], []
+            outputs, grads = [lv.local_logits, lv.v_local], [dlogits, dv_local]
             for qx, kx, mid, X, nb in lv.framed:
                 dq, dk, dv, dgate, dmid = framed_backward(
                     qx, kx, lv.v_kernel, lv.gate, mid, seg_start, seg_end, do_k, lse, delta,
@@ -593,17 +661,6 @@ class _PaTHTriton(torch.autograd.Function):
                 if dgate is not None:
                     outputs.append(lv.gate)
                     grads.append(dgate)
-            # The query's own chunk, by hand: P = exp(logits - lse), dlogits = P * (do . v - delta).
-            H, G, n = lv.local_logits.shape[1], HQ // lv.local_logits.shape[1], T_pad // C
-
-            def blocks(x):  # [B, T_pad, HQ, d] -> [B, H, n, G, C, d]
-                return x.view(B, n, C, H, G, -1).permute(0, 3, 1, 4, 2, 5)
-
-            probs = (lv.local_logits.detach() - blocks(lse.transpose(1, 2)[..., None])).exp()
-            do_b = blocks(do_pad.float())
-            dlogits = probs * (do_b @ lv.v_local.detach().transpose(-1, -2) - blocks(delta.transpose(1, 2)[..., None]))
-            outputs += [lv.local_logits, lv.v_local]
-            grads += [dlogits, (probs.transpose(-1, -2) @ do_b).sum(3, keepdim=True)]
             pairs = [(x, dx) for x, dx in zip(outputs, grads) if x.requires_grad]  # F = I alone has no graph
             torch.autograd.backward([x for x, _ in pairs], [dx for _, dx in pairs])
         return (*[x.grad if x is not None else None for x in inputs], None, None, None, None, None)
