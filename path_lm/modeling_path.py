@@ -181,6 +181,33 @@ class PaTHAttention(nn.Module):
             self.g_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
+    def _input_projections(self, x: torch.Tensor) -> tuple:
+        """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
+        without a forget gate), each [B, T, features] in x's dtype.
+
+        A decoding step (one token, autograd off) runs the projections that read x as one product over
+        their concatenated weights: one matrix kernel instead of five or six, which is most of what a
+        small model's step costs. Only for plain ``nn.Linear`` modules on x's device and dtype (adapters,
+        quantized or offloaded layers take the module calls)."""
+        w_in = self.w_proj[0] if isinstance(self.w_proj, nn.Sequential) else self.w_proj
+        heads = [self.q_proj, self.k_proj, self.v_proj, w_in, self.bt_proj]
+        if self.use_forget_gate:
+            heads.append(self.g_proj)
+        fused = x.shape[1] == 1 and not torch.is_grad_enabled() and all(
+            type(m) is nn.Linear and m.weight.device == x.device and m.weight.dtype == x.dtype for m in heads
+        )
+        if not fused:
+            w = self.w_proj(x)
+            g = self.g_proj(x) if self.use_forget_gate else None
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
+        parts = list(F.linear(x, torch.cat([m.weight for m in heads])).split([m.out_features for m in heads], -1))
+        for i, m in enumerate(heads):
+            if m.bias is not None:
+                parts[i] = parts[i] + m.bias
+        if w_in is not self.w_proj:
+            parts[3] = self.w_proj[1](parts[3])
+        return (*parts, None) if len(parts) == 5 else tuple(parts)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -212,15 +239,12 @@ class PaTHAttention(nn.Module):
             segment_ids = token_mask.long() - 1
 
         # One preprocessing path for every mode.
-        q = self.q_proj(hidden_states)
-        k = self.k_proj(hidden_states)
-        v = self.v_proj(hidden_states)
-        w = self.w_proj(hidden_states)
+        q, k, v, w, beta_logit, g_logit = self._input_projections(hidden_states)
         dt = torch.promote_types(hidden_states.dtype, torch.float32)  # w, beta, g in float32 or better
-        beta = 2 * torch.sigmoid(self.bt_proj(hidden_states).to(dt))
+        beta = 2 * torch.sigmoid(beta_logit.to(dt))
         if self.beta_max is not None:
             beta = beta.clamp(max=self.beta_max)
-        g = F.logsigmoid(self.g_proj(hidden_states).to(dt)) if self.use_forget_gate else None
+        g = F.logsigmoid(g_logit.to(dt)) if self.use_forget_gate else None
         if token_mask is not None:  # padding: identity transform, no gate mass, nothing into the conv
             keep = token_mask[..., None]
             w = w * keep.to(w.dtype)

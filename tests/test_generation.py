@@ -692,3 +692,57 @@ def test_cache_buffers_updated_in_place_and_grow_in_blocks(model):
     # the grown cache still decodes exactly
     full = model(ids, use_cache=False).logits[:, -1]
     torch.testing.assert_close(last, full, atol=1e-4, rtol=0)
+
+
+class _CountLinear(torch.overrides.TorchFunctionMode):
+    """Counts F.linear calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.linear
+        return func(*args, **(kwargs or {}))
+
+
+class _ShiftedLinear(torch.nn.Linear):
+    """A Linear with an extra output shift, standing in for an adapter (LoRA) or a quantized layer."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.5
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_forget_gate": False}, {"use_low_rank_w": False}])
+def test_decoding_step_fuses_input_projections(overrides):
+    """One token with autograd off: the projections reading the hidden state run as ONE product, and give the
+    module calls' values (float64); with autograd on, several tokens, or a non-plain Linear the module calls
+    run (and an adapter's effect is kept)."""
+    torch.manual_seed(0)
+    attn = PaTHForCausalLM(make_config(**overrides)).double().model.layers[0].attn
+    x = torch.randn(3, 1, 32, dtype=torch.float64)
+    w_module = attn.w_proj
+    expected = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), w_module(x), attn.bt_proj(x),
+                attn.g_proj(x) if attn.use_forget_gate else None]
+    with torch.no_grad(), _CountLinear() as counter:
+        got = attn._input_projections(x)
+    assert counter.calls == (2 if isinstance(w_module, torch.nn.Sequential) else 1)
+    for e, g in zip(expected, got):
+        if e is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, e.detach(), rtol=1e-12, atol=1e-12)
+
+    with _CountLinear() as counter:  # autograd on: module calls
+        attn._input_projections(x)
+    assert counter.calls >= 5
+    with torch.no_grad(), _CountLinear() as counter:  # a prefill: module calls
+        attn._input_projections(x.expand(3, 4, 32))
+    assert counter.calls >= 5
+
+    shifted = _ShiftedLinear(32, 32, bias=False, dtype=torch.float64)
+    shifted.weight.data.copy_(attn.q_proj.weight)
+    attn.q_proj = shifted
+    with torch.no_grad():
+        q = attn._input_projections(x)[0]
+    torch.testing.assert_close(q, expected[0].detach() + 0.5, rtol=1e-12, atol=1e-12)
