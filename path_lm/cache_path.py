@@ -8,8 +8,8 @@ gate of every position, and the last ``conv_size - 1`` inputs of the short convo
 
 Buffers grow in blocks, so decoding writes one slot per token in place instead of copying the cache.
 
-On CUDA the fused decoding kernel keeps most keys in place between steps: only the last ``FRAME_WINDOW``
-keys are rewritten per token; older ones stay in an earlier frame, carried by a D x D matrix per head
+On CUDA the fused decoding kernel keeps most keys in place between steps once the cache is longer than
+``FRAMES_MIN_LENGTH``: only the last ``FRAME_WINDOW`` keys are rewritten per token; older ones stay in an earlier frame, carried by a D x D matrix per head
 (``frames``), and are rewritten once every ``FRAME_WINDOW`` tokens. :meth:`PaTHCacheLayer.carry_framed_keys`
 brings every key to the last position; :meth:`PaTHCacheLayer.keys_view` calls it.
 """
@@ -21,6 +21,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 GROWTH_BLOCK = 256
 FRAME_WINDOW = 64
+# Caches up to this many positions rewrite every key per step instead: the frames' per-step cost (a D x D
+# matrix per head read by every program, the fold launch) is more than rewriting a short cache.
+FRAMES_MIN_LENGTH = 2048
 
 
 def _grow(buffer: torch.Tensor | None, length: int, needed: int, shape_fn) -> torch.Tensor:
@@ -154,9 +157,12 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.carry_framed_keys()
         return self.keys[:, :, : self.length]
 
-    def decode_frames(self) -> torch.Tensor:
-        """The frame buffer of the decoding kernel, [B, 2, H, D, D] float32, created as identities."""
+    def decode_frames(self) -> torch.Tensor | None:
+        """The frame buffer of the decoding kernel, [B, 2, H, D, D] float32, created as identities once the
+        cache holds more than FRAMES_MIN_LENGTH positions (None before: every key is rewritten per step)."""
         if self.frames is None:
+            if self.length < FRAMES_MIN_LENGTH:
+                return None
             B, H, _, D = self.keys.shape
             self.frames = _identity_frames(B, H, D, self.keys.device)
         self._frames_used = True
@@ -234,6 +240,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         self.max_cache_len = int(max_cache_len)
         self.position: torch.Tensor | None = None
         self.key_mask: torch.Tensor | None = None
+        self.input_weight: torch.Tensor | None = None
         self.filled = False
         super().__init__(key_dtype)
 
@@ -278,12 +285,22 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
     def get_conv_state(self) -> torch.Tensor | None:
         return self.conv_state if self.filled else None
 
-    def decode_frames(self) -> torch.Tensor:
-        # Allocated with the buffers on CUDA; compiled steps cannot tell the host they used it, so
-        # carry_framed_keys() always runs.
-        if self.frames is None:
+    def decode_frames(self) -> torch.Tensor | None:
+        # For caches longer than FRAMES_MIN_LENGTH: allocated with the buffers on CUDA (a compiled step
+        # needs its address fixed), else at the first eager kernel step. Compiled steps cannot tell the
+        # host they used it, so carry_framed_keys() always runs.
+        if self.frames is None and self.max_cache_len > FRAMES_MIN_LENGTH and not torch.compiler.is_compiling():
             self.frames = _identity_frames(self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1], self.keys.device)
         return self.frames
+
+    def keep_input_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Keep a copy of the attention layer's concatenated input projections for compiled decoding steps
+        (see :class:`PaTHStaticCache`); refreshed in place, so its address stays. Returns the copy."""
+        if self.input_weight is None or self.input_weight.shape != weight.shape or self.input_weight.dtype != weight.dtype:
+            self.input_weight = _mark_static(weight.clone())
+        else:
+            self.input_weight.copy_(weight)
+        return self.input_weight
 
     def carry_framed_keys(self) -> None:
         if self.frames is not None:
@@ -304,7 +321,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         self.gates = _mark_static(gates.new_zeros(B, gates.shape[-1], L)) if gates is not None else None
         self.key_mask = _mark_static(torch.ones(B, L, dtype=torch.bool, device=keys.device))
         self.position = _mark_static(torch.zeros((), dtype=torch.long, device=keys.device))
-        if keys.is_cuda:  # for the decoding kernel; allocated here so that compiled steps see a fixed address
+        if keys.is_cuda and L > FRAMES_MIN_LENGTH:  # for the decoding kernel, at a fixed address
             self.frames = _mark_static(_identity_frames(B, H, D, keys.device))
         self.is_initialized = True
 
@@ -364,6 +381,11 @@ class PaTHStaticCache(PaTHCache):
 
     >>> cache = PaTHStaticCache(model.config, max_cache_len=4096)
     >>> out = model.generate(ids, max_new_tokens=256, cache=cache)   # past_key_values= before 5.24
+
+    Each layer also keeps a copy of its attention's concatenated input projections (one product per
+    decoding step instead of six), taken at every call that runs outside ``torch.compile`` (generate()'s
+    prefill always does). Compiled steps read that copy: if you change the weights, run the next prompt
+    through the model (or ``reset()`` the cache and prefill again) before compiled steps.
     """
 
     def __init__(

@@ -181,26 +181,35 @@ class PaTHAttention(nn.Module):
             self.g_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def _input_projections(self, x: torch.Tensor) -> tuple:
+    def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
         """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
         without a forget gate), each [B, T, features] in x's dtype.
 
         A decoding step (one token, autograd off) runs the projections that read x as one product over
         their concatenated weights: one matrix kernel instead of five or six, which is most of what a
         small model's step costs. Only for plain ``nn.Linear`` modules on x's device and dtype (adapters,
-        quantized or offloaded layers take the module calls)."""
+        quantized or offloaded layers take the module calls). A static cache keeps the concatenated weight
+        from its last call outside torch.compile, so compiled steps do not concatenate again."""
         w_in = self.w_proj[0] if isinstance(self.w_proj, nn.Sequential) else self.w_proj
         heads = [self.q_proj, self.k_proj, self.v_proj, w_in, self.bt_proj]
         if self.use_forget_gate:
             heads.append(self.g_proj)
-        fused = x.shape[1] == 1 and not torch.is_grad_enabled() and all(
+        fusable = not torch.is_grad_enabled() and all(
             type(m) is nn.Linear and m.weight.device == x.device and m.weight.dtype == x.dtype for m in heads
         )
-        if not fused:
+        static = fusable and layer_cache is not None and layer_cache.is_static
+        compiling = torch.compiler.is_compiling()
+        weight = None
+        if static and not compiling:
+            weight = layer_cache.keep_input_weight(torch.cat([m.weight for m in heads]))
+        if not (fusable and x.shape[1] == 1):
             w = self.w_proj(x)
             g = self.g_proj(x) if self.use_forget_gate else None
             return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
-        parts = list(F.linear(x, torch.cat([m.weight for m in heads])).split([m.out_features for m in heads], -1))
+        if weight is None:
+            weight = layer_cache.input_weight if static else None
+            weight = weight if weight is not None else torch.cat([m.weight for m in heads])
+        parts = list(F.linear(x, weight).split([m.out_features for m in heads], -1))
         for i, m in enumerate(heads):
             if m.bias is not None:
                 parts[i] = parts[i] + m.bias
@@ -239,7 +248,7 @@ class PaTHAttention(nn.Module):
             segment_ids = token_mask.long() - 1
 
         # One preprocessing path for every mode.
-        q, k, v, w, beta_logit, g_logit = self._input_projections(hidden_states)
+        q, k, v, w, beta_logit, g_logit = self._input_projections(hidden_states, layer_cache)
         dt = torch.promote_types(hidden_states.dtype, torch.float32)  # w, beta, g in float32 or better
         beta = 2 * torch.sigmoid(beta_logit.to(dt))
         if self.beta_max is not None:

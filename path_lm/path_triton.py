@@ -460,23 +460,34 @@ def _decode_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(OP, MP, LP, O, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr):
+def _decode_merge_kernel(
+    OP, MP, LP, O, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
+):
     """Program b * H + h: merge the splits' partial softmaxes (empty splits: max -inf, sum 0) into
-    O [B, HQ, DV] (in O's dtype), rows h * G ... h * G + G - 1."""
+    O [B, HQ, DV] (in O's dtype), rows h * G ... h * G + G - 1. CH splits per load, so that the loads of a
+    chunk are independent (a loop of one split at a time waits on each load in turn)."""
     i_bh = tl.program_id(0)
     og = tl.arange(0, GP)
     ov = tl.arange(0, DV)
+    oc = tl.arange(0, CH)
+    first = i_bh * n_split
     m_all = tl.full([GP], float("-inf"), tl.float32)
-    for i in range(n_split):
-        m_all = tl.maximum(m_all, tl.load(MP + (i_bh * n_split + i) * GP + og))
+    for s0 in range(0, n_split, CH):
+        rows = first + s0 + oc
+        m = tl.load(MP + rows[:, None] * GP + og[None, :], mask=(s0 + oc < n_split)[:, None], other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(m, 0))
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
     num = tl.zeros([GP, DV], tl.float32)
     den = tl.zeros([GP], tl.float32)
-    for i in range(n_split):
-        part = i_bh * n_split + i
-        weight = tl.exp(tl.load(MP + part * GP + og) - m_all)
-        den += weight * tl.load(LP + part * GP + og)
-        num += weight[:, None] * tl.load(OP + (part * GP + og)[:, None] * DV + ov[None, :])
+    for s0 in range(0, n_split, CH):
+        rows = first + s0 + oc
+        valid = (s0 + oc < n_split)[:, None]
+        m = tl.load(MP + rows[:, None] * GP + og[None, :], mask=valid, other=float("-inf"))
+        weight = tl.exp(m - m_all[None, :])  # [CH, GP]
+        den += tl.sum(weight * tl.load(LP + rows[:, None] * GP + og[None, :], mask=valid, other=0.0), 0)
+        part = tl.load(OP + (rows[:, None, None] * GP + og[None, :, None]) * DV + ov[None, None, :],
+                       mask=valid[:, :, None], other=0.0)  # [CH, GP, DV]
+        num += tl.sum(weight[:, :, None] * part, 0)
     o = num / den[:, None]
     tl.store(O + (i_bh * G + og)[:, None] * DV + ov[None, :], o.to(O.dtype.element_ty), mask=(og < G)[:, None])
 
@@ -569,5 +580,6 @@ def decode_attention(
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), num_warps=warps,
     )
     o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
-    _decode_merge_kernel[(B * H,)](o_part, m_part, l_part, o, n_split, G=G, GP=GP, DV=DV, num_warps=4)
+    chunk = max(1, min(triton.next_power_of_2(n_split), 4096 // (GP * DV)))  # splits per load, <= 4096 values
+    _decode_merge_kernel[(B * H,)](o_part, m_part, l_part, o, n_split, G=G, GP=GP, DV=DV, CH=chunk, num_warps=4)
     return o

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from test_generation import CACHE_KW, PAD, cache_of, make_model, random_ids
 
-from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer
+from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer, cache_path
 from path_lm.path_ops import path_decode_step, path_decode_step_static
 
 # The kernel tests run on the GPU when there is one, else in Triton's CPU interpreter (conftest.py).
@@ -132,6 +133,27 @@ def test_reset_keeps_buffers_and_starts_over(model):
     assert cache.get_seq_length() == 0 and not cache.filled and keys.abs().sum() == 0
     out = model.generate(ids, max_new_tokens=5, do_sample=False, **{CACHE_KW: cache})
     assert torch.equal(out, expected) and cache.layers[1].keys is keys
+
+
+@torch.no_grad()
+def test_static_cache_keeps_input_projections_in_place(model):
+    """Eager calls keep each layer's concatenated input projections in the static cache (refreshed in place
+    at every such call, so new weights are picked up and the address compiled steps read stays)."""
+    model = copy.deepcopy(model)
+    cache = PaTHStaticCache(model.config, max_cache_len=24)
+    out = model(random_ids(1, 9, seed=13), use_cache=True, **{CACHE_KW: cache})
+
+    def concatenated(attn):
+        heads = [attn.q_proj, attn.k_proj, attn.v_proj, attn.w_proj[0], attn.bt_proj, attn.g_proj]
+        return torch.cat([m.weight for m in heads])
+
+    for block, layer in zip(model.model.layers, cache.layers):
+        assert torch.equal(layer.input_weight, concatenated(block.attn))
+    address = cache.layers[0].input_weight.data_ptr()
+    model.model.layers[0].attn.k_proj.weight.add_(0.25)
+    model(out.logits[:, -1:].argmax(-1), use_cache=True, **{CACHE_KW: cache})
+    assert cache.layers[0].input_weight.data_ptr() == address
+    assert torch.equal(cache.layers[0].input_weight, concatenated(model.model.layers[0].attn))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,12 +287,15 @@ def test_decode_kernel_matches_explicit_formula(case):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("long_cache", [True, False], ids=["frames", "short_cache"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic_step", "static_step"])
-def test_decode_steps_with_kernel_equal_torch_ops(static):
+def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatch):
     """The decoding steps of both caches give the same outputs and cache with the kernel and with torch
     ops, over 40 steps that cross a window of lazily carried keys (cache.FRAME_WINDOW), and a continuation
-    by several tokens afterwards (which carries the framed keys first)."""
+    by several tokens afterwards (which carries the framed keys first). A cache no longer than
+    FRAMES_MIN_LENGTH keeps no frames (every key rewritten per step)."""
     pytest.importorskip("triton")
+    monkeypatch.setattr(cache_path, "FRAMES_MIN_LENGTH", 0 if long_cache else 4096)
     B, HQ, H, D, L, steps = 2, 4, 2, 16, 37, 40
     gen = torch.Generator().manual_seed(3)
     step_inputs = []
@@ -305,8 +330,7 @@ def test_decode_steps_with_kernel_equal_torch_ops(static):
                 frames = layer.decode_frames() if use_kernel else None
                 outputs.append(path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=mask,
                                                 use_kernel=use_kernel, frames=frames, window=layer.frame_window))
-        if use_kernel:
-            assert layer.frames is not None, "the kernel steps keep framed keys"
+        assert (layer.frames is not None) == (use_kernel and long_cache), "frames only for kernel steps on long caches"
         carried = layer.keys_view().clone()
         # continuation by three tokens through path_attention (PyTorch ops), which reads the carried keys
         from path_lm.path_ops import path_attention
