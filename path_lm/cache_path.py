@@ -8,8 +8,8 @@ gate of every position, and the last ``conv_size - 1`` inputs of the short convo
 
 Buffers grow in blocks, so decoding writes one slot per token in place instead of copying the cache.
 
-On CUDA the fused decoding kernel keeps most keys in place between steps once the cache is longer than
-``FRAMES_MIN_LENGTH``: only the last ``FRAME_WINDOW`` keys are rewritten per token; older ones stay in an earlier frame, carried by a D x D matrix per head
+On CUDA the fused decoding kernel keeps most keys in place between steps once the cache holds more than
+``FRAMES_MIN_KEYS`` keys (batch x heads x positions): only the last ``FRAME_WINDOW`` keys are rewritten per token; older ones stay in an earlier frame, carried by a D x D matrix per head
 (``frames``), and are rewritten once every ``FRAME_WINDOW`` tokens. :meth:`PaTHCacheLayer.carry_framed_keys`
 brings every key to the last position; :meth:`PaTHCacheLayer.keys_view` calls it.
 """
@@ -21,9 +21,15 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 GROWTH_BLOCK = 256
 FRAME_WINDOW = 64
-# Caches up to this many positions rewrite every key per step instead: the frames' per-step cost (a D x D
-# matrix per head read by every program, the fold launch) is more than rewriting a short cache.
-FRAMES_MIN_LENGTH = 2048
+# Caches of at most this many keys (batch x kv heads x positions) rewrite every key per step instead: there
+# the frames' fixed cost (a D x D matrix per head read by every program, the fold launch) is more than the
+# traffic they save. Measured on an H100 at head dim 64 (docs/kernels.md, run 4).
+FRAMES_MIN_KEYS = 2**17
+
+
+def frames_pay_off(batch: int, kv_heads: int, length: int) -> bool:
+    """Whether the decoding kernel should keep framed keys for a cache of this size."""
+    return batch * kv_heads * length > FRAMES_MIN_KEYS
 
 
 def _grow(buffer: torch.Tensor | None, length: int, needed: int, shape_fn) -> torch.Tensor:
@@ -159,11 +165,11 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     def decode_frames(self) -> torch.Tensor | None:
         """The frame buffer of the decoding kernel, [B, 2, H, D, D] float32, created as identities once the
-        cache holds more than FRAMES_MIN_LENGTH positions (None before: every key is rewritten per step)."""
+        cache is large enough (:func:`frames_pay_off`; None before: every key is rewritten per step)."""
         if self.frames is None:
-            if self.length < FRAMES_MIN_LENGTH:
-                return None
             B, H, _, D = self.keys.shape
+            if not frames_pay_off(B, H, self.length):
+                return None
             self.frames = _identity_frames(B, H, D, self.keys.device)
         self._frames_used = True
         return self.frames
@@ -286,11 +292,12 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         return self.conv_state if self.filled else None
 
     def decode_frames(self) -> torch.Tensor | None:
-        # For caches longer than FRAMES_MIN_LENGTH: allocated with the buffers on CUDA (a compiled step
-        # needs its address fixed), else at the first eager kernel step. Compiled steps cannot tell the
-        # host they used it, so carry_framed_keys() always runs.
-        if self.frames is None and self.max_cache_len > FRAMES_MIN_LENGTH and not torch.compiler.is_compiling():
-            self.frames = _identity_frames(self.keys.shape[0], self.keys.shape[1], self.keys.shape[-1], self.keys.device)
+        # For large caches (frames_pay_off): allocated with the buffers on CUDA (a compiled step needs its
+        # address fixed), else at the first eager kernel step. Compiled steps cannot tell the host they used
+        # it, so carry_framed_keys() always runs.
+        B, H, _, D = self.keys.shape
+        if self.frames is None and frames_pay_off(B, H, self.max_cache_len) and not torch.compiler.is_compiling():
+            self.frames = _identity_frames(B, H, D, self.keys.device)
         return self.frames
 
     def keep_input_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -321,7 +328,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         self.gates = _mark_static(gates.new_zeros(B, gates.shape[-1], L)) if gates is not None else None
         self.key_mask = _mark_static(torch.ones(B, L, dtype=torch.bool, device=keys.device))
         self.position = _mark_static(torch.zeros((), dtype=torch.long, device=keys.device))
-        if keys.is_cuda and L > FRAMES_MIN_LENGTH:  # for the decoding kernel, at a fixed address
+        if keys.is_cuda and frames_pay_off(B, H, L):  # for the decoding kernel, at a fixed address
             self.frames = _mark_static(_identity_frames(B, H, D, keys.device))
         self.is_initialized = True
 

@@ -707,6 +707,7 @@ def triton_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
     return _kernel_input_problem(q, v, TRITON_HEAD_DIMS) or _triton_import_error()
 
 
+@torch.compiler.assume_constant_result  # compiled steps take the answer, not a trace of the import
 @functools.lru_cache(maxsize=None)
 def _fla_import_error() -> str | None:
     """Tried once per process: a failed import is not retried on every layer's call."""
@@ -717,6 +718,7 @@ def _fla_import_error() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     try:  # inside try: transformers' remote-code import check must not require triton
