@@ -19,8 +19,9 @@ with untied embeddings); random prompts of --contexts tokens at --batches rows, 
 - floor: bytes one decoding step must move over the measured copy bandwidth (a large device-to-device
   copy, read + write). Bytes: every weight except the input embedding (one row of it is read); Llama reads
   K and V (bf16); PaTH reads its transformed keys (float32) once, rewrites the last window of them (and all
-  of them once per window, amortized), reads the values (bf16), the cumulative gates (float32 per query
-  head), the padding mask and its frames, at the mean context of the timed steps.
+  of them once per window, amortized) and reads and writes its frames, or, for caches too small for frames
+  (``cache_path.frames_pay_off``), reads and rewrites every key; plus the values (bf16), the cumulative
+  gates (float32 per query head) and the padding mask, at the context length.
 Cases that run out of memory are reported and skipped.
 
     python benchmarks/gpu_decode.py [--contexts 1024 8192 32768] [--batches 1 8 32] [--modes dynamic static]
@@ -36,7 +37,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from path_lm import PaTHConfig, PaTHForCausalLM, PaTHStaticCache
-from path_lm.cache_path import FRAME_WINDOW
+from path_lm.cache_path import FRAME_WINDOW, frames_pay_off
 
 # transformers 5.24 renamed the cache argument from `past_key_values` to `cache`.
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -73,14 +74,18 @@ def step_bytes(name, model, config, batch, context) -> int:
     if name == "Llama":
         per_token = 2 * kv_dim * 2
     else:
-        # The decoding kernel reads every key once and rewrites the last window of them; every window steps
-        # it rewrites all of them (amortized: 2 / window of a read + write); its frames (a D x D float32
-        # matrix per kv head) are read and written once per step.
         key_bytes = 4 if config.cache_key_dtype == "float32" else 2
-        per_token = kv_dim * key_bytes * (1 + 2 / FRAME_WINDOW) + kv_dim * 2 + config.num_heads * 4 + 1
-        head_dim = config.hidden_size // config.num_heads
-        per_token += 2 * FRAME_WINDOW * kv_dim * key_bytes / context
-        weights += config.num_hidden_layers * batch * config.num_kv_heads * head_dim**2 * 4 * 2
+        per_token = kv_dim * 2 + config.num_heads * 4 + 1  # values, cumulative gates, padding mask
+        if frames_pay_off(batch, config.num_kv_heads, context):
+            # The decoding kernel reads every key once and rewrites the last window of them; every window
+            # steps it rewrites all of them (amortized: 2 / window of a read + write); its frames (a D x D
+            # float32 matrix per kv head) are read and written once per step.
+            per_token += kv_dim * key_bytes * (1 + 2 / FRAME_WINDOW)
+            head_dim = config.hidden_size // config.num_heads
+            per_token += 2 * FRAME_WINDOW * kv_dim * key_bytes / context
+            weights += config.num_hidden_layers * batch * config.num_kv_heads * head_dim**2 * 4 * 2
+        else:  # small caches: every key read and written back each step
+            per_token += 2 * kv_dim * key_bytes
     return int(weights + config.num_hidden_layers * batch * context * per_token)
 
 
