@@ -363,6 +363,25 @@ def path_decode_step_static(
     dt = compute_dtype(q.dtype)
     scale = D**-0.5 if scale is None else scale
     keys, values = layer.keys, layer.values
+    if not torch.compiler.is_compiling() and layer.length >= layer.max_cache_len:
+        raise ValueError(
+            f"the static PaTH cache is full (max_cache_len={layer.max_cache_len}); create it with a larger "
+            "max_cache_len (generate(): max_cache_len=...)"
+        )
+    w0, beta0 = w[:, 0].to(dt), beta[:, 0].to(dt)  # [B, H, D], [B, H]
+    if use_kernel:  # the kernel writes the new slot and advances the position itself: no launches here
+        from .path_triton import decode_attention
+
+        new_token = (
+            k[:, 0].to(keys.dtype), v[:, 0].to(values.dtype), g[:, 0] if g is not None else None,
+            token_mask.reshape(B) if token_mask is not None else None,
+        )
+        o = decode_attention(
+            q[:, 0], keys, values, w0, beta0, layer.position, gates=layer.gates if g is not None else None,
+            key_mask=layer.key_mask, frames=layer.decode_frames(), window=layer.frame_window, scale=scale,
+            out_dtype=q.dtype, new_token=new_token,
+        )
+        return o.unsqueeze(1)
     slot = layer.position.reshape(1)
     gates = None
     if g is not None:
@@ -372,31 +391,21 @@ def path_decode_step_static(
     values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
     if token_mask is not None:
         layer.key_mask.index_copy_(1, slot, token_mask.reshape(B, 1).to(torch.bool))
-    w0, beta0 = w[:, 0].to(dt), beta[:, 0].to(dt)  # [B, H, D], [B, H]
-    if use_kernel:
-        from .path_triton import decode_attention
-
-        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
-        o = decode_attention(
-            q[:, 0], keys, values, w0, beta0, layer.position, gates=gates, key_mask=layer.key_mask,
-            frames=layer.decode_frames(), window=layer.frame_window, scale=scale, out_dtype=q.dtype,
-        )
-    else:
-        if layer.frames is not None and not torch.compiler.is_compiling():
-            layer.carry_framed_keys()  # keys the kernel left framed (a backend switch between calls)
-        # Slots past the new one hold zeros, which the update leaves at zero; the new slot is written after it.
-        kw = keys.to(dt) @ w0.unsqueeze(-1)  # [B, H, L, 1]
-        keys.sub_((kw * (beta0[..., None] * w0).unsqueeze(-2)).to(keys.dtype))
-        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
-        logits = q[:, 0].to(dt).reshape(B, H, G, D) @ keys.to(dt).transpose(-1, -2)  # [B, H, G, L]
-        if gates is not None:
-            gate = gates.to(dt).reshape(B, H, G, -1)
-            logits = logits + (gate.index_select(3, slot) - gate)
-        logits = logits * scale
-        allowed = (torch.arange(keys.shape[2], device=keys.device) <= layer.position) & layer.key_mask  # [B, L]
-        allowed = allowed[:, None, None, :]
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        o = (probs @ values.to(dt)).reshape(B, HQ, -1)
+    if layer.frames is not None and not torch.compiler.is_compiling():
+        layer.carry_framed_keys()  # keys the kernel left framed (a backend switch between calls)
+    # Slots past the new one hold zeros, which the update leaves at zero; the new slot is written after it.
+    kw = keys.to(dt) @ w0.unsqueeze(-1)  # [B, H, L, 1]
+    keys.sub_((kw * (beta0[..., None] * w0).unsqueeze(-2)).to(keys.dtype))
+    keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
+    logits = q[:, 0].to(dt).reshape(B, H, G, D) @ keys.to(dt).transpose(-1, -2)  # [B, H, G, L]
+    if gates is not None:
+        gate = gates.to(dt).reshape(B, H, G, -1)
+        logits = logits + (gate.index_select(3, slot) - gate)
+    logits = logits * scale
+    allowed = (torch.arange(keys.shape[2], device=keys.device) <= layer.position) & layer.key_mask  # [B, L]
+    allowed = allowed[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    o = (probs @ values.to(dt)).reshape(B, HQ, -1)
     layer.position.add_(1)
     return o.unsqueeze(1).to(q.dtype)
 

@@ -353,11 +353,12 @@ def _decode_fold_kernel(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, W, BETA, GATE, MASK, N, FR, OP, MP, LP,
-    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value,
+    Q, K, V, W, BETA, GATE, MASK, N, FR, OP, MP, LP, KN, VN, GN, MN,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
-    HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr,
+    HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
+    NEW_MASK: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
     Writes the split's unnormalized output, running max and sum of exponentials.
@@ -369,7 +370,11 @@ def _decode_kernel(
     frame that M = frames[b, n % 2, h] carries to position n - 1: they are only read, and scored against
     M'^T q with M' = H_n M. On a step where n is a multiple of WINDOW, :func:`_decode_fold_kernel` has
     already carried them to position n, so they are scored against q and M restarts from the identity.
-    Split 0 writes the next step's M into frames[b, (n + 1) % 2, h]."""
+    Split 0 writes the next step's M into frames[b, (n + 1) % 2, h].
+
+    WRITE_NEW: slot n is written here instead of by the caller: the key from KN [B, H, D], the value from
+    VN [B, H, DV], the cumulative gate gates[n - 1] + GN [B, HQ] and (NEW_MASK) the padding flag MN [B];
+    the program whose split holds slot n stores them, and every program takes them from the inputs."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
     n_split = tl.num_programs(0)
     od = tl.arange(0, D)
@@ -386,7 +391,16 @@ def _decode_kernel(
     v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
     if HAS_GATE:
         g_rows = GATE + b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h
-        g_q = tl.load(g_rows + n, mask=g_ok, other=0.0)
+        if WRITE_NEW:
+            g_q = tl.load(g_rows + tl.maximum(n - 1, 0), mask=g_ok, other=0.0)
+            g_q += tl.load(GN + b * (H * G) + hq, mask=g_ok, other=0.0)
+        else:
+            g_q = tl.load(g_rows + n, mask=g_ok, other=0.0)
+    if WRITE_NEW:
+        k_new = tl.load(KN + i_bh * D + od).to(tl.float32)
+        v_new = tl.load(VN + i_bh * DV + ov)
+        if NEW_MASK:
+            mask_new = tl.load(MN + b) != 0
 
     s_old = n * 0
     q_old = q
@@ -419,34 +433,50 @@ def _decode_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DV], tl.float32)
     start = i_s * split_len
-    stop = tl.minimum(start + split_len, n + 1)
+    stop = tl.minimum(tl.minimum(start + split_len, n + 1), L)  # (n >= L: a full static cache, see merge)
     for off in range(start, stop, BN):
         cols = off + on
         valid = cols < stop
+        is_new = (cols == n) & valid  # (n can be L: a full cache, nothing written)
         k_ptr = k_base + cols.to(tl.int64)[:, None] * D + od[None, :]
         k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+        if WRITE_NEW:
+            k = tl.where(is_new[:, None], k_new[None, :], k)
         if off < s_old:  # framed keys (whole tiles: s_old is a multiple of the tile): read, never written
             s = _group_scores(q_old, k, USE_DOT)
         else:
             in_window = cols < n
             kw = tl.sum(k * w[None, :], axis=1)
             k = k - (beta * tl.where(in_window, kw, 0.0))[:, None] * w[None, :]
-            tl.store(k_ptr, k.to(K.dtype.element_ty), mask=in_window[:, None])
+            written = (in_window | is_new) if WRITE_NEW else in_window
+            tl.store(k_ptr, k.to(K.dtype.element_ty), mask=written[:, None])
             s = _group_scores(q, k, USE_DOT)
         if HAS_GATE:
             g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
+            if WRITE_NEW:
+                g_k = tl.where(is_new[None, :], g_q[:, None], g_k)
+                tl.store(g_rows[:, None] + cols[None, :], g_k, mask=g_ok[:, None] & is_new[None, :])
             s = s + (g_q[:, None] - g_k)
         s = (s * scale).to(tl.float32)  # torch.compile passes Python floats as float64
         ok = valid
         if HAS_MASK:
-            ok = ok & (tl.load(MASK + b.to(tl.int64) * sm_b + cols, mask=valid, other=0) != 0)
+            m_ptr = MASK + b.to(tl.int64) * sm_b + cols
+            flags = tl.load(m_ptr, mask=valid, other=0) != 0
+            if NEW_MASK:
+                flags = tl.where(is_new, mask_new, flags)
+                tl.store(m_ptr, flags.to(MASK.dtype.element_ty), mask=is_new)
+            ok = ok & flags
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        v_ptr = v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :]
+        v = tl.load(v_ptr, mask=valid[:, None], other=0.0)
+        if WRITE_NEW:
+            v = tl.where(is_new[:, None], v_new[None, :], v)
+            tl.store(v_ptr, v, mask=is_new[:, None])
         if USE_DOT:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -461,12 +491,23 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    OP, MP, LP, O, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
+    OP, MP, LP, O, N, n_split, L, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
+    ADVANCE: tl.constexpr,
 ):
     """Program b * H + h: merge the splits' partial softmaxes (empty splits: max -inf, sum 0) into
     O [B, HQ, DV] (in O's dtype), rows h * G ... h * G + G - 1. CH splits per load, so that the loads of a
-    chunk are independent (a loop of one split at a time waits on each load in turn)."""
+    chunk are independent (a loop of one split at a time waits on each load in turn).
+
+    ADVANCE (slot n on the device): program 0 moves it to n + 1, once every program of the step has read
+    it. A slot past the buffer (n >= L: a full static cache in a compiled step, where the host cannot check)
+    gives NaN outputs rather than an attention that silently misses the token."""
     i_bh = tl.program_id(0)
+    full = False
+    if ADVANCE:
+        n = tl.load(N)
+        full = n >= L
+        if i_bh == 0:
+            tl.store(N, tl.minimum(n + 1, L))
     og = tl.arange(0, GP)
     ov = tl.arange(0, DV)
     oc = tl.arange(0, CH)
@@ -489,6 +530,8 @@ def _decode_merge_kernel(
                        mask=valid[:, :, None], other=0.0)  # [CH, GP, DV]
         num += tl.sum(weight[:, :, None] * part, 0)
     o = num / den[:, None]
+    if ADVANCE:
+        o = tl.where(full, float("nan"), o)
     tl.store(O + (i_bh * G + og)[:, None] * DV + ov[None, :], o.to(O.dtype.element_ty), mask=(og < G)[:, None])
 
 
@@ -511,7 +554,7 @@ def _decode_launch(D: int, DV: int, G: int) -> tuple[int, int, int]:
 
 def decode_attention(
     q, keys, values, w, beta, n, *, gates=None, key_mask=None, frames=None, window: int = 64, scale: float,
-    out_dtype=torch.float32, launch=None,
+    out_dtype=torch.float32, launch=None, new_token=None,
 ):
     """One decoding step of PaTH attention, fused: the new token's Householder update of the cached keys,
     the scores and the weighted values, split over the sequence (flash-decoding) and merged.
@@ -533,6 +576,10 @@ def decode_attention(
         window: the in-place window of ``frames`` (a power of two, at least the tile of keys).
         out_dtype: the output's dtype (the merge kernel rounds to it).
         launch: (keys per tile, warps, programs per SM), overriding :func:`_decode_launch` (for tuning).
+        new_token: (key [B, H, D], value [B, H, DV], log gate [B, HQ] float32 or None, padding flag [B]
+            bool or None): the kernel writes slot n itself (raw key, value, gates[n - 1] + log gate, flag)
+            instead of reading it, and, with n a device tensor, advances n by one after the step (a compiled
+            step then needs no write launches of its own). n >= L then gives NaN outputs.
     Returns:
         o [B, HQ, DV] in out_dtype.
     """
@@ -562,6 +609,20 @@ def decode_attention(
     if has_mask and key_mask.stride(-1) != 1:
         key_mask = key_mask.contiguous()
     q, w, beta = q.contiguous(), w.contiguous(), beta.contiguous()
+    write_new = new_token is not None
+    if write_new:
+        k_new, v_new, g_new, mask_new = new_token
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        if (g_new is None) != (gates is None):
+            raise ValueError("new_token's log gate must be given exactly when gates are")
+        if mask_new is not None and key_mask is None:
+            raise ValueError("new_token's padding flag needs key_mask")
+        g_new = g_new.to(torch.float32).contiguous() if g_new is not None else q
+        new_mask = mask_new is not None
+        mask_new = mask_new.reshape(B).contiguous() if new_mask else q
+    else:
+        k_new = v_new = g_new = mask_new = q
+        new_mask = False
     if has_frames:
         _decode_fold_kernel[(n_split, B * H)](
             keys, w, beta, n if on_device else q, frames,
@@ -572,14 +633,19 @@ def decode_attention(
         )
     _decode_kernel[(n_split, B * H)](
         q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
-        o_part, m_part, l_part,
+        o_part, m_part, l_part, k_new, v_new, g_new, mask_new,
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
-        key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n,
+        key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n, L,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
-        USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), num_warps=warps,
+        USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
+        NEW_MASK=new_mask, num_warps=warps,
     )
     o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
     chunk = max(1, min(triton.next_power_of_2(n_split), 4096 // (GP * DV)))  # splits per load, <= 4096 values
-    _decode_merge_kernel[(B * H,)](o_part, m_part, l_part, o, n_split, G=G, GP=GP, DV=DV, CH=chunk, num_warps=4)
+    advance = write_new and on_device
+    _decode_merge_kernel[(B * H,)](
+        o_part, m_part, l_part, o, n if advance else q, n_split, L, G=G, GP=GP, DV=DV, CH=chunk, ADVANCE=advance,
+        num_warps=4,
+    )
     return o

@@ -297,6 +297,7 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
     pytest.importorskip("triton")
     monkeypatch.setattr(cache_path, "FRAMES_MIN_KEYS", 0 if long_cache else 10**6)
     B, HQ, H, D, L, steps = 2, 4, 2, 16, 37, 40
+    PADDED_STEP = 4
     gen = torch.Generator().manual_seed(3)
     step_inputs = []
     for _ in range(steps):
@@ -318,15 +319,16 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
         mask[0, :5] = False
         layer.append(on(prompt_keys), on(prompt_values), on(prompt_gates), mask if static else None)
         outputs = []
-        for q, k, v, w, beta, g in step_inputs:
+        for step, (q, k, v, w, beta, g) in enumerate(step_inputs):
             q, k, v, w, beta, g = (on(x) for x in (q, k, v, w, beta, g))
+            token_mask = torch.ones(B, 1, dtype=torch.bool, device=KERNEL_DEVICE)
+            token_mask[1] = step != PADDED_STEP  # row 1 gets one padding token mid-way
             if static:
-                token_mask = torch.ones(B, 1, dtype=torch.bool, device=KERNEL_DEVICE)
                 outputs.append(path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=token_mask, use_kernel=use_kernel))
             else:
                 gate = layer.cumulative_gate(g)
                 keys, values, gates = layer.append(k, v, gate)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                mask = torch.cat([mask, token_mask], 1)
                 frames = layer.decode_frames() if use_kernel else None
                 outputs.append(path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=mask,
                                                 use_kernel=use_kernel, frames=frames, window=layer.frame_window))
@@ -338,12 +340,38 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
 
         full_mask = torch.ones(B, L + steps + 3, dtype=torch.bool, device=KERNEL_DEVICE)
         full_mask[0, :5] = False
+        full_mask[1, L + PADDED_STEP] = False
+        stored = (layer.values_view().clone(), layer.gates_view().clone())
+        if static:
+            assert torch.equal(layer.key_mask[:, : L + steps], full_mask[:, : L + steps])
         o_more = path_attention(on(more[0]), on(more[1]), on(more[2]), on(more_w), on(more_beta), on(more_g),
                                 key_mask=full_mask, cache=layer, backend="torch")
-        results.append((torch.cat(outputs, 1), carried, layer.keys_view().clone(), o_more, layer.get_seq_length()))
-    for name, a, b in zip(("outputs", "carried keys", "keys after continuation", "continuation"), *results):
+        results.append((torch.cat(outputs, 1), carried, *stored, layer.keys_view().clone(), o_more, layer.get_seq_length()))
+    names = ("outputs", "carried keys", "values", "gates", "keys after continuation", "continuation")
+    for name, a, b in zip(names, *results):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
     assert results[0][-1] == results[1][-1] == L + steps + 3
+
+
+def test_full_static_cache_steps_refused_or_nan():
+    """A static cache with no free slot: an uncompiled step raises and says what to change; the kernel (as a
+    compiled step runs it, with no host check) gives NaN and leaves the position at the end."""
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_attention
+
+    B, H, D, L = 1, 2, 16, 8
+    layer = PaTHStaticCacheLayer(L)
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
+    layer.append(on(torch.randn(B, L, H, D)), on(torch.randn(B, L, H, D)), on(-torch.rand(B, L, H).cumsum(1)))
+    step = [on(torch.randn(B, 1, H, D)) for _ in range(4)]
+    w = F.normalize(step[3], dim=-1)
+    beta, g = on(torch.rand(B, 1, H)), on(-torch.rand(B, 1, H))
+    with pytest.raises(ValueError, match="max_cache_len"):
+        path_decode_step_static(step[0], step[1], step[2], w, beta, g, layer)
+    o = decode_attention(step[0][:, 0], layer.keys, layer.values, w[:, 0], beta[:, 0], layer.position,
+                         gates=layer.gates, key_mask=layer.key_mask, scale=0.25,
+                         new_token=(step[1][:, 0], step[2][:, 0], g[:, 0], None))
+    assert torch.isnan(o).all() and int(layer.position) == L
 
 
 @pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
