@@ -438,10 +438,12 @@ def _decode_kernel(
         cols = off + on
         valid = cols < stop
         is_new = (cols == n) & valid  # (n can be L: a full cache, nothing written)
+        new_here = (off <= n) & (n < off + BN)  # only the tile holding slot n takes the new token
         k_ptr = k_base + cols.to(tl.int64)[:, None] * D + od[None, :]
         k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
         if WRITE_NEW:
-            k = tl.where(is_new[:, None], k_new[None, :], k)
+            if new_here:
+                k = tl.where(is_new[:, None], k_new[None, :], k)
         if off < s_old:  # framed keys (whole tiles: s_old is a multiple of the tile): read, never written
             s = _group_scores(q_old, k, USE_DOT)
         else:
@@ -454,8 +456,9 @@ def _decode_kernel(
         if HAS_GATE:
             g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
             if WRITE_NEW:
-                g_k = tl.where(is_new[None, :], g_q[:, None], g_k)
-                tl.store(g_rows[:, None] + cols[None, :], g_k, mask=g_ok[:, None] & is_new[None, :])
+                if new_here:
+                    g_k = tl.where(is_new[None, :], g_q[:, None], g_k)
+                    tl.store(g_rows[:, None] + cols[None, :], g_k, mask=g_ok[:, None] & is_new[None, :])
             s = s + (g_q[:, None] - g_k)
         s = (s * scale).to(tl.float32)  # torch.compile passes Python floats as float64
         ok = valid
@@ -463,8 +466,9 @@ def _decode_kernel(
             m_ptr = MASK + b.to(tl.int64) * sm_b + cols
             flags = tl.load(m_ptr, mask=valid, other=0) != 0
             if NEW_MASK:
-                flags = tl.where(is_new, mask_new, flags)
-                tl.store(m_ptr, flags.to(MASK.dtype.element_ty), mask=is_new)
+                if new_here:
+                    flags = tl.where(is_new, mask_new, flags)
+                    tl.store(m_ptr, flags.to(MASK.dtype.element_ty), mask=is_new)
             ok = ok & flags
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -475,8 +479,9 @@ def _decode_kernel(
         v_ptr = v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :]
         v = tl.load(v_ptr, mask=valid[:, None], other=0.0)
         if WRITE_NEW:
-            v = tl.where(is_new[:, None], v_new[None, :], v)
-            tl.store(v_ptr, v, mask=is_new[:, None])
+            if new_here:
+                v = tl.where(is_new[:, None], v_new[None, :], v)
+                tl.store(v_ptr, v, mask=is_new[:, None])
         if USE_DOT:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
