@@ -123,6 +123,14 @@ def test_gpu_default_blocks_match_torch_path(D, dtype, gate):
     assert rel_err(keys, state.keys) < 1e-2
 
 
+def assert_bf16_matches_torch_path(inputs, segment_ids):
+    """The kernel in bf16 against the exact PyTorch path: output and every input gradient."""
+    (o, o_ref), _, grads, _ = run_both(inputs, torch.bfloat16, segment_ids, reference=torch_path)
+    assert rel_err(o, o_ref) < 1e-2
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 2e-2, name
+
+
 @gpu
 def test_gpu_packed_documents_match_torch_path():
     inputs = make_inputs(2, 1100, 8, 2, 64, seed=5)
@@ -131,10 +139,7 @@ def test_gpu_packed_documents_match_torch_path():
     segment_ids[0, 555:] = 2
     segment_ids[0, 1090:] = 3
     segment_ids[1, :700] = -1
-    (o, o_ref), _, grads, _ = run_both(inputs, torch.bfloat16, segment_ids, reference=torch_path)
-    assert rel_err(o, o_ref) < 1e-2
-    for name, (a, b) in grads.items():
-        assert rel_err(a, b) < 2e-2, name
+    assert_bf16_matches_torch_path(inputs, segment_ids)
 
 
 @gpu
@@ -147,10 +152,7 @@ def test_gpu_compiled_preparation_matches_torch_path(monkeypatch):
     segment_ids = torch.zeros(2, 1100, dtype=torch.long)
     segment_ids[0, 400:] = 1
     segment_ids[1, :300] = -1
-    (o, o_ref), _, grads, _ = run_both(inputs, torch.bfloat16, segment_ids, reference=torch_path)
-    assert rel_err(o, o_ref) < 1e-2
-    for name, (a, b) in grads.items():
-        assert rel_err(a, b) < 2e-2, name
+    assert_bf16_matches_torch_path(inputs, segment_ids)
 
 
 @gpu
