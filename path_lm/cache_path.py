@@ -9,8 +9,9 @@ gate of every position, and the last ``conv_size - 1`` inputs of the short convo
 Buffers grow in blocks, so decoding writes one slot per token in place instead of copying the cache.
 
 On CUDA the fused decoding kernel keeps most keys in place between steps once the cache holds more than
-``FRAMES_MIN_KEYS`` keys (batch x heads x positions): only the last ``FRAME_WINDOW`` keys are rewritten per token; older ones stay in an earlier frame, carried by a D x D matrix per head
-(``frames``), and are rewritten once every ``FRAME_WINDOW`` tokens. :meth:`PaTHCacheLayer.carry_framed_keys`
+``FRAMES_MIN_KEYS`` keys (batch x heads x positions): only the last ``FRAME_WINDOW`` keys are rewritten
+per token; older ones stay in an earlier frame, carried by a D x D matrix per head (``frames``), and are
+rewritten once every ``FRAME_WINDOW`` tokens. :meth:`PaTHCacheLayer.carry_framed_keys`
 brings every key to the last position; :meth:`PaTHCacheLayer.keys_view` calls it.
 """
 
@@ -300,13 +301,16 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
             self.frames = _identity_frames(B, H, D, self.keys.device)
         return self.frames
 
-    def keep_input_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Keep a copy of the attention layer's concatenated input projections for compiled decoding steps
-        (see :class:`PaTHStaticCache`); refreshed in place, so its address stays. Returns the copy."""
-        if self.input_weight is None or self.input_weight.shape != weight.shape or self.input_weight.dtype != weight.dtype:
-            self.input_weight = _mark_static(weight.clone())
+    def keep_input_weight(self, weights: list) -> torch.Tensor:
+        """Keep the attention layer's input projection weights, concatenated along the output dim, for
+        compiled decoding steps (see :class:`PaTHStaticCache`); refreshed in place, so the address that
+        compiled graphs hold stays. Returns the copy."""
+        rows = sum(w.shape[0] for w in weights)
+        kept = self.input_weight
+        if kept is None or kept.shape != (rows, *weights[0].shape[1:]) or kept.dtype != weights[0].dtype:
+            self.input_weight = _mark_static(torch.cat(weights))
         else:
-            self.input_weight.copy_(weight)
+            torch.cat(weights, out=kept)
         return self.input_weight
 
     def carry_framed_keys(self) -> None:

@@ -197,18 +197,17 @@ class PaTHAttention(nn.Module):
         fusable = not torch.is_grad_enabled() and all(
             type(m) is nn.Linear and m.weight.device == x.device and m.weight.dtype == x.dtype for m in heads
         )
-        static = fusable and layer_cache is not None and layer_cache.is_static
-        compiling = torch.compiler.is_compiling()
+        weights = [m.weight for m in heads]
         weight = None
-        if static and not compiling:
-            weight = layer_cache.keep_input_weight(torch.cat([m.weight for m in heads]))
+        if fusable and layer_cache is not None and layer_cache.is_static:
+            # compiled steps read the copy that the last uncompiled call (the prefill) refreshed
+            weight = layer_cache.input_weight if torch.compiler.is_compiling() else layer_cache.keep_input_weight(weights)
         if not (fusable and x.shape[1] == 1):
             w = self.w_proj(x)
             g = self.g_proj(x) if self.use_forget_gate else None
             return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
         if weight is None:
-            weight = layer_cache.input_weight if static else None
-            weight = weight if weight is not None else torch.cat([m.weight for m in heads])
+            weight = torch.cat(weights)
         parts = list(F.linear(x, weight).split([m.out_features for m in heads], -1))
         for i, m in enumerate(heads):
             if m.bias is not None:
