@@ -466,9 +466,14 @@ def save_final_model(trainer: Trainer, output_dir: Path, summary: dict) -> Path:
     """Save the model (with remote code), tokenizer, summary and loss curve to ``output_dir/model``: written
     to a temporary sibling folder first and renamed into place, so a failed save leaves no model folder."""
     final = output_dir / MODEL_DIRNAME
-    temporary = output_dir / f".{MODEL_DIRNAME}.tmp-{os.getpid()}"
+    # One name on every rank: DeepSpeed ZeRO-3 saves write from all ranks into the same folder.
+    temporary = output_dir / f".{MODEL_DIRNAME}.tmp"
+    if trainer.is_world_process_zero() and temporary.exists():
+        shutil.rmtree(temporary)  # left by an interrupted save
+    trainer.accelerator.wait_for_everyone()
     try:
-        trainer.save_model(str(temporary))  # every rank takes part (FSDP gathers); only the main one writes
+        trainer.save_model(str(temporary))  # every rank takes part (FSDP gathers, ZeRO-3 writes shards)
+        trainer.accelerator.wait_for_everyone()  # every rank has written before the folder moves
         if trainer.is_world_process_zero():
             (temporary / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
             if (output_dir / PLOT_NAME).exists():

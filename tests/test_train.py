@@ -107,6 +107,25 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
     for (step_one, loss_one), (step_two, loss_two) in zip(one["loss_curve"], two["loss_curve"], strict=True):
         assert step_one == step_two and loss_two == pytest.approx(loss_one, rel=1e-4)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", trust_remote_code=True)
+    assert not list((tmp_path / "two").glob(".model.tmp*")), "the save's temporary folder was left behind"
+
+
+def test_final_save_replaces_a_stale_temporary_folder(tmp_path):
+    """An interrupted earlier save left its temporary folder: the next save starts it afresh, and the model
+    folder holds only what this save wrote."""
+    from transformers import Trainer, TrainingArguments
+
+    from path_lm.training import save_final_model
+
+    model = PaTHForCausalLM(PaTHConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_heads=2))
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    stale = tmp_path / ".model.tmp"
+    stale.mkdir()
+    (stale / "leftover.bin").write_bytes(b"x")
+    final = save_final_model(trainer, tmp_path, {"steps": 0})
+    assert not stale.exists() and not (final / "leftover.bin").exists()
+    assert json.loads((final / "training_summary.json").read_text()) == {"steps": 0}
+    assert AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
 
 
 def test_packed_loss_is_the_token_weighted_mean_of_the_documents():
