@@ -187,7 +187,11 @@ def main():
                         rows.append({"model": name, "params": params, "mode": mode, "context": L, "batch": B,
                                      "floor_ms": floor_ms, **r})
                         done = r.get("error") or f"{r['ms_per_token']:.3f} ms/token, {r['tokens_per_s']:,.0f} tok/s"
+                        if r.get("step_ms"):
+                            done += f", step {r['step_ms']:.3f} ms"
                         print(f"# {name} {mode} L={L} B={B}: {done} (floor {floor_ms:.3f} ms)", flush=True)
+                        # after every case, so that a run cut by a time limit keeps what it finished
+                        C.write_json(args, "gpu_decode", {"meta": meta, "rows": rows})
         del model
         C.free(device)
     path = C.write_json(args, "gpu_decode", {"meta": meta, "rows": rows})
