@@ -579,12 +579,12 @@ def compile_enabled() -> bool:
 
 
 def _compiled_on_cuda(fn):
-    """``fn`` compiled by torch.compile, on CUDA tensors when :func:`compile_enabled`; eager otherwise.
+    """``fn`` compiled by torch.compile, on CUDA tensors when :func:`compile_enabled`; eager otherwise
+    (and inside an outer torch.compile, which traces it anyway).
 
-    The preparation is many small elementwise passes over [B, H, T, D] tensors and 64 x 64 products: eager
-    PyTorch launches hundreds of kernels and moves each tensor many times; the compiled version fuses them.
-    If compiling fails (no compiler toolchain, an unsupported op), the eager function runs and a warning
-    says why, once."""
+    Compiling fuses the preparation's elementwise passes over [B, H, T, D] tensors; its batched 64 x 64
+    products and triangular solves stay as they are. If compiling fails (no compiler toolchain, an
+    unsupported op), the eager function runs from then on and a warning says why, once."""
     compiled = None
 
     @functools.wraps(fn)
@@ -613,8 +613,8 @@ _local_backward = _compiled_on_cuda(_local_grads)
 class _PaTHTriton(torch.autograd.Function):
     """Forward: the preparation under no_grad, the kernels, one merged softmax. Backward: the preparation
     again with autograd (nothing of it is kept between the passes), the kernels' backward against the final
-    softmax statistics, then autograd from the prepared tensors back to the inputs. The PyTorch parts run
-    compiled on CUDA (:func:`_compiled_on_cuda`)."""
+    softmax statistics, then autograd from the prepared tensors back to the inputs. With
+    ``PATH_LM_COMPILE_PREP=1`` the PyTorch parts run through torch.compile (:func:`_compiled_on_cuda`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):

@@ -616,6 +616,8 @@ def decode_attention(
     q, w, beta = q.contiguous(), w.contiguous(), beta.contiguous()
     write_new = new_token is not None
     if write_new:
+        if not on_device and n >= L:
+            raise ValueError(f"slot n={n} is past the key buffer ({L} slots); make the cache longer")
         k_new, v_new, g_new, mask_new = new_token
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
         if (g_new is None) != (gates is None):

@@ -372,6 +372,9 @@ def test_full_static_cache_steps_refused_or_nan():
                          gates=layer.gates, key_mask=layer.key_mask, scale=0.25,
                          new_token=(step[1][:, 0], step[2][:, 0], g[:, 0], None))
     assert torch.isnan(o).all() and int(layer.position) == L
+    with pytest.raises(ValueError, match="past the key buffer"):  # a host-side slot is checked on the host
+        decode_attention(step[0][:, 0], layer.keys, layer.values, w[:, 0], beta[:, 0], L, gates=layer.gates,
+                         scale=0.25, new_token=(step[1][:, 0], step[2][:, 0], g[:, 0], None))
 
 
 @pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
