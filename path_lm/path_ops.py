@@ -458,7 +458,7 @@ class _Levels:
     framed: per kernel level, (queries [B, T_pad, HQ, D], keys [B, T_pad, H, D], frame changes, block,
         blocks per window), the kernel dtype; local_logits [B, H, n, G, C, C] float32: the query's own chunk,
         scaled, gate added, masked; v_local [B, H, n, 1, C, Dv] float32; v_kernel [B, T_pad, H, Dv];
-        gate [B, T_pad, HQ] float32 cumulative or None; k_top and p_sb for the carried keys.
+        gate [B, T_pad, HQ] float32 cumulative or None.
     """
 
     framed: list
@@ -466,8 +466,6 @@ class _Levels:
     v_local: torch.Tensor
     v_kernel: torch.Tensor
     gate: torch.Tensor | None
-    k_top: torch.Tensor
-    p_sb: torch.Tensor
 
 
 def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> tuple:
@@ -522,7 +520,7 @@ def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> tuple:
     logits = logits.masked_fill(~visible[:, None, :, None], float("-inf"))
     v_pad = F.pad(v, (0, 0, 0, 0, 0, T_pad - T))
     v_local = v_pad.to(dt).transpose(1, 2).reshape(B, H, n, 1, C, Dv)
-    return framed, logits, v_local, v_pad.to(kdt).contiguous(), gate, k_top, p_sb
+    return framed, logits, v_local, v_pad.to(kdt).contiguous(), gate
 
 
 @contextlib.contextmanager
@@ -540,16 +538,9 @@ def _matmul_precision(kdt):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _merge_levels(partials: list, local_logits: torch.Tensor, v_local: torch.Tensor, T: int) -> tuple:
-    """One softmax from the kernels' partial (output, log-sum-exp) pairs and the own-chunk logits.
-    Returns o [B, T, HQ, Dv] float32 and lse [B, HQ, T_pad]."""
-    B, H, n, G, C, _ = local_logits.shape
-    lse_local = local_logits.logsumexp(-1)  # [B, H, n, G, C]
-    o_local = torch.softmax(local_logits, -1) @ v_local
-    partials = [*partials, (
-        o_local.permute(0, 2, 4, 1, 3, 5).reshape(B, n * C, H * G, -1),
-        lse_local.permute(0, 1, 3, 2, 4).reshape(B, H * G, n * C),
-    )]
+def _merge_partials(partials: list, T: int) -> tuple:
+    """One softmax from partial (output [B, T_pad, HQ, Dv], log-sum-exp [B, HQ, T_pad]) pairs over disjoint
+    key sets. Returns o [B, T, HQ, Dv] float32 and lse [B, HQ, T_pad]."""
     lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)  # [B, HQ, T_pad]
     o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
     return o[:, :T], lse
@@ -606,37 +597,53 @@ def _compiled_on_cuda(fn):
 
 
 _prepare = _compiled_on_cuda(_path_levels)
-_merge = _compiled_on_cuda(_merge_levels)
+_merge = _compiled_on_cuda(_merge_partials)
 _local_backward = _compiled_on_cuda(_local_grads)
 
 
 class _PaTHTriton(torch.autograd.Function):
-    """Forward: the preparation under no_grad, the kernels, one merged softmax. Backward: the preparation
+    """Forward: the preparation kernels, the attention kernels, one merged softmax. Backward: the preparation
     again with autograd (nothing of it is kept between the passes), the kernels' backward against the final
     softmax statistics, then autograd from the prepared tensors back to the inputs. With
     ``PATH_LM_COMPILE_PREP=1`` the PyTorch parts run through torch.compile (:func:`_compiled_on_cuda`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):
-        from .path_triton import framed_forward  # lazy: triton is optional
+        from .path_triton import framed_forward, prepare_forward  # lazy: triton is optional
 
         B, T, HQ, _ = q.shape
+        H = k.shape[2]
         kdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
         T_pad = math.ceil(T / (C * NB)) * C * NB
         seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
         with torch.no_grad(), _matmul_precision(kdt):
-            lv = _Levels(*_prepare(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt))
+            gate = None
+            if g is not None:  # cumulative sum along time as the last dim (a scan over an outer dim is slow)
+                gate = F.pad(g.float(), (0, 0, 0, T_pad - T)).transpose(1, 2).cumsum(-1).transpose(1, 2).contiguous()
+            v_kernel = F.pad(v, (0, 0, 0, 0, 0, T_pad - T)).to(kdt).contiguous()
+            prep = prepare_forward(
+                q.to(kdt), k.to(kdt), v_kernel, w, beta, gate, seg_start,
+                chunk=C, chunks_per_superblock=NB, scale=scale, keys32=output_keys,
+            )
+            n_sb = T_pad // (C * NB)
+            levels = []
+            if n_sb > 1:
+                mid = _pair_products(prep["p_sb"].unsqueeze(2)).to(kdt).contiguous()
+                levels.append((prep["q_bot"], prep["k_top"], mid, C * NB, n_sb))
+            if NB > 1:
+                levels.append((prep["q_t"], prep["k_t"], prep["mid"], C, NB))
             partials = [
-                framed_forward(qx, kx, lv.v_kernel, lv.gate, mid, seg_start, block=X, blocks_per_window=nb, scale=scale)
-                for qx, kx, mid, X, nb in lv.framed
+                framed_forward(qx, kx, v_kernel, gate, mid, seg_start, block=X, blocks_per_window=nb, scale=scale)
+                for qx, kx, mid, X, nb in levels
             ]
-            o, lse = _merge(partials, lv.local_logits, lv.v_local, T)
+            o, lse = _merge([*partials, (prep["o_local"], prep["lse_local"])], T)
             o = o.to(q.dtype)
             keys = None
             if output_keys:  # keys carried to the end of the row: through every later superblock
-                suffix = _suffix_products(lv.p_sb, 2)[:, :, :, None]
-                keys = lv.k_top @ suffix.transpose(-1, -2)  # [B, H, n_sb, NB, C, D]
-                keys = keys.reshape(B, k.shape[2], T_pad, -1)[:, :, :T].transpose(1, 2)
+                suffix = _suffix_products(prep["p_sb"], 2)  # [B, H, n_sb, D, D]
+                k_top = prep["k_top32"].view(B, n_sb, C * NB, H, -1).permute(0, 3, 1, 2, 4)
+                keys = k_top @ suffix.transpose(-1, -2)  # [B, H, n_sb, C * NB, D]
+                keys = keys.reshape(B, H, T_pad, -1)[:, :, :T].transpose(1, 2)
         ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end)
         ctx.args = (scale, C, NB, kdt)
         if keys is not None:
@@ -683,14 +690,17 @@ def path_attention_triton(
 
     Three levels share one softmax: key superblocks (``chunk_size * chunks_per_superblock`` positions)
     before the query's superblock, key chunks before the query's chunk inside its superblock (both through
-    the kernels of :mod:`path_triton`), and the query's own chunk (PyTorch). The per-chunk transforms,
-    the carries to superblock edges and the frame changes are small PyTorch products in float32 (TF32 for
-    half-precision inputs); the O(T^2) work is in the kernels. Nothing but the inputs, the output and its
-    log-sum-exp is kept for the backward, which recomputes the small products.
+    the kernels of :mod:`path_triton`), and the query's own chunk. In the forward pass the per-chunk
+    transforms, the query's own chunk, the carries to superblock edges and the frame changes are two Triton
+    kernels (:func:`path_triton.prepare_forward`); the backward recomputes them as PyTorch products in float32
+    (TF32 for half-precision inputs) under autograd. Nothing but the inputs, the output and its log-sum-exp is
+    kept between the passes. ``chunk_size`` must be a power of two of at least 16.
 
     Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys carried to the end of each row
     [B, T, H, D] float32 (not differentiable).
     """
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton kernels, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _PaTHTriton.apply(q, k, v, w, beta, g, segment_ids, scale, chunk_size, chunks_per_superblock, output_keys)
 

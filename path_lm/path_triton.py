@@ -656,3 +656,233 @@ def decode_attention(
         num_warps=4,
     )
     return o
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparation of the forward pass: per-chunk transforms, carries to superblock edges, chunk frame changes
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _unit_lower_inverse(W, BETA, row0, T, OUT, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                        REVERSE: tl.constexpr, PREC: tl.constexpr):
+    """Writes (I + M)^-1 to OUT ([C, C] float32, row-major; only blocks on or below the diagonal of 16 x 16
+    blocks are written), M = tril(W W^T, -1) diag(beta) over the chunk's rows row0.. (REVERSE: in reversed
+    order, which turns the upper-triangular system of the keys' carry into a lower one).
+
+    Diagonal 16 x 16 blocks by forward substitution in float32 (exact arithmetic order, no tensor cores), the
+    blocks below them by block substitution: Ti_ij = -Ti_ii sum_{k=j}^{i-1} M_ik Ti_kj."""
+    o16 = tl.arange(0, 16)
+    od = tl.arange(0, D)
+    for i in range(C // 16):
+        r_i = i * 16 + o16
+        if REVERSE:
+            pos_i = row0 + C - 1 - r_i
+        else:
+            pos_i = row0 + r_i
+        w_i = tl.load(W + pos_i[:, None] * (H * D) + od[None, :], mask=(pos_i < T)[:, None], other=0.0).to(tl.float32)
+        b_i = tl.load(BETA + pos_i * H, mask=pos_i < T, other=0.0).to(tl.float32)
+        m_ii = tl.dot(w_i, tl.trans(w_i), input_precision=PREC) * b_i[None, :]
+        m_ii = tl.where(o16[:, None] > o16[None, :], m_ii, 0.0)
+        inv = tl.where(o16[:, None] == o16[None, :], 1.0, 0.0)
+        for r in range(1, 16):
+            m_row = tl.sum(tl.where(o16[:, None] == r, m_ii, 0.0), 0)  # M[r, :]
+            new_row = tl.sum(m_row[:, None] * inv, 0)  # sum_j M[r, j] inv[j, :], rows j < r final
+            inv = tl.where(o16[:, None] == r, inv - new_row[None, :], inv)
+        tl.store(OUT + r_i[:, None] * C + r_i[None, :], inv)
+        for j in range(i - 1, -1, -1):
+            acc = tl.zeros([16, 16], tl.float32)
+            for kk in range(j, i):
+                r_k = kk * 16 + o16
+                if REVERSE:
+                    pos_k = row0 + C - 1 - r_k
+                else:
+                    pos_k = row0 + r_k
+                w_k = tl.load(W + pos_k[:, None] * (H * D) + od[None, :], mask=(pos_k < T)[:, None], other=0.0)
+                b_k = tl.load(BETA + pos_k * H, mask=pos_k < T, other=0.0).to(tl.float32)
+                m_ik = tl.dot(w_i, tl.trans(w_k.to(tl.float32)), input_precision=PREC) * b_k[None, :]
+                t_kj = tl.load(OUT + r_k[:, None] * C + (j * 16 + o16)[None, :])
+                acc += tl.dot(m_ik, t_kj, input_precision=PREC)
+            tl.store(OUT + r_i[:, None] * C + (j * 16 + o16)[None, :], -tl.dot(inv, acc, input_precision=PREC))
+        tl.debug_barrier()  # block row i is read by the next ones
+
+
+@triton.jit
+def _prep_chunk_kernel(
+    Q, K, V, W, BETA, GATE, SEG, SCR, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
+    scale, T, T_pad,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    G: tl.constexpr = HQ // H
+    n = T_pad // C
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    pos = i_c * C + oc
+    real = pos < T
+    row0 = b * T + i_c * C  # first row of the chunk in the [B * T] token layout of the inputs
+    w_base = W + (b * T * H + h) * D
+    beta_base = BETA + b * T * H + h
+    scr = SCR + (i_bh * n + i_c).to(tl.int64) * (2 * C * C)
+    _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr, H, D, C, False, PREC)
+    _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr + C * C, H, D, C, True, PREC)
+
+    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
+    # Only blocks on or below the block diagonal were written; the rest of (I + M)^-1 is zero.
+    t_low = tl.load(scr + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
+    # The reversed inverse, read back in chunk order: the inverse of (I + triu(W W^T, 1) diag(beta)).
+    rev = C - 1 - oc
+    t_up = tl.load(scr + C * C + rev[:, None] * C + rev[None, :], mask=(rev[:, None] // 16) >= (rev[None, :] // 16),
+                   other=0.0)
+
+    # P = I - W^T diag(beta) U with U = (I + M)^-1 W: the chunk's Householder product.
+    u = tl.dot(t_low, w, input_precision=PREC)
+    eye = tl.where(od[:, None] == od[None, :], 1.0, 0.0)
+    p = eye - tl.dot(tl.trans(w), u * beta[:, None], input_precision=PREC)
+    tl.store(P_OUT + (i_bh * n + i_c).to(tl.int64) * D * D + od[:, None] * D + od[None, :], p)
+
+    # Keys carried to the chunk's end: k_j - (triu(K W^T, 1) diag(beta)) (I + N)^-1 W.
+    kw = tl.where(oc[:, None] < oc[None, :], tl.dot(k, tl.trans(w), input_precision=PREC) * beta[None, :], 0.0)
+    k_t = k - tl.dot(kw, tl.dot(t_up, w, input_precision=PREC), input_precision=PREC)
+    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
+    tl.store(KT + k_off, k_t)
+    tl.store(KT_K + k_off, k_t.to(KT_K.dtype.element_ty))
+
+    # Scores inside the chunk: q_i^T k_j - (tril(Q W^T) diag(beta)) (I + M)^-1 tril(W K^T, -1).
+    wk = tl.dot(t_low, tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(k), input_precision=PREC), 0.0),
+                input_precision=PREC)
+    v = tl.load(V + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]).to(tl.float32)
+    seg = tl.load(SEG + b * T_pad + pos)
+    visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
+    for hq in range(h * G, h * G + G):
+        q = tl.load(Q + ((row0 + oc)[:, None] * HQ + hq) * D + od[None, :], mask=real[:, None], other=0.0)
+        q = q.to(tl.float32)
+        qw = tl.where(oc[:, None] >= oc[None, :], tl.dot(q, tl.trans(w), input_precision=PREC) * beta[None, :], 0.0)
+        q_t = q - tl.dot(qw, u, input_precision=PREC)
+        q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
+        tl.store(QT + q_off, q_t)
+        tl.store(QT_K + q_off, q_t.to(QT_K.dtype.element_ty))
+        s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, wk, input_precision=PREC)) * scale
+        if HAS_GATE:
+            g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
+            s += g_q[:, None] - g_q[None, :]
+        s = tl.where(visible, s, float("-inf"))  # every query sees itself
+        m = tl.max(s, axis=1)
+        e = tl.exp(s - m[:, None])
+        l = tl.sum(e, axis=1)
+        o = tl.dot(e, v, input_precision=PREC) / l[:, None]
+        tl.store(O_LOC + ((b * T_pad + pos)[:, None] * HQ + hq) * DV + ov[None, :], o)
+        tl.store(LSE_LOC + (b * HQ + hq) * T_pad + pos, m + tl.log(l))
+
+
+@triton.jit
+def _prep_superblock_kernel(
+    P, QT, KT, Q_BOT, K_TOP, K_TOP32, MID, P_SB, T_pad,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
+    KEYS32: tl.constexpr, PREC: tl.constexpr,
+):
+    i_s = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    G: tl.constexpr = HQ // H
+    NP: tl.constexpr = NB * (NB - 1) // 2
+    n_sb = T_pad // (C * NB)
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    dd = od[:, None] * D + od[None, :]
+    p_base = P + ((i_bh * n_sb + i_s) * NB).to(tl.int64) * D * D  # P of the superblock's chunks
+    eye = tl.where(od[:, None] == od[None, :], 1.0, 0.0)
+
+    # Queries down to the superblock's bottom: q_t @ (P_{l-1} ... P_0); the last product is P of the superblock.
+    below = eye
+    for l in range(NB):
+        pos = (i_s * NB + l) * C + oc
+        for hq in range(h * G, h * G + G):
+            off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
+            q_bot = tl.dot(tl.load(QT + off), below, input_precision=PREC)
+            tl.store(Q_BOT + off, q_bot.to(Q_BOT.dtype.element_ty))
+        below = tl.dot(tl.load(p_base + l * D * D + dd), below, input_precision=PREC)
+    tl.store(P_SB + (i_bh * n_sb + i_s).to(tl.int64) * D * D + dd, below)
+
+    # Keys up to the superblock's top: k_t @ (P_{NB-1} ... P_{l+1})^T.
+    above = eye
+    for step in range(NB):
+        l = NB - 1 - step
+        pos = (i_s * NB + l) * C + oc
+        off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
+        k_top = tl.dot(tl.load(KT + off), tl.trans(above), input_precision=PREC)
+        tl.store(K_TOP + off, k_top.to(K_TOP.dtype.element_ty))
+        if KEYS32:
+            tl.store(K_TOP32 + off, k_top)
+        above = tl.dot(above, tl.load(p_base + l * D * D + dd), input_precision=PREC)
+
+    # Frame changes between the superblock's chunks, F[s, t] = P_{s-1} ... P_{t+1}, packed row by row.
+    mid_base = MID + ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
+    for t in range(NB - 1):
+        f = eye
+        tl.store(mid_base + ((t + 1) * t // 2 + t) * D * D + dd, f.to(MID.dtype.element_ty))
+        for s in range(t + 2, NB):
+            f = tl.dot(tl.load(p_base + (s - 1) * D * D + dd), f, input_precision=PREC)
+            tl.store(mid_base + (s * (s - 1) // 2 + t) * D * D + dd, f.to(MID.dtype.element_ty))
+
+
+def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
+                    keys32: bool):
+    """The forward pass's preparation in two kernels (nothing of it is differentiable; the backward recomputes
+    it in PyTorch).
+
+    Args: q [B, T, HQ, D], k, w [B, T, H, D], beta [B, T, H] as given, v [B, T_pad, H, DV] zero padded (w, beta any float
+        dtype); gate [B, T_pad, HQ] float32 cumulative or None; seg_start [B, T_pad] int32. The kernels read
+        q's dtype (products in TF32 for half precision, IEEE float32 for float32 inputs).
+    Returns a dict: q_t, k_t [B, T_pad, heads, D] (queries and keys carried to their chunk's start / end, kernel
+        dtype), q_bot, k_top (carried to their superblock's edges, kernel dtype; k_top32 float32 when keys32),
+        mid [B, H, n_sb, NB(NB-1)/2, D, D] chunk frame changes (kernel dtype), p_sb [B, H, n_sb, D, D] float32
+        superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
+        each query's own chunk.
+    """
+    B, T, HQ, D = q.shape
+    H, DV = k.shape[2], v.shape[-1]
+    T_pad = seg_start.shape[1]
+    C, NB = chunk, chunks_per_superblock
+    n, n_sb = T_pad // C, T_pad // (C * NB)
+    kdt, dev, f32 = q.dtype, q.device, torch.float32
+    prec = _precision(q)
+    q, k, v, w, beta = (x.contiguous() for x in (q, k, v, w, beta))
+    out = {
+        "p": torch.empty(B, H, n, D, D, dtype=f32, device=dev),
+        "q_t32": torch.empty(B, T_pad, HQ, D, dtype=f32, device=dev),
+        "q_t": torch.empty(B, T_pad, HQ, D, dtype=kdt, device=dev),
+        "k_t32": torch.empty(B, T_pad, H, D, dtype=f32, device=dev),
+        "k_t": torch.empty(B, T_pad, H, D, dtype=kdt, device=dev),
+        "o_local": torch.empty(B, T_pad, HQ, DV, dtype=f32, device=dev),
+        "lse_local": torch.empty(B, HQ, T_pad, dtype=f32, device=dev),
+    }
+    scratch = torch.empty(B * H * n, 2, C, C, dtype=f32, device=dev)
+    _prep_chunk_kernel[(n, B * H)](
+        q, k, v, w, beta, gate, seg_start, scratch, out["p"], out["q_t32"], out["q_t"], out["k_t32"], out["k_t"],
+        out["o_local"], out["lse_local"], scale, T, T_pad,
+        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec, **_launch_config(D),
+    )
+    del scratch
+    out.update(
+        q_bot=torch.empty(B, T_pad, HQ, D, dtype=kdt, device=dev),
+        k_top=torch.empty(B, T_pad, H, D, dtype=kdt, device=dev),
+        k_top32=torch.empty(B, T_pad, H, D, dtype=f32, device=dev) if keys32 else None,
+        mid=torch.empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt, device=dev),
+        p_sb=torch.empty(B, H, n_sb, D, D, dtype=f32, device=dev),
+    )
+    _prep_superblock_kernel[(n_sb, B * H)](
+        out["p"], out.pop("q_t32"), out.pop("k_t32"), out["q_bot"], out["k_top"], out["k_top32"], out["mid"],
+        out["p_sb"], T_pad, HQ=HQ, H=H, D=D, C=C, NB=NB, KEYS32=keys32, PREC=prec, **_launch_config(D),
+    )
+    del out["p"]
+    return out

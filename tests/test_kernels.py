@@ -76,6 +76,22 @@ def test_small_cases_match_float64_references(case):
         assert rel_err(a, b) < 1e-5, name
 
 
+def test_chunks_of_64_match_float64_references():
+    """The default chunk length: the forward preparation inverts each chunk's 64 x 64 triangular system in
+    16 x 16 blocks (forward substitution on the diagonal, block substitution below), a path that chunks of
+    16 never take. Packed documents, GQA and the gate on."""
+    inputs = make_inputs(2, 300, 4, 2, 16, seed=5)
+    segment_ids = torch.zeros(2, 300, dtype=torch.long)
+    segment_ids[0, 90:] = 1  # a document starting inside a chunk
+    segment_ids[1, :7] = -1
+    (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, segment_ids, chunk_size=64, chunks_per_superblock=2)
+    assert rel_err(o, o_ref) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+    q, k, v, w, beta, g = cast
+    assert rel_err(keys[1:, 7:].cpu(), transformed_keys_reference(*(x[1:, 7:].cpu() for x in (k, w, beta)))) < 1e-5
+
+
 def test_packed_and_padded_segments_match_float64_references():
     inputs = make_inputs(2, 90, 4, 2, 16, seed=3)
     segment_ids = torch.zeros(2, 90, dtype=torch.long)
