@@ -538,14 +538,6 @@ def _matmul_precision(kdt):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _merge_partials(partials: list, T: int) -> tuple:
-    """One softmax from partial (output [B, T_pad, HQ, Dv], log-sum-exp [B, HQ, T_pad]) pairs over disjoint
-    key sets. Returns o [B, T, HQ, Dv] float32 and lse [B, HQ, T_pad]."""
-    lse = torch.logsumexp(torch.stack([x[1] for x in partials]), 0)  # [B, HQ, T_pad]
-    o = sum(x[0] * (x[1] - lse).exp().transpose(1, 2)[..., None] for x in partials)
-    return o[:, :T], lse
-
-
 def _local_grads(local_logits, v_local, do_pad, o_pad, lse) -> tuple:
     """The own-chunk level's backward by hand: P = exp(logits - lse), dlogits = P * (do . v - delta).
     Returns delta [B, HQ, T_pad] = rowsum(do * o), dlogits and dv_local (shaped like local_logits, v_local)."""
@@ -597,7 +589,6 @@ def _compiled_on_cuda(fn):
 
 
 _prepare = _compiled_on_cuda(_path_levels)
-_merge = _compiled_on_cuda(_merge_partials)
 _local_backward = _compiled_on_cuda(_local_grads)
 
 
@@ -632,12 +623,13 @@ class _PaTHTriton(torch.autograd.Function):
                 levels.append((prep["q_bot"], prep["k_top"], mid, C * NB, n_sb))
             if NB > 1:
                 levels.append((prep["q_t"], prep["k_t"], prep["mid"], C, NB))
-            partials = [
-                framed_forward(qx, kx, v_kernel, gate, mid, seg_start, block=X, blocks_per_window=nb, scale=scale)
-                for qx, kx, mid, X, nb in levels
-            ]
-            o, lse = _merge([*partials, (prep["o_local"], prep["lse_local"])], T)
-            o = o.to(q.dtype)
+            o, lse = prep["o_local"], prep["lse_local"]  # the own chunk, then each level continues the softmax
+            for i, (qx, kx, mid, X, nb) in enumerate(levels):
+                o, lse = framed_forward(
+                    qx, kx, v_kernel, gate, mid, seg_start, (o, lse), block=X, blocks_per_window=nb, scale=scale,
+                    out_dtype=q.dtype if i == len(levels) - 1 else torch.float32,
+                )
+            o = o[:, :T].to(q.dtype)
             keys = None
             if output_keys:  # keys carried to the end of the row: through every later superblock
                 suffix = _suffix_products(prep["p_sb"], 2)  # [B, H, n_sb, D, D]

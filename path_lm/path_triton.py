@@ -12,9 +12,9 @@ ordinary flash attention, and the backward needs no reverse walk along the chain
 out of the dq kernel as ``q_bot^T @ (dS @ k_top)`` and flows to the P's through PyTorch autograd.
 
 :func:`framed_forward` / :func:`framed_backward` run those pairs for blocks of one window (pairs in different windows are
-skipped) and returns the partial output with its log-sum-exp, so that partials from several levels
-(superblocks across the sequence, chunks inside a superblock, the diagonal chunk in PyTorch) merge into
-one softmax. ``path_attention_triton`` assembles the levels.
+skipped); the forward continues the softmax another level started, so that the levels (the query's own
+chunk, chunks inside a superblock, superblocks across the sequence) chain into one softmax.
+:func:`prepare_forward` computes what the forward reads. ``path_attention_triton`` assembles the levels.
 
 triton is imported here at module level; import this module lazily and only on CUDA.
 """
@@ -34,7 +34,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, GATE, MID, SEG, O, LSE,
+    Q, K, V, GATE, MID, SEG, O_IN, LSE_IN, O, LSE,
     scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -59,9 +59,10 @@ def _fwd_kernel(
     t_lo = tl.maximum(first // X - window * NB, 0)
     mid_base = MID + (((b * H + h) * (T // (X * NB)) + window) * NP).to(tl.int64) * D * D
 
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DV], tl.float32)
+    # Continue the softmax of the keys already done (another level): normalized output, log-sum-exp.
+    m_i = tl.load(LSE_IN + (b * HQ + hq) * T + rows) * 1.4426950408889634
+    l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+    acc = tl.load(O_IN + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :]) * l_i[:, None]
     for t_loc in range(t_lo, s_loc):
         f = tl.load(mid_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :])
         u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
@@ -87,7 +88,7 @@ def _fwd_kernel(
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(O + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :], o)
+    tl.store(O + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :], o.to(O.dtype.element_ty))
     tl.store(LSE + (b * HQ + hq) * T + rows, lse)
 
 
@@ -227,8 +228,10 @@ def _block_sizes(X: int) -> tuple[int, int]:
     return tile, tile
 
 
-def framed_forward(q, k, v, gate, mid, seg_start, *, block: int, blocks_per_window: int, scale: float):
-    """Attention of every query to the keys of earlier frame blocks in its window.
+def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks_per_window: int, scale: float,
+                   out_dtype=torch.float32):
+    """Attention of every query to the keys of earlier frame blocks in its window, continuing the softmax of
+    the keys another level already covered.
 
     Args:
         q: [B, T, HQ, D] queries carried to the bottom of their block; k: [B, T, H, D] keys carried to the top
@@ -237,19 +240,20 @@ def framed_forward(q, k, v, gate, mid, seg_start, *, block: int, blocks_per_wind
         mid: [B, H, W, NB * (NB - 1) // 2, D, D] frame changes F[s, t] of each window's block pairs s > t,
             packed row by row, q's dtype.
         seg_start: [B, T] int32, the first position of each position's segment.
+        partial: (o [B, T, HQ, DV] float32, lse [B, HQ, T] float32) over disjoint keys (-inf: none).
         block: X, the frame block length; blocks_per_window: NB. T must be a multiple of X * NB.
     Returns:
-        o [B, T, HQ, DV] float32 (normalized over these keys) and lse [B, HQ, T] float32 (natural log,
-        -inf where a query has no key at this level).
+        o [B, T, HQ, DV] in out_dtype and lse [B, HQ, T] float32 (natural log) over the keys of both.
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     NB = blocks_per_window
     BM, BN = _block_sizes(block)
-    o = torch.empty(B, T, HQ, DV, dtype=torch.float32, device=q.device)
+    o_in, lse_in = partial
+    o = torch.empty(B, T, HQ, DV, dtype=out_dtype, device=q.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     _fwd_kernel[(T // BM, B * HQ)](
-        q, k, v, gate, mid, seg_start, o, lse, scale * LOG2E, T,
+        q, k, v, gate, mid, seg_start, o_in, lse_in, o, lse, scale * LOG2E, T,
         HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, BM=BM, BN=BN,
         HAS_GATE=gate is not None, PREC=_precision(q), **_launch_config(D),
     )
@@ -786,11 +790,14 @@ def _prep_chunk_kernel(
 @triton.jit
 def _prep_superblock_kernel(
     P, QT, KT, Q_BOT, K_TOP, K_TOP32, MID, P_SB, T_pad,
-    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
     KEYS32: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One program per (superblock, batch x kv head, DB columns): every product below is separable by columns
+    of its result (queries, P_{l-1} ... P_0, frame changes) or by rows of the chained matrix (keys)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
+    i_d = tl.program_id(2)
     b = i_bh // H
     h = i_bh % H
     G: tl.constexpr = HQ // H
@@ -798,45 +805,51 @@ def _prep_superblock_kernel(
     n_sb = T_pad // (C * NB)
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
-    dd = od[:, None] * D + od[None, :]
+    ob = i_d * DB + tl.arange(0, DB)
+    full = od[:, None] * D + od[None, :]
+    cols = od[:, None] * D + ob[None, :]  # [D, DB]: these columns of a D x D matrix
     p_base = P + ((i_bh * n_sb + i_s) * NB).to(tl.int64) * D * D  # P of the superblock's chunks
-    eye = tl.where(od[:, None] == od[None, :], 1.0, 0.0)
+    eye_cols = tl.where(od[:, None] == ob[None, :], 1.0, 0.0)
 
     # Queries down to the superblock's bottom: q_t @ (P_{l-1} ... P_0); the last product is P of the superblock.
-    below = eye
+    below = eye_cols
     for l in range(NB):
         pos = (i_s * NB + l) * C + oc
         for hq in range(h * G, h * G + G):
-            off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
-            q_bot = tl.dot(tl.load(QT + off), below, input_precision=PREC)
-            tl.store(Q_BOT + off, q_bot.to(Q_BOT.dtype.element_ty))
-        below = tl.dot(tl.load(p_base + l * D * D + dd), below, input_precision=PREC)
-    tl.store(P_SB + (i_bh * n_sb + i_s).to(tl.int64) * D * D + dd, below)
+            q_t = tl.load(QT + ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :])
+            q_bot = tl.dot(q_t, below, input_precision=PREC)
+            tl.store(Q_BOT + ((b * T_pad + pos)[:, None] * HQ + hq) * D + ob[None, :], q_bot.to(Q_BOT.dtype.element_ty))
+        below = tl.dot(tl.load(p_base + l * D * D + full), below, input_precision=PREC)
+    tl.store(P_SB + (i_bh * n_sb + i_s).to(tl.int64) * D * D + cols, below)
 
-    # Keys up to the superblock's top: k_t @ (P_{NB-1} ... P_{l+1})^T.
-    above = eye
+    # Keys up to the superblock's top: k_t @ (P_{NB-1} ... P_{l+1})^T, DB columns = DB rows of the product.
+    above = tl.trans(eye_cols)
     for step in range(NB):
         l = NB - 1 - step
         pos = (i_s * NB + l) * C + oc
-        off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-        k_top = tl.dot(tl.load(KT + off), tl.trans(above), input_precision=PREC)
+        k_t = tl.load(KT + ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :])
+        k_top = tl.dot(k_t, tl.trans(above), input_precision=PREC)
+        off = ((b * T_pad + pos)[:, None] * H + h) * D + ob[None, :]
         tl.store(K_TOP + off, k_top.to(K_TOP.dtype.element_ty))
         if KEYS32:
             tl.store(K_TOP32 + off, k_top)
-        above = tl.dot(above, tl.load(p_base + l * D * D + dd), input_precision=PREC)
+        above = tl.dot(above, tl.load(p_base + l * D * D + full), input_precision=PREC)
 
     # Frame changes between the superblock's chunks, F[s, t] = P_{s-1} ... P_{t+1}, packed row by row.
     mid_base = MID + ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
     for t in range(NB - 1):
-        f = eye
-        tl.store(mid_base + ((t + 1) * t // 2 + t) * D * D + dd, f.to(MID.dtype.element_ty))
+        f = eye_cols
+        tl.store(mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
         for s in range(t + 2, NB):
-            f = tl.dot(tl.load(p_base + (s - 1) * D * D + dd), f, input_precision=PREC)
-            tl.store(mid_base + (s * (s - 1) // 2 + t) * D * D + dd, f.to(MID.dtype.element_ty))
+            f = tl.dot(tl.load(p_base + (s - 1) * D * D + full), f, input_precision=PREC)
+            tl.store(mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+
+
+SUPERBLOCK_COLUMNS = 64  # columns per program of the superblock kernel (D x D float32 operands: shared memory)
 
 
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
-                    keys32: bool):
+                    keys32: bool, launch: dict | None = None):
     """The forward pass's preparation in two kernels (nothing of it is differentiable; the backward recomputes
     it in PyTorch).
 
@@ -848,6 +861,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         mid [B, H, n_sb, NB(NB-1)/2, D, D] chunk frame changes (kernel dtype), p_sb [B, H, n_sb, D, D] float32
         superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
         each query's own chunk.
+    ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
@@ -870,7 +884,8 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     _prep_chunk_kernel[(n, B * H)](
         q, k, v, w, beta, gate, seg_start, scratch, out["p"], out["q_t32"], out["q_t"], out["k_t32"], out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
-        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec, **_launch_config(D),
+        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
+        **(launch or {}).get("chunk", _launch_config(D)),
     )
     del scratch
     out.update(
@@ -880,9 +895,11 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         mid=torch.empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt, device=dev),
         p_sb=torch.empty(B, H, n_sb, D, D, dtype=f32, device=dev),
     )
-    _prep_superblock_kernel[(n_sb, B * H)](
+    DB = min(D, SUPERBLOCK_COLUMNS)
+    _prep_superblock_kernel[(n_sb, B * H, D // DB)](
         out["p"], out.pop("q_t32"), out.pop("k_t32"), out["q_bot"], out["k_top"], out["k_top32"], out["mid"],
-        out["p_sb"], T_pad, HQ=HQ, H=H, D=D, C=C, NB=NB, KEYS32=keys32, PREC=prec, **_launch_config(D),
+        out["p_sb"], T_pad, HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, PREC=prec,
+        **(launch or {}).get("superblock", _launch_config(D)),
     )
     del out["p"]
     return out

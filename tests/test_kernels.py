@@ -92,6 +92,19 @@ def test_chunks_of_64_match_float64_references():
     assert rel_err(keys[1:, 7:].cpu(), transformed_keys_reference(*(x[1:, 7:].cpu() for x in (k, w, beta)))) < 1e-5
 
 
+def test_superblock_kernel_by_column_blocks(monkeypatch):
+    """Head dims above 64 split the superblock kernel's D x D products over programs by columns; forced
+    here at D = 32 with blocks of 16 columns."""
+    from path_lm import path_triton
+
+    monkeypatch.setattr(path_triton, "SUPERBLOCK_COLUMNS", 16)
+    inputs = make_inputs(1, 80, 2, 1, 32, seed=6)
+    (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, chunk_size=16, chunks_per_superblock=2)
+    assert rel_err(o, o_ref) < 1e-5
+    q, k, v, w, beta, g = cast
+    assert rel_err(keys.cpu(), transformed_keys_reference(k.cpu(), w.cpu(), beta.cpu())) < 1e-5
+
+
 def test_packed_and_padded_segments_match_float64_references():
     inputs = make_inputs(2, 90, 4, 2, 16, seed=3)
     segment_ids = torch.zeros(2, 90, dtype=torch.long)
