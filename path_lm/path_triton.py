@@ -669,10 +669,9 @@ def decode_attention(
 
 @triton.jit
 def _unit_lower_inverse(W, BETA, row0, T, OUT, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-                        REVERSE: tl.constexpr, PREC: tl.constexpr):
+                        PREC: tl.constexpr):
     """Writes (I + M)^-1 to OUT ([C, C] float32, row-major; only blocks on or below the diagonal of 16 x 16
-    blocks are written), M = tril(W W^T, -1) diag(beta) over the chunk's rows row0.. (REVERSE: in reversed
-    order, which turns the upper-triangular system of the keys' carry into a lower one).
+    blocks are written), M = tril(W W^T, -1) diag(beta) over the chunk's rows row0..
 
     Diagonal 16 x 16 blocks by forward substitution in float32 (exact arithmetic order, no tensor cores), the
     blocks below them by block substitution: Ti_ij = -Ti_ii sum_{k=j}^{i-1} M_ik Ti_kj."""
@@ -680,10 +679,7 @@ def _unit_lower_inverse(W, BETA, row0, T, OUT, H: tl.constexpr, D: tl.constexpr,
     od = tl.arange(0, D)
     for i in range(C // 16):
         r_i = i * 16 + o16
-        if REVERSE:
-            pos_i = row0 + C - 1 - r_i
-        else:
-            pos_i = row0 + r_i
+        pos_i = row0 + r_i
         w_i = tl.load(W + pos_i[:, None] * (H * D) + od[None, :], mask=(pos_i < T)[:, None], other=0.0).to(tl.float32)
         b_i = tl.load(BETA + pos_i * H, mask=pos_i < T, other=0.0).to(tl.float32)
         m_ii = tl.dot(w_i, tl.trans(w_i), input_precision=PREC) * b_i[None, :]
@@ -698,10 +694,7 @@ def _unit_lower_inverse(W, BETA, row0, T, OUT, H: tl.constexpr, D: tl.constexpr,
             acc = tl.zeros([16, 16], tl.float32)
             for kk in range(j, i):
                 r_k = kk * 16 + o16
-                if REVERSE:
-                    pos_k = row0 + C - 1 - r_k
-                else:
-                    pos_k = row0 + r_k
+                pos_k = row0 + r_k
                 w_k = tl.load(W + pos_k[:, None] * (H * D) + od[None, :], mask=(pos_k < T)[:, None], other=0.0)
                 b_k = tl.load(BETA + pos_k * H, mask=pos_k < T, other=0.0).to(tl.float32)
                 m_ik = tl.dot(w_i, tl.trans(w_k.to(tl.float32)), input_precision=PREC) * b_k[None, :]
@@ -732,9 +725,8 @@ def _prep_chunk_kernel(
     row0 = b * T + i_c * C  # first row of the chunk in the [B * T] token layout of the inputs
     w_base = W + (b * T * H + h) * D
     beta_base = BETA + b * T * H + h
-    scr = SCR + (i_bh * n + i_c).to(tl.int64) * (2 * C * C)
-    _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr, H, D, C, False, PREC)
-    _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr + C * C, H, D, C, True, PREC)
+    scr = SCR + (i_bh * n + i_c).to(tl.int64) * (C * C)
+    _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr, H, D, C, PREC)
 
     w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
     k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
@@ -742,20 +734,17 @@ def _prep_chunk_kernel(
     below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
     # Only blocks on or below the block diagonal were written; the rest of (I + M)^-1 is zero.
     t_low = tl.load(scr + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
-    # The reversed inverse, read back in chunk order: the inverse of (I + triu(W W^T, 1) diag(beta)).
-    rev = C - 1 - oc
-    t_up = tl.load(scr + C * C + rev[:, None] * C + rev[None, :], mask=(rev[:, None] // 16) >= (rev[None, :] // 16),
-                   other=0.0)
-
     # P = I - W^T diag(beta) U with U = (I + M)^-1 W: the chunk's Householder product.
     u = tl.dot(t_low, w, input_precision=PREC)
     eye = tl.where(od[:, None] == od[None, :], 1.0, 0.0)
     p = eye - tl.dot(tl.trans(w), u * beta[:, None], input_precision=PREC)
     tl.store(P_OUT + (i_bh * n + i_c).to(tl.int64) * D * D + od[:, None] * D + od[None, :], p)
 
-    # Keys carried to the chunk's end: k_j - (triu(K W^T, 1) diag(beta)) (I + N)^-1 W.
-    kw = tl.where(oc[:, None] < oc[None, :], tl.dot(k, tl.trans(w), input_precision=PREC) * beta[None, :], 0.0)
-    k_t = k - tl.dot(kw, tl.dot(t_up, w, input_precision=PREC), input_precision=PREC)
+    # Keys carried to the chunk's end: k_j - (triu(K W^T, 1) diag(beta)) (I + N)^-1 W, N = triu(W W^T, 1)
+    # diag(beta). N^T = diag(beta) M diag(beta)^-1, so diag(beta) (I + N)^-1 = ((I + M)^-1)^T diag(beta): the
+    # same inverse serves both carries (and beta = 0 needs no special case).
+    kw = tl.where(oc[:, None] < oc[None, :], tl.dot(k, tl.trans(w), input_precision=PREC), 0.0)
+    k_t = k - tl.dot(kw, tl.dot(tl.trans(t_low), w * beta[:, None], input_precision=PREC), input_precision=PREC)
     k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
     tl.store(KT + k_off, k_t)
     tl.store(KT_K + k_off, k_t.to(KT_K.dtype.element_ty))
@@ -793,11 +782,13 @@ def _prep_superblock_kernel(
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
     KEYS32: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (superblock, batch x kv head, DB columns): every product below is separable by columns
-    of its result (queries, P_{l-1} ... P_0, frame changes) or by rows of the chained matrix (keys)."""
+    """One program per (superblock, batch x kv head, task, DB columns); tasks: the queries' carry, the keys'
+    carry, and the frame changes from each chunk t. Every product below is separable by columns of its result
+    (queries, P_{l-1} ... P_0, frame changes) or by rows of the chained matrix (keys)."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
-    i_d = tl.program_id(2)
+    task = tl.program_id(2) // (D // DB)
+    i_d = tl.program_id(2) % (D // DB)
     b = i_bh // H
     h = i_bh % H
     G: tl.constexpr = HQ // H
@@ -811,33 +802,32 @@ def _prep_superblock_kernel(
     p_base = P + ((i_bh * n_sb + i_s) * NB).to(tl.int64) * D * D  # P of the superblock's chunks
     eye_cols = tl.where(od[:, None] == ob[None, :], 1.0, 0.0)
 
-    # Queries down to the superblock's bottom: q_t @ (P_{l-1} ... P_0); the last product is P of the superblock.
-    below = eye_cols
-    for l in range(NB):
-        pos = (i_s * NB + l) * C + oc
-        for hq in range(h * G, h * G + G):
-            q_t = tl.load(QT + ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :])
-            q_bot = tl.dot(q_t, below, input_precision=PREC)
-            tl.store(Q_BOT + ((b * T_pad + pos)[:, None] * HQ + hq) * D + ob[None, :], q_bot.to(Q_BOT.dtype.element_ty))
-        below = tl.dot(tl.load(p_base + l * D * D + full), below, input_precision=PREC)
-    tl.store(P_SB + (i_bh * n_sb + i_s).to(tl.int64) * D * D + cols, below)
-
-    # Keys up to the superblock's top: k_t @ (P_{NB-1} ... P_{l+1})^T, DB columns = DB rows of the product.
-    above = tl.trans(eye_cols)
-    for step in range(NB):
-        l = NB - 1 - step
-        pos = (i_s * NB + l) * C + oc
-        k_t = tl.load(KT + ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :])
-        k_top = tl.dot(k_t, tl.trans(above), input_precision=PREC)
-        off = ((b * T_pad + pos)[:, None] * H + h) * D + ob[None, :]
-        tl.store(K_TOP + off, k_top.to(K_TOP.dtype.element_ty))
-        if KEYS32:
-            tl.store(K_TOP32 + off, k_top)
-        above = tl.dot(above, tl.load(p_base + l * D * D + full), input_precision=PREC)
-
-    # Frame changes between the superblock's chunks, F[s, t] = P_{s-1} ... P_{t+1}, packed row by row.
-    mid_base = MID + ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
-    for t in range(NB - 1):
+    if task == 0:  # queries down to the superblock's bottom: q_t @ (P_{l-1} ... P_0); then P of the superblock
+        below = eye_cols
+        for l in range(NB):
+            pos = (i_s * NB + l) * C + oc
+            for hq in range(h * G, h * G + G):
+                q_t = tl.load(QT + ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :])
+                q_bot = tl.dot(q_t, below, input_precision=PREC)
+                q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + ob[None, :]
+                tl.store(Q_BOT + q_off, q_bot.to(Q_BOT.dtype.element_ty))
+            below = tl.dot(tl.load(p_base + l * D * D + full), below, input_precision=PREC)
+        tl.store(P_SB + (i_bh * n_sb + i_s).to(tl.int64) * D * D + cols, below)
+    elif task == 1:  # keys up to the superblock's top: k_t @ (P_{NB-1} ... P_{l+1})^T; DB columns = DB rows
+        above = tl.trans(eye_cols)
+        for step in range(NB):
+            l = NB - 1 - step
+            pos = (i_s * NB + l) * C + oc
+            k_t = tl.load(KT + ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :])
+            k_top = tl.dot(k_t, tl.trans(above), input_precision=PREC)
+            off = ((b * T_pad + pos)[:, None] * H + h) * D + ob[None, :]
+            tl.store(K_TOP + off, k_top.to(K_TOP.dtype.element_ty))
+            if KEYS32:
+                tl.store(K_TOP32 + off, k_top)
+            above = tl.dot(above, tl.load(p_base + l * D * D + full), input_precision=PREC)
+    else:  # frame changes F[s, t] = P_{s-1} ... P_{t+1} from chunk t, packed row by row
+        t = task - 2
+        mid_base = MID + ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
         f = eye_cols
         tl.store(mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
         for s in range(t + 2, NB):
@@ -845,6 +835,7 @@ def _prep_superblock_kernel(
             tl.store(mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
 
 
+_PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 SUPERBLOCK_COLUMNS = 64  # columns per program of the superblock kernel (D x D float32 operands: shared memory)
 
 
@@ -880,12 +871,12 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         "o_local": torch.empty(B, T_pad, HQ, DV, dtype=f32, device=dev),
         "lse_local": torch.empty(B, HQ, T_pad, dtype=f32, device=dev),
     }
-    scratch = torch.empty(B * H * n, 2, C, C, dtype=f32, device=dev)
+    scratch = torch.empty(B * H * n, C, C, dtype=f32, device=dev)
     _prep_chunk_kernel[(n, B * H)](
         q, k, v, w, beta, gate, seg_start, scratch, out["p"], out["q_t32"], out["q_t"], out["k_t32"], out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
         HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
-        **(launch or {}).get("chunk", _launch_config(D)),
+        **(launch or {}).get("chunk", _PREP_LAUNCH),
     )
     del scratch
     out.update(
@@ -896,10 +887,10 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         p_sb=torch.empty(B, H, n_sb, D, D, dtype=f32, device=dev),
     )
     DB = min(D, SUPERBLOCK_COLUMNS)
-    _prep_superblock_kernel[(n_sb, B * H, D // DB)](
+    _prep_superblock_kernel[(n_sb, B * H, (NB + 1) * (D // DB))](
         out["p"], out.pop("q_t32"), out.pop("k_t32"), out["q_bot"], out["k_top"], out["k_top32"], out["mid"],
         out["p_sb"], T_pad, HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, PREC=prec,
-        **(launch or {}).get("superblock", _launch_config(D)),
+        **(launch or {}).get("superblock", _PREP_LAUNCH),
     )
     del out["p"]
     return out
