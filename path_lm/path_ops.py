@@ -426,14 +426,21 @@ def _pair_products(p: torch.Tensor) -> torch.Tensor:
     NB, D = p.shape[-3], p.shape[-1]
     eye = torch.eye(D, dtype=p.dtype, device=p.device)
     diagonal = eye.expand(*p.shape[:-3], NB - 1, D, D)  # entry t: F[t + 1, t]
-    diagonals, order = [diagonal], [(t + 1, t) for t in range(NB - 1)]
+    diagonals = [diagonal]
     for s in range(2, NB):
         diagonal = diagonal[..., 1:, :, :] @ p[..., 1 : NB - s + 1, :, :]  # entry t: F[t + s, t]
         diagonals.append(diagonal)
-        order += [(t + s, t) for t in range(NB - s)]
+    return torch.cat(diagonals, dim=-3).index_select(-3, _packed_pair_index(NB, p.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_pair_index(NB: int, device: torch.device) -> torch.Tensor:
+    """Where pair (s, t) of :func:`_pair_products`'s diagonal order sits, in packed row-by-row order; kept on
+    the device (a fresh host-to-device copy per call would make the host wait for the GPU)."""
+    order = [(t + s, t) for s in range(1, NB) for t in range(NB - s)]
     packed_position = {pair: i for i, pair in enumerate(order)}
     index = [packed_position[(s, t)] for s in range(1, NB) for t in range(s)]
-    return torch.cat(diagonals, dim=-3)[..., index, :, :]
+    return torch.tensor(index, dtype=torch.long, device=device)
 
 
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
