@@ -433,14 +433,13 @@ def _pair_products(p: torch.Tensor) -> torch.Tensor:
     return torch.cat(diagonals, dim=-3).index_select(-3, _packed_pair_index(NB, p.device))
 
 
-@functools.lru_cache(maxsize=64)
 def _packed_pair_index(NB: int, device: torch.device) -> torch.Tensor:
-    """Where pair (s, t) of :func:`_pair_products`'s diagonal order sits, in packed row-by-row order; kept on
-    the device (a fresh host-to-device copy per call would make the host wait for the GPU)."""
-    order = [(t + s, t) for s in range(1, NB) for t in range(NB - s)]
-    packed_position = {pair: i for i, pair in enumerate(order)}
-    index = [packed_position[(s, t)] for s in range(1, NB) for t in range(s)]
-    return torch.tensor(index, dtype=torch.long, device=device)
+    """Where pair (s, t) of :func:`_pair_products`'s diagonal order sits, in packed row-by-row order. Built
+    on the device (a host list copied per call would make the host wait for the GPU): diagonal d = s - t
+    starts after the NB - 1, NB - 2, ... pairs of the diagonals before it."""
+    s, t = torch.tril_indices(NB, NB, -1, device=device)  # row by row: (1, 0), (2, 0), (2, 1), ...
+    d = s - t
+    return (d - 1) * NB - (d - 1) * d // 2 + t
 
 
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
