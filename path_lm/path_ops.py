@@ -752,15 +752,32 @@ BACKENDS = ("auto", "torch", *KERNELS)
 _DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", "torch": "exact PyTorch"}
 
 
-def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    """'auto' -> the first kernel in KERNELS that can run on these inputs, else 'torch' (logged once);
-    an explicit kernel that cannot run raises."""
+AUTO_TRITON_MIN_LENGTH = 8192
+
+
+def _auto_order(q: torch.Tensor, needs_grad: bool) -> list:
+    """The kernels 'auto' tries, fastest first (measured on an H100, docs/benchmarks.md): without gradients
+    (prefill, evaluation) at head dim 64 path-lm's forward is 1.8-4.7x faster than fla's as an op, but a
+    whole model's prefill gains only from sequences of AUTO_TRITON_MIN_LENGTH tokens on (at 1k and 4k the
+    model was host-bound and fla's faster: 0.46x, 0.77x; at 16k path-lm's 2.4x faster). fla's kernel is faster
+    at head dim 128 and, with its backward, for training."""
+    if not needs_grad and q.shape[-1] == 64 and q.shape[1] >= AUTO_TRITON_MIN_LENGTH:
+        return ["triton", "fla"]
+    return list(KERNELS)
+
+
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, needs_grad: bool | None = None) -> str:
+    """'auto' -> the fastest kernel that can run on these inputs (:func:`_auto_order`), else 'torch' (logged
+    once); an explicit kernel that cannot run raises. ``needs_grad``: whether the call will be differentiated
+    (default: whether q or v requires grad)."""
     if backend == "torch":
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
     chosen, reasons = "torch", {}
-    for name in KERNELS if backend == "auto" else [backend]:  # stop at the first kernel that can run
+    if needs_grad is None:
+        needs_grad = q.requires_grad or v.requires_grad
+    for name in _auto_order(q, needs_grad) if backend == "auto" else [backend]:  # stop at the first kernel that can run
         reasons[name] = KERNELS[name](q, v)
         if reasons[name] is None:
             chosen = name
@@ -846,7 +863,8 @@ def path_attention(
             use_kernel=decode_kernel_usable(q, v, backend),
         )
     past_len = cache.length if cache is not None else 0
-    kernel = resolve_backend(backend, q, v) if past_len == 0 else "torch"
+    needs_grad = any(x is not None and x.requires_grad for x in (q, k, v, w, beta, g))
+    kernel = resolve_backend(backend, q, v, needs_grad) if past_len == 0 else "torch"
     if cache is None:
         if kernel == "torch":
             return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]

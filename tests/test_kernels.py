@@ -184,6 +184,26 @@ def test_gpu_compiled_preparation_matches_torch_path(monkeypatch):
     assert_bf16_matches_torch_path(inputs, segment_ids)
 
 
+def test_auto_picks_the_faster_kernel_for_the_pass(monkeypatch):
+    """With both kernels usable: path-lm's for long forward-only passes at head dim 64, fla's with gradients,
+    at head dim 128 or for short sequences (the measured order, docs/benchmarks.md)."""
+    from path_lm import path_ops
+
+    for name in path_ops.KERNELS:
+        monkeypatch.setitem(path_ops.KERNELS, name, lambda q, v: None)
+    long = path_ops.AUTO_TRITON_MIN_LENGTH
+    q64, q128 = torch.randn(1, long, 1, 64), torch.randn(1, long, 1, 128)
+    assert resolve_backend("auto", q64, q64) == "triton"
+    assert resolve_backend("auto", q64[:, : long - 1], q64[:, : long - 1]) == "fla"
+    assert resolve_backend("auto", q128, q128) == "fla"
+    assert resolve_backend("auto", q64.detach(), q64.detach(), needs_grad=True) == "fla"  # e.g. only w trains
+    q64.requires_grad_()
+    assert resolve_backend("auto", q64, q64) == "fla"
+    with torch.no_grad():  # inference: projections' outputs do not require grad
+        assert resolve_backend("auto", q64 * 1, q64 * 1) == "triton"
+    assert resolve_backend("fla", q64.detach(), q64.detach()) == "fla"
+
+
 @gpu
 def test_gpu_auto_uses_path_lm_kernel_without_fla(monkeypatch):
     from path_lm import path_ops
