@@ -92,6 +92,13 @@ def test_chunks_of_64_match_float64_references():
     assert rel_err(keys[1:, 7:].cpu(), transformed_keys_reference(*(x[1:, 7:].cpu() for x in (k, w, beta)))) < 1e-5
 
 
+def test_chunk_size_must_be_a_power_of_two_of_at_least_16():
+    q, k, v, w, beta, g = make_inputs(1, 40, 2, 1, 16, seed=7)
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match="power of two of at least 16"):
+            path_attention_triton(q, k, v, w, beta, g, chunk_size=bad)
+
+
 def test_superblock_kernel_by_column_blocks(monkeypatch):
     """Head dims above 64 split the superblock kernel's D x D products over programs by columns; forced
     here at D = 32 with blocks of 16 columns."""
