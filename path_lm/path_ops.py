@@ -699,6 +699,9 @@ def path_attention_triton(
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton kernels, got {chunk_size}")
+    problem = _offsets_problem(q, v, chunk_size * chunks_per_superblock)
+    if problem:
+        raise ValueError(problem)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _PaTHTriton.apply(q, k, v, w, beta, g, segment_ids, scale, chunk_size, chunks_per_superblock, output_keys)
 
@@ -721,7 +724,20 @@ def fla_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
 
 def triton_unavailable_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why path-lm's Triton kernel cannot run on these inputs, or None if it can."""
-    return _kernel_input_problem(q, v, TRITON_HEAD_DIMS) or _triton_import_error()
+    return _kernel_input_problem(q, v, TRITON_HEAD_DIMS) or _offsets_problem(q, v) or _triton_import_error()
+
+
+def _offsets_problem(q: torch.Tensor, v: torch.Tensor, padded_to: int = DEFAULT_CHUNK_SIZE * 8) -> str | None:
+    """path-lm's Triton kernels index [B, T, heads, D] tensors with 32-bit offsets."""
+    B, T, HQ, D = q.shape
+    T_pad = math.ceil(T / padded_to) * padded_to
+    size = B * T_pad * HQ * max(D, v.shape[-1])
+    if size > 2**31 - 1:
+        return (
+            f"{B} x {T_pad} x {HQ} x {max(D, v.shape[-1])} elements per tensor (time padded to {padded_to}) exceed "
+            "the kernels' 32-bit offsets; split the batch"
+        )
+    return None
 
 
 @torch.compiler.assume_constant_result  # compiled steps take the answer, not a trace of the import

@@ -99,6 +99,19 @@ def test_chunk_size_must_be_a_power_of_two_of_at_least_16():
             path_attention_triton(q, k, v, w, beta, g, chunk_size=bad)
 
 
+def test_inputs_past_32_bit_offsets_are_refused():
+    """The kernels index with 32-bit offsets: larger inputs get a clear error (auto falls back)."""
+    from path_lm.path_ops import _offsets_problem
+
+    big = torch.empty(64, 8192, 32, 128, device="meta")  # 2^31 elements, nothing allocated
+    assert "split the batch" in _offsets_problem(big, big)
+    assert _offsets_problem(big[:63], big[:63]) is None
+    assert "time padded to 512" in _offsets_problem(big[:, :8100], big[:, :8100])  # padding counts
+    q, k, v, w, beta, g = (torch.empty(64, 8192, 32, 128, device="meta") for _ in range(6))
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        path_attention_triton(q, k, v, w, beta[..., 0], g[..., 0])
+
+
 def test_superblock_kernel_by_column_blocks(monkeypatch):
     """Head dims above 64 split the superblock kernel's D x D products over programs by columns; forced
     here at D = 32 with blocks of 16 columns."""
