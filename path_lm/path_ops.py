@@ -474,6 +474,12 @@ class _Levels:
     gate: torch.Tensor | None
 
 
+def _cumulative_gate(g: torch.Tensor, T_pad: int) -> torch.Tensor:
+    """[B, T, HQ] log gates -> [B, HQ, T_pad] float32 cumulative sums, zero padded in time. The sum runs along
+    the last dim: a scan over an outer dim is slow on GPUs."""
+    return F.pad(g.float(), (0, 0, 0, T_pad - g.shape[1])).transpose(1, 2).cumsum(-1)
+
+
 def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> tuple:
     """The fields of :class:`_Levels`, as a tuple (what torch.compile returns best)."""
     B, T, HQ, D = q.shape
@@ -516,8 +522,8 @@ def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> tuple:
 
     gate = None
     logits = local.reshape(B, H, n, G, C, C) * scale  # [B, H, n, G, C(query), C(key)]
-    if g is not None:  # cumulative sum along time as the last dim (a scan over an outer dim is slow on GPUs)
-        gate = F.pad(g.to(dt), (0, 0, 0, T_pad - T)).transpose(1, 2).cumsum(-1)  # [B, HQ, T_pad]
+    if g is not None:
+        gate = _cumulative_gate(g, T_pad)  # [B, HQ, T_pad]
         gc = gate.view(B, H, G, n, C).transpose(2, 3) * scale  # [B, H, n, G, C]
         logits = logits + gc[..., :, None] - gc[..., None, :]
         gate = gate.transpose(1, 2).contiguous()
@@ -614,9 +620,7 @@ class _PaTHTriton(torch.autograd.Function):
         T_pad = math.ceil(T / (C * NB)) * C * NB
         seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
         with torch.no_grad(), _matmul_precision(kdt):
-            gate = None
-            if g is not None:  # cumulative sum along time as the last dim (a scan over an outer dim is slow)
-                gate = F.pad(g.float(), (0, 0, 0, T_pad - T)).transpose(1, 2).cumsum(-1).transpose(1, 2).contiguous()
+            gate = _cumulative_gate(g, T_pad).transpose(1, 2).contiguous() if g is not None else None
             v_kernel = F.pad(v, (0, 0, 0, 0, 0, T_pad - T)).to(kdt).contiguous()
             prep = prepare_forward(
                 q.to(kdt), k.to(kdt), v_kernel, w, beta, gate, seg_start,

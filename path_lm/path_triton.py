@@ -21,6 +21,8 @@ triton is imported here at module level; import this module lazily and only on C
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # inside try: loading a checkpoint's remote code must not require triton
@@ -859,38 +861,30 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     T_pad = seg_start.shape[1]
     C, NB = chunk, chunks_per_superblock
     n, n_sb = T_pad // C, T_pad // (C * NB)
-    kdt, dev, f32 = q.dtype, q.device, torch.float32
+    kdt, f32 = q.dtype, torch.float32
     prec = _precision(q)
     q, k, v, w, beta = (x.contiguous() for x in (q, k, v, w, beta))
-    out = {
-        "p": torch.empty(B, H, n, D, D, dtype=f32, device=dev),
-        "q_t32": torch.empty(B, T_pad, HQ, D, dtype=f32, device=dev),
-        "q_t": torch.empty(B, T_pad, HQ, D, dtype=kdt, device=dev),
-        "k_t32": torch.empty(B, T_pad, H, D, dtype=f32, device=dev),
-        "k_t": torch.empty(B, T_pad, H, D, dtype=kdt, device=dev),
-        "o_local": torch.empty(B, T_pad, HQ, DV, dtype=f32, device=dev),
-        "lse_local": torch.empty(B, HQ, T_pad, dtype=f32, device=dev),
-    }
-    scratch = torch.empty(B * H * n, C, C, dtype=f32, device=dev)
+    empty = functools.partial(torch.empty, device=q.device)
+    p = empty(B, H, n, D, D, dtype=f32)  # each chunk's product, read by the superblock kernel
+    q_t32, k_t32 = empty(B, T_pad, HQ, D, dtype=f32), empty(B, T_pad, H, D, dtype=f32)
+    out = dict(
+        q_t=empty(B, T_pad, HQ, D, dtype=kdt), k_t=empty(B, T_pad, H, D, dtype=kdt),
+        o_local=empty(B, T_pad, HQ, DV, dtype=f32), lse_local=empty(B, HQ, T_pad, dtype=f32),
+        q_bot=empty(B, T_pad, HQ, D, dtype=kdt), k_top=empty(B, T_pad, H, D, dtype=kdt),
+        k_top32=empty(B, T_pad, H, D, dtype=f32) if keys32 else None,
+        mid=empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt), p_sb=empty(B, H, n_sb, D, D, dtype=f32),
+    )
+    scratch = empty(B * H * n, C, C, dtype=f32)  # each chunk's triangular inverse, by blocks
     _prep_chunk_kernel[(n, B * H)](
-        q, k, v, w, beta, gate, seg_start, scratch, out["p"], out["q_t32"], out["q_t"], out["k_t32"], out["k_t"],
+        q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
         HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
         **(launch or {}).get("chunk", _PREP_LAUNCH),
     )
-    del scratch
-    out.update(
-        q_bot=torch.empty(B, T_pad, HQ, D, dtype=kdt, device=dev),
-        k_top=torch.empty(B, T_pad, H, D, dtype=kdt, device=dev),
-        k_top32=torch.empty(B, T_pad, H, D, dtype=f32, device=dev) if keys32 else None,
-        mid=torch.empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt, device=dev),
-        p_sb=torch.empty(B, H, n_sb, D, D, dtype=f32, device=dev),
-    )
     DB = min(D, SUPERBLOCK_COLUMNS)
     _prep_superblock_kernel[(n_sb, B * H, (NB + 1) * (D // DB))](
-        out["p"], out.pop("q_t32"), out.pop("k_t32"), out["q_bot"], out["k_top"], out["k_top32"], out["mid"],
-        out["p_sb"], T_pad, HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, PREC=prec,
+        p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], T_pad,
+        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, PREC=prec,
         **(launch or {}).get("superblock", _PREP_LAUNCH),
     )
-    del out["p"]
     return out
