@@ -64,6 +64,8 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.frames: torch.Tensor | None = None
         self.frame_window = FRAME_WINDOW
         self._frames_used = False
+        self.input_weight: torch.Tensor | None = None
+        self.input_bias: torch.Tensor | None = None
         self.length = 0
 
     def __repr__(self):
@@ -90,6 +92,7 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.gates = self.conv_state = self.frames = None
+        self.input_weight = self.input_bias = None
         self._frames_used = False
         self.is_initialized = False
         self.length = 0
@@ -135,6 +138,17 @@ class PaTHCacheLayer(CacheLayerMixin):
     def set_conv_state(self, state: torch.Tensor) -> None:
         self.conv_state = state
 
+    def keep_input_projection(self, weights: list, biases: list) -> tuple:
+        """Keep the attention layer's input projections concatenated along the output dim (weights, and
+        biases with zeros for the projections without one), so that decoding steps run them as one product
+        without concatenating again. Returns (weight, bias)."""
+        self.input_weight, self.input_bias = _concatenated(weights, biases)
+        return self.input_weight, self.input_bias
+
+    def kept_input_projection(self) -> tuple | None:
+        """(weight, bias) kept by :meth:`keep_input_projection`, or None."""
+        return None if self.input_weight is None else (self.input_weight, self.input_bias)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):
         """Write T new positions: keys [B, T, H, D] (already transformed to the newest position), values
         [B, T, H, Dv], gates [B, T, HQ] cumulative, key_mask [B, T] (False at padding; kept by the static
@@ -158,6 +172,15 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.length = end
         keys_now = self.keys[:, :, :end]  # as stored: framed keys are not carried here
         return keys_now, self.values_view(), self.gates_view() if gates is not None else None
+
+    def reserve(self, needed: int) -> None:
+        """Grow the buffers of a filled layer to hold at least ``needed`` positions (the decoding kernel then
+        writes the new slot itself)."""
+        length = self.length
+        for name in ("keys", "values", "gates"):
+            buffer = getattr(self, name)
+            if buffer is not None:
+                setattr(self, name, _grow(buffer, length, needed, lambda c: buffer.new_zeros(*buffer.shape[:2], c, *buffer.shape[3:])))
 
     def keys_view(self) -> torch.Tensor:
         """The cached keys [B, H, L, D], carried to the last cached position."""
@@ -219,6 +242,11 @@ class PaTHCacheLayer(CacheLayerMixin):
         keys.copy_(keys.to(transform.dtype) @ transform.transpose(-1, -2))
 
 
+def _concatenated(weights: list, biases: list) -> tuple:
+    bias = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
+    return torch.cat(weights), torch.cat(bias)
+
+
 def _identity_frames(B: int, H: int, D: int, device) -> torch.Tensor:
     return torch.eye(D, device=device).expand(B, 2, H, D, D).contiguous()
 
@@ -247,7 +275,6 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         self.max_cache_len = int(max_cache_len)
         self.position: torch.Tensor | None = None
         self.key_mask: torch.Tensor | None = None
-        self.input_weight: torch.Tensor | None = None
         self.filled = False
         super().__init__(key_dtype)
 
@@ -301,17 +328,15 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
             self.frames = _identity_frames(B, H, D, self.keys.device)
         return self.frames
 
-    def keep_input_weight(self, weights: list) -> torch.Tensor:
-        """Keep the attention layer's input projection weights, concatenated along the output dim, for
-        compiled decoding steps (see :class:`PaTHStaticCache`); refreshed in place, so the address that
-        compiled graphs hold stays. Returns the copy."""
-        rows = sum(w.shape[0] for w in weights)
-        kept = self.input_weight
-        if kept is None or kept.shape != (rows, *weights[0].shape[1:]) or kept.dtype != weights[0].dtype:
-            self.input_weight = _mark_static(torch.cat(weights))
+    def keep_input_projection(self, weights: list, biases: list) -> tuple:
+        """As the dynamic layer's, refreshed in place, so the addresses that compiled graphs hold stay."""
+        weight, bias = _concatenated(weights, biases)
+        if self.input_weight is None or self.input_weight.shape != weight.shape or self.input_weight.dtype != weight.dtype:
+            self.input_weight, self.input_bias = _mark_static(weight), _mark_static(bias)
         else:
-            torch.cat(weights, out=kept)
-        return self.input_weight
+            self.input_weight.copy_(weight)
+            self.input_bias.copy_(bias)
+        return self.input_weight, self.input_bias
 
     def carry_framed_keys(self) -> None:
         if self.frames is not None:

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from .cache_path import PaTHCache, PaTHStaticCache
 from .configuration_path import PaTHConfig
-from .path_ops import path_attention
+from .path_ops import decode_inputs, decode_kernel_usable, path_attention
 
 logger = logging.get_logger(__name__)
 
@@ -186,10 +186,12 @@ class PaTHAttention(nn.Module):
         without a forget gate), each [B, T, features] in x's dtype.
 
         A decoding step (one token, autograd off) runs the projections that read x as one product over
-        their concatenated weights: one matrix kernel instead of five or six, which is most of what a
-        small model's step costs. Only for plain ``nn.Linear`` modules on x's device and dtype (adapters,
-        quantized or offloaded layers take the module calls). A static cache keeps the concatenated weight
-        from its last call outside torch.compile, so compiled steps do not concatenate again."""
+        their concatenated weights and biases: one matrix kernel instead of five or six, which is most of
+        what a small model's step costs. Only for plain ``nn.Linear`` modules on x's device and dtype
+        (adapters, quantized or offloaded layers take the module calls). The cache keeps the concatenation
+        (:meth:`~cache_path.PaTHCacheLayer.keep_input_projection`): a dynamic cache from its last call of
+        several tokens (the prefill), a static one from its last call outside torch.compile, so decoding
+        steps do not concatenate again."""
         w_in = self.w_proj[0] if isinstance(self.w_proj, nn.Sequential) else self.w_proj
         heads = [self.q_proj, self.k_proj, self.v_proj, w_in, self.bt_proj]
         if self.use_forget_gate:
@@ -197,24 +199,48 @@ class PaTHAttention(nn.Module):
         fusable = not torch.is_grad_enabled() and all(
             type(m) is nn.Linear and m.weight.device == x.device and m.weight.dtype == x.dtype for m in heads
         )
-        weights = [m.weight for m in heads]
-        weight = None
-        if fusable and layer_cache is not None and layer_cache.is_static:
-            # compiled steps read the copy that the last uncompiled call (the prefill) refreshed
-            weight = layer_cache.input_weight if torch.compiler.is_compiling() else layer_cache.keep_input_weight(weights)
+        kept = None
+        if fusable and layer_cache is not None:
+            kept = layer_cache.kept_input_projection()
+            refresh = not torch.compiler.is_compiling() if layer_cache.is_static else x.shape[1] > 1
+            if refresh or kept is None:
+                kept = layer_cache.keep_input_projection([m.weight for m in heads], [m.bias for m in heads])
         if not (fusable and x.shape[1] == 1):
             w = self.w_proj(x)
             g = self.g_proj(x) if self.use_forget_gate else None
             return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
-        if weight is None:
-            weight = torch.cat(weights)
-        parts = list(F.linear(x, weight).split([m.out_features for m in heads], -1))
-        for i, m in enumerate(heads):
-            if m.bias is not None:
-                parts[i] = parts[i] + m.bias
+        if kept is None:
+            kept = torch.cat([m.weight for m in heads]), torch.cat(
+                [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in heads]
+            )
+        parts = list(F.linear(x, *kept).split([m.out_features for m in heads], -1))
         if w_in is not self.w_proj:
             parts[3] = self.w_proj[1](parts[3])
         return (*parts, None) if len(parts) == 5 else tuple(parts)
+
+    def _fused_step_inputs(self, x: torch.Tensor, layer_cache, token_mask) -> tuple | None:
+        """The inputs of a single-token decoding step on CUDA from one projection product and one Triton
+        launch (``path_triton.decode_inputs``: short convolution, SiLU, qk-norm, w normalization, beta and
+        gate, with the PyTorch path's roundings), instead of ~40 small PyTorch ops. None where that kernel
+        does not apply (the caller then takes the PyTorch path)."""
+        conv_state = layer_cache.get_conv_state() if self.use_w_shortconv else None
+        conv_weight = self.w_conv1d.weight if self.use_w_shortconv else None
+        if (self.use_w_shortconv and (conv_state is None or not conv_weight.is_contiguous())) or not isinstance(
+            self.maybe_q_norm, (nn.Identity, PaTHRMSNorm)
+        ):
+            return None
+        q, k, v, w, beta_logit, g_logit = self._input_projections(x, layer_cache)
+        norm = self.use_qk_norm
+        q, k, w, beta, g = decode_inputs(
+            q[:, 0], k[:, 0], w[:, 0], beta_logit[:, 0], g_logit[:, 0] if g_logit is not None else None,
+            conv_state=conv_state, conv_weight=conv_weight, conv_bias=self.w_conv1d.bias if conv_weight is not None else None,
+            q_norm=self.maybe_q_norm.weight if norm else None, k_norm=self.maybe_k_norm.weight if norm else None,
+            qk_eps=self.maybe_q_norm.eps if norm else 0.0, token_mask=token_mask.reshape(-1) if token_mask is not None else None,
+            beta_max=self.beta_max, heads=self.num_heads, kv_heads=self.num_kv_heads,
+        )
+        B = x.shape[0]
+        v = v.view(B, 1, self.num_kv_heads, self.head_dim)
+        return q[:, None], k[:, None], v, w[:, None], beta[:, None], g[:, None] if g is not None else None
 
     def forward(
         self,
@@ -246,6 +272,17 @@ class PaTHAttention(nn.Module):
             # Padding is its own segment, so padded queries stay finite and real ones never see it.
             segment_ids = token_mask.long() - 1
 
+        fused = None
+        if (
+            T == 1 and layer_cache is not None and segment_ids is None and not torch.is_grad_enabled()
+            and (layer_cache.filled if layer_cache.is_static else layer_cache.length > 0)
+            and decode_kernel_usable(hidden_states.device, (self.head_dim,), self.attn_backend)
+        ):
+            fused = self._fused_step_inputs(hidden_states, layer_cache, token_mask)
+        if fused is not None:
+            q, k, v, w, beta, g = fused
+            return self._attend(q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states), None, cache
+
         # One preprocessing path for every mode.
         q, k, v, w, beta_logit, g_logit = self._input_projections(hidden_states, layer_cache)
         dt = torch.promote_types(hidden_states.dtype, torch.float32)  # w, beta, g in float32 or better
@@ -270,6 +307,9 @@ class PaTHAttention(nn.Module):
         w = w.view(B, T, self.num_kv_heads, self.head_dim).to(dt)
         w = w * torch.rsqrt(w.pow(2).sum(-1, keepdim=True) + 1e-6)
 
+        return self._attend(q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states), None, cache
+
+    def _attend(self, q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states):
         o = path_attention(
             q, k, v, w, beta, g,
             segment_ids=segment_ids,
@@ -278,8 +318,7 @@ class PaTHAttention(nn.Module):
             backend=self.attn_backend,
             chunk_size=self.chunk_size,
         )
-        o = self.o_proj(o.reshape(B, T, self.hidden_size).to(hidden_states.dtype))
-        return o, None, cache
+        return self.o_proj(o.reshape(hidden_states.shape).to(hidden_states.dtype))
 
 
 class PaTHMLP(nn.Module):

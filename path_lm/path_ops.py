@@ -410,11 +410,39 @@ def path_decode_step_static(
     return o.unsqueeze(1).to(q.dtype)
 
 
-def decode_kernel_usable(q: torch.Tensor, v: torch.Tensor, backend: str) -> bool:
-    """Whether decoding steps run path-lm's fused Triton kernel: on CUDA with triton installed, head dims
+def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=None) -> torch.Tensor:
+    """A single-token step on a filled dynamic cache layer by path-lm's fused decoding kernel, which also
+    writes the new token's slot (raw key, value, cumulative gate): no copies or gate sums around it.
+    Arguments as :func:`path_decode_step_static`'s (g: this step's log gate); key_mask [B, L + 1] or None."""
+    from .path_triton import decode_attention
+
+    n = cache.length
+    cache.reserve(n + 1)
+    dt = compute_dtype(q.dtype)
+    new_token = (k[:, 0], v[:, 0].to(cache.values.dtype), g[:, 0] if g is not None else None, None)
+    filled = slice(0, n + 1)  # (views up to the new slot: the splits cover only filled slots)
+    o = decode_attention(
+        q[:, 0], cache.keys[:, :, filled], cache.values[:, :, filled], w[:, 0].to(dt), beta[:, 0].to(dt), n,
+        gates=cache.gates[:, :, filled] if g is not None else None, key_mask=key_mask, frames=cache.decode_frames(),
+        window=cache.frame_window, scale=q.shape[-1] ** -0.5 if scale is None else scale, out_dtype=q.dtype,
+        new_token=new_token,
+    )
+    cache.length = n + 1
+    return o.unsqueeze(1)
+
+
+def decode_kernel_usable(device: torch.device, head_dims: tuple, backend: str) -> bool:
+    """Whether decoding steps run path-lm's fused Triton kernels: on CUDA with triton installed, head dims
     that are powers of two from 16 to 256, unless ``backend='torch'`` asks for PyTorch ops."""
-    dims_ok = all(16 <= d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
-    return backend != "torch" and q.is_cuda and dims_ok and _triton_import_error() is None
+    dims_ok = all(16 <= d <= 256 and d & (d - 1) == 0 for d in head_dims)
+    return backend != "torch" and device.type == "cuda" and dims_ok and _triton_import_error() is None
+
+
+def decode_inputs(*args, **kwargs):
+    """``path_triton.decode_inputs`` (imported on first use: triton is optional)."""
+    from .path_triton import decode_inputs as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def _pair_products(p: torch.Tensor) -> torch.Tensor:
@@ -880,7 +908,7 @@ def path_attention(
     if cache is not None and cache.is_static and cache.filled and T == 1:  # compiled decoding: no host sync
         return path_decode_step_static(
             q, k, v, w, beta, g, cache, token_mask=key_mask, scale=scale,
-            use_kernel=decode_kernel_usable(q, v, backend),
+            use_kernel=decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend),
         )
     past_len = cache.length if cache is not None else 0
     needs_grad = any(x is not None and x.requires_grad for x in (q, k, v, w, beta, g))
@@ -889,6 +917,8 @@ def path_attention(
         if kernel == "torch":
             return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
         return _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
+    if past_len and T == 1 and segment_ids is None and decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend):
+        return _decode_step_in_place(q, k, v, w, beta, g, cache, key_mask=key_mask, scale=scale)
     gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
     if past_len == 0:
         if kernel == "torch":
@@ -901,14 +931,9 @@ def path_attention(
         cache.append(keys, v, gate, key_mask)
         return o
     if T == 1 and segment_ids is None:
-        use_kernel = decode_kernel_usable(q, v, backend)
-        if not use_kernel:
-            cache.carry_framed_keys()
+        cache.carry_framed_keys()
         keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache, as stored
-        return path_decode_step(
-            q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale, use_kernel=use_kernel,
-            frames=cache.decode_frames() if use_kernel else None, window=cache.frame_window,
-        )
+        return path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale)
     past = PaTHPast(
         keys=cache.keys_view().transpose(1, 2),
         values=cache.values_view().transpose(1, 2),

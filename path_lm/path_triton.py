@@ -664,6 +664,112 @@ def decode_attention(
     return o
 
 
+@triton.jit
+def _round(x, DT: tl.constexpr):
+    """x (float32) rounded to the model dtype and back: one elementwise op of torch in that dtype."""
+    return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _decode_inputs_kernel(
+    Q, K, W, BL, GL, CS, CW, CB, QNW, KNW, TM, QO, KO, WO, BO, GO,
+    sq, sk, sw, sbl, sgl, cs_b, cs_t, qk_eps, beta_max,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TAPS: tl.constexpr, HAS_CONV: tl.constexpr,
+    HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_TM: tl.constexpr,
+    CLAMP: tl.constexpr,
+):
+    DT = QO.dtype.element_ty  # the model dtype
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    od = tl.arange(0, D)
+    ch = h * D + od  # channels of this key head
+    keep = 1.0
+    if HAS_TM:
+        keep = tl.load(TM + b).to(tl.float32)
+    # w: padding zeroes the convolution's input; causal depthwise convolution with the cached inputs, SiLU
+    x = tl.load(W + b * sw + ch).to(tl.float32) * keep
+    y = x
+    if HAS_CONV:
+        y = _round(x * _round(tl.load(CW + ch * TAPS + TAPS - 1).to(tl.float32), DT), DT)
+        for shift in tl.static_range(1, TAPS):
+            earlier = tl.load(CS + b * cs_b + (TAPS - 1 - shift) * cs_t + ch).to(tl.float32)
+            tap = _round(earlier * _round(tl.load(CW + ch * TAPS + TAPS - 1 - shift).to(tl.float32), DT), DT)
+            y = _round(y + tap, DT)
+        if HAS_CBIAS:
+            y = _round(y + _round(tl.load(CB + ch).to(tl.float32), DT), DT)
+        y = _round(y / (1.0 + tl.exp(-y)), DT)
+        if TAPS > 1:  # the state keeps the last TAPS - 1 inputs: shift it by one and append x
+            for j in tl.static_range(0, TAPS - 2):
+                later = tl.load(CS + b * cs_b + (j + 1) * cs_t + ch)
+                tl.store(CS + b * cs_b + j * cs_t + ch, later)
+            tl.store(CS + b * cs_b + (TAPS - 2) * cs_t + ch, x.to(CS.dtype.element_ty))
+    tl.store(WO + (b * H + h) * D + od, y * tl.rsqrt(tl.sum(y * y, axis=0) + 1e-6))
+    beta = 2.0 * tl.sigmoid(tl.load(BL + b * sbl + h).to(tl.float32))
+    if CLAMP:
+        beta = tl.minimum(beta, beta_max)
+    tl.store(BO + b * H + h, beta * keep)
+    k = tl.load(K + b * sk + ch).to(tl.float32)
+    if QK_NORM:
+        k = k * tl.rsqrt(tl.sum(k * k, axis=0) / D + qk_eps) * tl.load(KNW + od).to(tl.float32)
+    tl.store(KO + (b * H + h) * D + od, k.to(KO.dtype.element_ty))
+    for i in tl.static_range(G):
+        hq = h * G + i
+        q = tl.load(Q + b * sq + hq * D + od).to(tl.float32)
+        if QK_NORM:
+            q = q * tl.rsqrt(tl.sum(q * q, axis=0) / D + qk_eps) * tl.load(QNW + od).to(tl.float32)
+        tl.store(QO + (b * H * G + hq) * D + od, q.to(QO.dtype.element_ty))
+        if HAS_GATE:
+            z = tl.load(GL + b * sgl + hq).to(tl.float32)
+            e = tl.exp(-tl.abs(z))  # log sigmoid(z) = min(z, 0) - log(1 + e)
+            tl.store(GO + b * H * G + hq, (tl.minimum(z, 0.0) - tl.where(e < 1e-4, e, tl.log(1.0 + e))) * keep)
+
+
+def decode_inputs(q, k, w, beta_logit, g_logit, *, conv_state=None, conv_weight=None, conv_bias=None,
+                  q_norm=None, k_norm=None, qk_eps=1e-5, token_mask=None, beta_max=None, heads: int, kv_heads: int):
+    """The single-token inputs of a decoding step in one launch, computed as PaTHAttention's PyTorch ops do
+    (same roundings to the model dtype), from the input projections of one token.
+
+    Args:
+        q [B, HQ*D], k [B, H*D], w [B, H*D] (before the short convolution), beta_logit [B, H], g_logit [B, HQ]
+            or None: rows of the projections (views with any row stride; columns contiguous), model dtype.
+        conv_state [B, K-1, H*D] (model dtype, columns contiguous): the convolution's earlier inputs,
+            **updated in place** (shifted by one, w appended). conv_weight [H*D, K] contiguous; conv_bias [H*D].
+            None: no convolution.
+        q_norm, k_norm: RMSNorm weights [D] (both or neither), eps qk_eps.
+        token_mask [B] bool: False where the new token is padding (identity transform, no gate mass).
+    Returns:
+        q [B, HQ, D] and k [B, H, D] in the model dtype; w [B, H, D] unit norm, beta [B, H] and the log gate
+        [B, HQ] (None without g_logit) in float32.
+    """
+    B = q.shape[0]
+    D = q.shape[1] // heads
+    G = heads // kv_heads
+    dt = q.dtype
+    for name, x in (("q", q), ("k", k), ("w", w), ("beta_logit", beta_logit), ("g_logit", g_logit), ("conv_state", conv_state)):
+        if x is not None and x.stride(-1) != 1:
+            raise ValueError(f"decode_inputs needs {name}'s last dimension contiguous")
+    f32 = dict(dtype=torch.float32, device=q.device)
+    q_out = torch.empty(B, heads, D, dtype=dt, device=q.device)
+    k_out = torch.empty(B, kv_heads, D, dtype=dt, device=q.device)
+    w_out = torch.empty(B, kv_heads, D, **f32)
+    beta_out = torch.empty(B, kv_heads, **f32)
+    has_gate, has_conv, qk_norm = g_logit is not None, conv_state is not None, q_norm is not None
+    g_out = torch.empty(B, heads, **f32) if has_gate else None
+    taps = conv_weight.shape[-1] if has_conv else 2
+    _decode_inputs_kernel[(B, kv_heads)](
+        q, k, w, beta_logit, g_logit if has_gate else q, conv_state if has_conv else q,
+        conv_weight if has_conv else q, conv_bias if conv_bias is not None else q,
+        q_norm if qk_norm else q, k_norm if qk_norm else q, token_mask if token_mask is not None else q,
+        q_out, k_out, w_out, beta_out, g_out if has_gate else q,
+        q.stride(0), k.stride(0), w.stride(0), beta_logit.stride(0), g_logit.stride(0) if has_gate else 0,
+        conv_state.stride(0) if has_conv else 0, conv_state.stride(1) if has_conv else 0,
+        qk_eps, beta_max if beta_max is not None else 0.0,
+        H=kv_heads, G=G, D=D, TAPS=taps, HAS_CONV=has_conv, HAS_CBIAS=conv_bias is not None, QK_NORM=qk_norm,
+        HAS_GATE=has_gate, HAS_TM=token_mask is not None, CLAMP=beta_max is not None, num_warps=1,
+    )
+    return q_out, k_out, w_out, beta_out, g_out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Preparation of the forward pass: per-chunk transforms, carries to superblock edges, chunk frame changes
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from test_generation import CACHE_KW, PAD, cache_of, make_model, random_ids
 
 from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer, cache_path
-from path_lm.path_ops import path_decode_step, path_decode_step_static
+from path_lm.path_ops import _decode_step_in_place, path_decode_step, path_decode_step_static
 
 # The kernel tests run on the GPU when there is one, else in Triton's CPU interpreter (conftest.py).
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,25 +135,51 @@ def test_reset_keeps_buffers_and_starts_over(model):
     assert torch.equal(out, expected) and cache.layers[1].keys is keys
 
 
+def _concatenated_projections(attn):
+    heads = [attn.q_proj, attn.k_proj, attn.v_proj, attn.w_proj[0], attn.bt_proj, attn.g_proj]
+    bias = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in heads]
+    return torch.cat([m.weight for m in heads]), torch.cat(bias)
+
+
 @torch.no_grad()
 def test_static_cache_keeps_input_projections_in_place(model):
-    """Eager calls keep each layer's concatenated input projections in the static cache (refreshed in place
-    at every such call, so new weights are picked up and the address compiled steps read stays)."""
+    """Eager calls keep each layer's concatenated input projections (weights, and biases with zeros where a
+    projection has none) in the static cache, refreshed in place at every such call, so new weights are
+    picked up and the address compiled steps read stays."""
     model = copy.deepcopy(model)
     cache = PaTHStaticCache(model.config, max_cache_len=24)
     out = model(random_ids(1, 9, seed=13), use_cache=True, **{CACHE_KW: cache})
-
-    def concatenated(attn):
-        heads = [attn.q_proj, attn.k_proj, attn.v_proj, attn.w_proj[0], attn.bt_proj, attn.g_proj]
-        return torch.cat([m.weight for m in heads])
-
     for block, layer in zip(model.model.layers, cache.layers):
-        assert torch.equal(layer.input_weight, concatenated(block.attn))
+        weight, bias = _concatenated_projections(block.attn)
+        assert torch.equal(layer.input_weight, weight) and torch.equal(layer.input_bias, bias)
     address = cache.layers[0].input_weight.data_ptr()
     model.model.layers[0].attn.k_proj.weight.add_(0.25)
+    model.model.layers[0].attn.bt_proj.bias.add_(0.5)
     model(out.logits[:, -1:].argmax(-1), use_cache=True, **{CACHE_KW: cache})
     assert cache.layers[0].input_weight.data_ptr() == address
-    assert torch.equal(cache.layers[0].input_weight, concatenated(model.model.layers[0].attn))
+    weight, bias = _concatenated_projections(model.model.layers[0].attn)
+    assert torch.equal(cache.layers[0].input_weight, weight) and torch.equal(cache.layers[0].input_bias, bias)
+
+
+@torch.no_grad()
+def test_dynamic_cache_keeps_input_projections_from_the_prompt(model):
+    """A dynamic cache keeps the concatenated projections from its last call of several tokens: single-token
+    steps reuse them (no concatenation per step) and give the module calls' logits; the next multi-token
+    call picks up changed weights."""
+    model = copy.deepcopy(model)
+    ids = random_ids(2, 9, seed=14)
+    out = model(ids, use_cache=True)
+    cache = cache_of(out)
+    kept = cache.layers[0].input_weight
+    assert torch.equal(kept, _concatenated_projections(model.model.layers[0].attn)[0])
+    step = out.logits[:, -1:].argmax(-1)
+    logits = model(step, use_cache=True, **{CACHE_KW: cache}).logits
+    assert cache.layers[0].input_weight is kept
+    full = model(torch.cat([ids, step], 1)).logits[:, -1:]
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+    model.model.layers[0].attn.q_proj.weight.add_(0.25)
+    model(random_ids(2, 3, seed=15), use_cache=True, **{CACHE_KW: cache})
+    assert torch.equal(cache.layers[0].input_weight, _concatenated_projections(model.model.layers[0].attn)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,6 +322,7 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
     FRAMES_MIN_KEYS keys keeps no frames (every key rewritten per step)."""
     pytest.importorskip("triton")
     monkeypatch.setattr(cache_path, "FRAMES_MIN_KEYS", 0 if long_cache else 10**6)
+    monkeypatch.setattr(cache_path, "GROWTH_BLOCK", 16)  # the dynamic cache grows mid-way
     B, HQ, H, D, L, steps = 2, 4, 2, 16, 37, 40
     PADDED_STEP = 4
     gen = torch.Generator().manual_seed(3)
@@ -325,13 +352,14 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
             token_mask[1] = step != PADDED_STEP  # row 1 gets one padding token mid-way
             if static:
                 outputs.append(path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=token_mask, use_kernel=use_kernel))
+            elif use_kernel:  # the kernel writes the new slot (and grows the buffers past their first block)
+                mask = torch.cat([mask, token_mask], 1)
+                outputs.append(_decode_step_in_place(q, k, v, w, beta, g, layer, key_mask=mask))
             else:
                 gate = layer.cumulative_gate(g)
                 keys, values, gates = layer.append(k, v, gate)
                 mask = torch.cat([mask, token_mask], 1)
-                frames = layer.decode_frames() if use_kernel else None
-                outputs.append(path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=mask,
-                                                use_kernel=use_kernel, frames=frames, window=layer.frame_window))
+                outputs.append(path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=mask))
         if use_kernel or not long_cache:  # (a static cache on CUDA allocates them with its buffers)
             assert (layer.frames is not None) == (use_kernel and long_cache), "frames only on long caches"
         carried = layer.keys_view().clone()
@@ -351,6 +379,75 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
     for name, a, b in zip(names, *results):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
     assert results[0][-1] == results[1][-1] == L + steps + 3
+
+
+STEP_OPTIONS = {
+    "all_options": dict(use_forget_gate=True, use_qk_norm=True, conv_bias=True, conv_size=4, beta_max=1.5),
+    "plain": dict(use_forget_gate=False, use_qk_norm=False, use_w_shortconv=False, use_low_rank_w=False),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("options", list(STEP_OPTIONS), ids=list(STEP_OPTIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_fused_step_inputs_equal_pytorch_ops(dtype, options, static, monkeypatch):
+    """A decoding step's inputs from one projection product and path_triton.decode_inputs (short convolution,
+    SiLU, qk-norm, w normalization, beta, gate, padding) equal the layer's PyTorch ops: float32 to rounding,
+    bf16 to one bf16 step (the kernel rounds where torch's bf16 ops do), over steps that update the
+    convolution's state in place (a static cache also with a padded step); outputs and caches follow."""
+    pytest.importorskip("triton")
+    if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
+        pytest.skip("Triton's CPU interpreter does not round to bf16 as the GPU does")
+    from path_lm import modeling_path
+
+    torch.manual_seed(0)
+    attn = modeling_path.PaTHAttention(64, 4, 2, layer_idx=0, attn_backend="torch", **STEP_OPTIONS[options])
+    for p in attn.parameters():
+        p.data.normal_(0, 0.3)
+    attn = attn.to(KERNEL_DEVICE, dtype)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randn(3, 9, 64, generator=gen).to(KERNEL_DEVICE, dtype)
+    steps = [torch.randn(3, 1, 64, generator=gen).to(KERNEL_DEVICE, dtype) for _ in range(4)]
+    inputs, fused_calls = [], []
+    attend = modeling_path.path_attention
+    monkeypatch.setattr(modeling_path, "path_attention", lambda *a, **k: inputs[-1].append(a[:6]) or attend(*a, **k))
+    kernel = modeling_path.decode_inputs
+    monkeypatch.setattr(modeling_path, "decode_inputs", lambda *a, **k: fused_calls.append(1) or kernel(*a, **k))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(modeling_path, "decode_kernel_usable", lambda *a: fused)
+        cache = PaTHStaticCache(num_hidden_layers=1, max_cache_len=16) if static else PaTHCache(num_hidden_layers=1)
+        inputs.append([])
+        mask = torch.ones(3, 9, dtype=torch.long, device=KERNEL_DEVICE)
+        outputs = [attn(prompt, attention_mask=mask, cache=cache)[0]]
+        for i, x in enumerate(steps):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            mask[1, -1] = int(not (static and i == 2))  # row 1's third new token is padding (static cache)
+            outputs.append(attn(x, attention_mask=mask, cache=cache)[0])
+        layer = cache.layers[0]
+        state = layer.conv_state if layer.conv_state is not None else torch.zeros(1)
+        results.append((torch.cat(outputs, 1), layer.keys_view(), layer.values_view(), state))
+    assert len(fused_calls) == len(steps), "every step takes the fused inputs"
+    step_inputs = [x for x in zip(*inputs) if x[0][0].shape[1] == 1]
+    assert len(step_inputs) == len(steps)
+    for reference, fused in step_inputs:
+        for name, a, b in zip(("q", "k", "v", "w", "beta", "g"), reference, fused):
+            if a is None:
+                assert b is None, name
+            elif dtype == torch.float32:
+                torch.testing.assert_close(b, a, atol=2e-6, rtol=1e-5, msg=name)
+            else:
+                assert b.dtype == a.dtype, name
+                if a.dtype == torch.bfloat16:  # one bf16 step apart at most, equal almost everywhere
+                    ulp = torch.finfo(torch.bfloat16).eps * a.float().abs().clamp(min=2**-126)
+                    assert ((b.float() - a.float()).abs() <= ulp).all(), name
+                    assert (a == b).float().mean() > 0.95, name
+                else:  # float32 from bf16 intermediates: w from one bf16 step of the convolution's output
+                    torch.testing.assert_close(b, a, atol=1e-2, rtol=1e-2, msg=name)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    for name, a, b in zip(("outputs", "keys", "values", "convolution state"), *results):
+        torch.testing.assert_close(b.float(), a.float(), **tolerance, msg=name)
 
 
 def test_full_static_cache_steps_refused_or_nan():
