@@ -39,6 +39,8 @@ class PaTHRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:  # torch computes half precision in float32 and rounds once
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dt = torch.promote_types(x.dtype, torch.float32)
         eps = torch.finfo(dt).eps if self.eps is None else self.eps
         # x * rsqrt(mean(x^2) + eps) * weight, one fused op (decoding runs one launch per op)

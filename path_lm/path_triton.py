@@ -364,7 +364,7 @@ def _decode_kernel(
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
-    NEW_MASK: tl.constexpr,
+    NEW_MASK: tl.constexpr, FINAL: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
     Writes the split's unnormalized output, running max and sum of exponentials.
@@ -380,7 +380,10 @@ def _decode_kernel(
 
     WRITE_NEW: slot n is written here instead of by the caller: the key from KN [B, H, D], the value from
     VN [B, H, DV], the cumulative gate gates[n - 1] + GN [B, HQ] and (NEW_MASK) the padding flag MN [B];
-    the program whose split holds slot n stores them, and every program takes them from the inputs."""
+    the program whose split holds slot n stores them, and every program takes them from the inputs.
+
+    FINAL (one split): the program writes the normalized output to OP ([B, HQ, DV], OP's dtype) instead of
+    partials, and no merge runs."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
     n_split = tl.num_programs(0)
     od = tl.arange(0, D)
@@ -494,10 +497,14 @@ def _decode_kernel(
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    part = i_bh * n_split + i_s
-    tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
-    tl.store(MP + part * GP + og, m_i)
-    tl.store(LP + part * GP + og, l_i)
+    if FINAL:
+        o = acc / l_i[:, None]  # (every key masked: 0 / 0, as the merge)
+        tl.store(OP + (i_bh * G + og)[:, None] * DV + ov[None, :], o.to(OP.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        part = i_bh * n_split + i_s
+        tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
+        tl.store(MP + part * GP + og, m_i)
+        tl.store(LP + part * GP + og, l_i)
 
 
 @triton.jit
@@ -565,7 +572,7 @@ def _decode_launch(D: int, DV: int, G: int) -> tuple[int, int, int]:
 
 def decode_attention(
     q, keys, values, w, beta, n, *, gates=None, key_mask=None, frames=None, window: int = 64, scale: float,
-    out_dtype=torch.float32, launch=None, new_token=None,
+    out_dtype=torch.float32, launch=None, new_token=None, max_splits: int | None = None,
 ):
     """One decoding step of PaTH attention, fused: the new token's Householder update of the cached keys,
     the scores and the weighted values, split over the sequence (flash-decoding) and merged.
@@ -591,6 +598,9 @@ def decode_attention(
             bool or None): the kernel writes slot n itself (raw key, value, gates[n - 1] + log gate, flag)
             instead of reading it, and, with n a device tensor, advances n by one after the step (a compiled
             step then needs no write launches of its own). n >= L then gives NaN outputs.
+        max_splits: at most this many programs per (row, kv head) along the sequence. With one (and n an
+            int) the kernel writes the output itself and no merge runs: one launch fewer, for steps whose
+            cost is the host's launches rather than the GPU's work (eager decoding of short caches).
     Returns:
         o [B, HQ, DV] in out_dtype.
     """
@@ -610,13 +620,18 @@ def decode_attention(
             raise ValueError(f"window ({window}) must be a power of two and a multiple of the key tile ({BN})")
     tiles = triton.cdiv(L, BN)
     # enough programs to fill the GPU several times over (each walks its split serially)
-    n_split = max(1, min(tiles, triton.cdiv(per_sm * _sm_count(q.device), B * H)))
+    n_split = max(1, min(tiles, triton.cdiv(per_sm * _sm_count(q.device), B * H), max_splits or tiles))
     split_len = triton.cdiv(tiles, n_split) * BN
     n_split = triton.cdiv(L, split_len)
-    o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
     has_gate, has_mask, on_device = gates is not None, key_mask is not None, isinstance(n, torch.Tensor)
+    final = n_split == 1 and not on_device
+    o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
+    if final:
+        o_part = m_part = l_part = o
+    else:
+        o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
     if has_mask and key_mask.stride(-1) != 1:
         key_mask = key_mask.contiguous()
     q, w, beta = q.contiguous(), w.contiguous(), beta.contiguous()
@@ -652,9 +667,10 @@ def decode_attention(
         key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n, L,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
-        NEW_MASK=new_mask, num_warps=warps,
+        NEW_MASK=new_mask, FINAL=final, num_warps=warps,
     )
-    o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
+    if final:
+        return o
     chunk = max(1, min(triton.next_power_of_2(n_split), 4096 // (GP * DV)))  # splits per load, <= 4096 values
     advance = write_new and on_device
     _decode_merge_kernel[(B * H,)](

@@ -198,6 +198,27 @@ def test_float64_model_keeps_float64_precision():
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_in_half_precision_rounds_once_from_float32(dtype, device):
+    """PaTHRMSNorm on half-precision inputs equals the float32 formula x * rsqrt(mean(x^2) + eps) * weight
+    rounded once to the input dtype (one rounding step apart at most, from the order of the float32 sum)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(0)
+    norm = path_lm.modeling_path.PaTHRMSNorm(768, eps=1e-6)
+    norm.weight.data = 1 + 0.3 * torch.randn(768, generator=gen)
+    norm = norm.to(device, dtype)
+    x = (3 * torch.randn(64, 768, generator=gen)).to(device, dtype)
+    x32, w32 = x.float(), norm.weight.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * w32).to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype
+    step = torch.finfo(dtype).eps * expected.float().abs()
+    assert ((out.float() - expected.float()).abs() <= step).all()
+    assert (out == expected).float().mean() > 0.99
+
+
 def padded_batch(seqs, side, T):
     ids = torch.full((len(seqs), T), PAD)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from test_generation import CACHE_KW, PAD, cache_of, make_model, random_ids
 
-from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer, cache_path
+from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer, cache_path, path_ops
 from path_lm.path_ops import _decode_step_in_place, path_decode_step, path_decode_step_static
 
 # The kernel tests run on the GPU when there is one, else in Triton's CPU interpreter (conftest.py).
@@ -319,10 +319,14 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
     """The decoding steps of both caches give the same outputs and cache with the kernel and with torch
     ops, over 40 steps that cross a window of lazily carried keys (cache.FRAME_WINDOW), and a continuation
     by several tokens afterwards (which carries the framed keys first). A cache of at most
-    FRAMES_MIN_KEYS keys keeps no frames (every key rewritten per step)."""
+    FRAMES_MIN_KEYS keys keeps no frames (every key rewritten per step). On the dynamic cache the kernel
+    writes the new slot itself, its buffers grow mid-way, and the step runs as one program per head (short
+    cache) or as splits and a merge (long cache)."""
     pytest.importorskip("triton")
     monkeypatch.setattr(cache_path, "FRAMES_MIN_KEYS", 0 if long_cache else 10**6)
     monkeypatch.setattr(cache_path, "GROWTH_BLOCK", 16)  # the dynamic cache grows mid-way
+    # eager steps of the dynamic cache: one program per head and no merge, or (long_cache) several splits
+    monkeypatch.setattr(path_ops, "EAGER_KEYS_PER_SPLIT", 16 if long_cache else 8192)
     B, HQ, H, D, L, steps = 2, 4, 2, 16, 37, 40
     PADDED_STEP = 4
     gen = torch.Generator().manual_seed(3)
