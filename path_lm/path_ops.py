@@ -722,6 +722,11 @@ class _PaTHTriton(torch.autograd.Function):
         return (*[x.grad if x is not None else None for x in inputs], None, None, None, None, None)
 
 
+# Forward passes without gradients run path_attention_triton on slices of rows of at most this many
+# (token x query head) pairs (at least one row): about 7 GiB of temporaries at head dim 64.
+FORWARD_SLICE_TOKEN_HEADS = 2**21
+
+
 def path_attention_triton(
     q, k, v, w, beta, g=None, *, scale=None, segment_ids=None, output_keys=False,
     chunk_size: int = DEFAULT_CHUNK_SIZE, chunks_per_superblock: int = 8,
@@ -745,7 +750,20 @@ def path_attention_triton(
     if problem:
         raise ValueError(problem)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _PaTHTriton.apply(q, k, v, w, beta, g, segment_ids, scale, chunk_size, chunks_per_superblock, output_keys)
+    args = (scale, chunk_size, chunks_per_superblock, output_keys)
+    B, T, HQ = q.shape[:3]
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, w, beta, g))
+    rows = max(1, FORWARD_SLICE_TOKEN_HEADS // (T * HQ))
+    if needs_grad or B <= rows:
+        return _PaTHTriton.apply(q, k, v, w, beta, g, segment_ids, *args)
+    # Without gradients (prefill, evaluation) rows are independent: slices of rows bound the forward's
+    # temporaries (a few KiB per token and head) by the slice, not by the batch.
+    pieces = [
+        _PaTHTriton.apply(*(x[i : i + rows] if x is not None else None for x in (q, k, v, w, beta, g, segment_ids)), *args)
+        for i in range(0, B, rows)
+    ]
+    o = torch.cat([o for o, _ in pieces])
+    return o, torch.cat([keys for _, keys in pieces]) if output_keys else None
 
 
 def _kernel_input_problem(q: torch.Tensor, v: torch.Tensor, head_dims: tuple) -> str | None:

@@ -326,7 +326,8 @@ def _frame_carry_rows(FR_CUR, W, i_bh, beta, u, ob, od, D: tl.constexpr):
     return m_blk - (beta * tl.load(W + i_bh * D + ob).to(tl.float32))[:, None] * u[None, :]
 
 
-@triton.jit
+# integers that change from step to step are not specialized on (no new compile as the cache grows)
+@triton.jit(do_not_specialize=["split_len", "n_value"])
 def _decode_fold_kernel(
     K, W, BETA, N, FR, sk_b, sk_h, split_len, n_value,
     H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, EB: tl.constexpr, N_ON_DEVICE: tl.constexpr,
@@ -357,7 +358,7 @@ def _decode_fold_kernel(
                 tl.store(rows + oe[None, :], k_blk.to(K.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L"])
 def _decode_kernel(
     Q, K, V, W, BETA, GATE, MASK, N, FR, OP, MP, LP, KN, VN, GN, MN,
     sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L,
@@ -507,7 +508,7 @@ def _decode_kernel(
         tl.store(LP + part * GP + og, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_split", "L"])
 def _decode_merge_kernel(
     OP, MP, LP, O, N, n_split, L, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr,
     ADVANCE: tl.constexpr,

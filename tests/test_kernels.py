@@ -143,6 +143,32 @@ def test_packed_and_padded_segments_match_float64_references():
     assert rel_err(keys[1:, 21:].cpu(), transformed_keys_reference(k, w, beta)) < 1e-5
 
 
+def test_forward_without_gradients_runs_in_slices_of_rows(monkeypatch):
+    """Without gradients the op runs on slices of rows (bounded temporaries for large prefills): outputs and
+    carried keys equal the whole batch's, packed documents and padding included; with gradients it does not
+    slice."""
+    from path_lm import path_ops
+
+    q, k, v, w, beta, g = (x.to(DEVICE) for x in make_inputs(5, 40, 4, 2, 16, seed=4))
+    segment_ids = torch.zeros(5, 40, dtype=torch.long, device=DEVICE)
+    segment_ids[1, 25:] = 1
+    segment_ids[3, :7] = -1
+    options = dict(segment_ids=segment_ids, output_keys=True, chunk_size=16, chunks_per_superblock=2)
+    with torch.no_grad():
+        o_whole, keys_whole = path_attention_triton(q, k, v, w, beta, g, **options)
+        calls = []
+        apply = path_ops._PaTHTriton.apply
+        monkeypatch.setattr(path_ops._PaTHTriton, "apply", lambda *a: calls.append(a[0].shape[0]) or apply(*a))
+        monkeypatch.setattr(path_ops, "FORWARD_SLICE_TOKEN_HEADS", 2 * 40 * 4)  # two rows per slice
+        o, keys = path_attention_triton(q, k, v, w, beta, g, **options)
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(o, o_whole, rtol=0, atol=0)
+    torch.testing.assert_close(keys, keys_whole, rtol=0, atol=0)
+    calls.clear()
+    path_attention_triton(q.requires_grad_(), k, v, w, beta, g, segment_ids=segment_ids, chunk_size=16)
+    assert calls == [5]
+
+
 def test_resolve_backend_on_cpu_falls_back_and_explicit_triton_raises():
     q = torch.randn(1, 4, 2, 64)
     assert resolve_backend("auto", q, q) == "torch"
