@@ -565,10 +565,19 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device.index]
 
 
-def _decode_launch(D: int, DV: int, G: int) -> tuple[int, int, int]:
-    """(keys per tile, warps, programs per SM) of the decoding kernel: measured on an H100 at head dim 64
-    (docs/kernels.md); larger head dims take half the tile to keep the key tile in registers."""
-    return (64, 2, 8) if max(D, DV) <= 64 else (32, 4, 8)
+# Caches of at least this many keys (batch x kv heads x slots) take one warp per program: many small
+# programs keep more loads in flight than fewer wide ones (docs/kernels.md, decoding run 6).
+DECODE_WIDE_KEYS = 2**19
+
+
+def _decode_launch(D: int, DV: int, G: int, keys: int) -> tuple[int, int, int]:
+    """(keys per tile, warps, programs per SM) of the decoding kernel, measured on an H100 and an H200
+    (docs/kernels.md): at head dim 64 tiles of 64 keys, 2 warps and 8 programs per SM, or 1 warp and 16 for
+    caches of DECODE_WIDE_KEYS keys or more; at 128 tiles of 32 keys (the tile stays in registers), 4 warps
+    and 8, or 1 warp and 16 for caches past the frames' threshold (2^17 keys)."""
+    if max(D, DV) <= 64:
+        return (64, 1, 16) if keys >= DECODE_WIDE_KEYS else (64, 2, 8)
+    return (32, 1, 16) if keys > 2**17 else (32, 4, 8)
 
 
 def decode_attention(
@@ -612,7 +621,7 @@ def decode_attention(
         raise ValueError("decode_attention needs key and value rows contiguous along the head dimension")
     use_dot = G > 1
     GP = max(16, triton.next_power_of_2(G)) if use_dot else 1
-    BN, warps, per_sm = launch if launch is not None else _decode_launch(D, DV, G)
+    BN, warps, per_sm = launch if launch is not None else _decode_launch(D, DV, G, B * H * L)
     has_frames = frames is not None
     if has_frames:
         if frames.shape != (B, 2, H, D, D) or frames.dtype != torch.float32 or not frames.is_contiguous():

@@ -209,12 +209,16 @@ def test_bf16_training_stays_finite(kernel):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("L", [5000, 40000], ids=["narrow_launch", "wide_launch"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16])
-def test_decode_kernel_matches_torch_step_at_gpu_sizes(D, key_dtype):
+def test_decode_kernel_matches_torch_step_at_gpu_sizes(D, key_dtype, L):
+    """GQA, gates, padding; both launch configurations of the kernel (path_triton._decode_launch: a cache of
+    40k slots x 4 rows x 4 kv heads takes one warp per program), with frames too (output only: framed keys
+    stay in their frame)."""
     from path_lm.path_ops import path_decode_step
 
-    B, HQ, H, L = 4, 16, 4, 5000
+    B, HQ, H = 4, 16, 4
     gen = torch.Generator(device=DEVICE).manual_seed(D)
     rand = lambda *s: torch.randn(*s, device=DEVICE, generator=gen)  # noqa: E731
     q, v = rand(B, 1, HQ, D).bfloat16(), rand(B, L + 1, H, D).bfloat16()
@@ -232,6 +236,10 @@ def test_decode_kernel_matches_torch_step_at_gpu_sizes(D, key_dtype):
     assert rel_err(o_kernel, o_torch) < 1e-2
     tol = 1e-6 if key_dtype == torch.float32 else 1e-2
     assert rel_err(keys_kernel, keys_torch) < tol
+    if key_dtype == torch.float32:
+        frames = torch.eye(D, device=DEVICE).expand(B, 2, H, D, D).contiguous()
+        o_framed = path_decode_step(q, keys.clone(), values, w, beta, use_kernel=True, frames=frames, window=64, **args)
+        assert rel_err(o_framed, o_torch) < 1e-2
 
 
 def _decoding_pair(dtype, **overrides):
