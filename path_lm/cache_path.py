@@ -388,6 +388,10 @@ class PaTHCache(Cache):
     ``generate()`` creates one by itself; to keep and continue a generation, pass
     ``cache=PaTHCache(model.config)`` (``past_key_values=`` before transformers 5.24) and read it back
     from the output.
+
+    Each layer keeps a copy of its attention's concatenated input projections from its last call of several
+    tokens (the prompt), which single-token steps reuse: change the weights between generations, or run a
+    multi-token call after changing them, not between decoding steps of one cache.
     """
 
     def __init__(self, config=None, num_hidden_layers: int | None = None, cache_key_dtype: str | None = None):

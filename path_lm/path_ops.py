@@ -611,25 +611,31 @@ def compile_enabled() -> bool:
     return os.environ.get("PATH_LM_COMPILE_PREP", "0") == "1"
 
 
+def _on_cuda(args) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in args)
+
+
 def _compiled_on_cuda(fn):
     """``fn`` compiled by torch.compile, on CUDA tensors when :func:`compile_enabled`; eager otherwise
     (and inside an outer torch.compile, which traces it anyway).
 
     Compiling fuses the preparation's elementwise passes over [B, H, T, D] tensors; its batched 64 x 64
     products and triangular solves stay as they are. If compiling fails (no compiler toolchain, an
-    unsupported op), the eager function runs from then on and a warning says why, once."""
+    unsupported op), the eager function runs from then on and a warning says why, once. Running out of
+    memory is not a compile failure: it propagates, and later calls still compile."""
     compiled = None
 
     @functools.wraps(fn)
     def call(*args):
         nonlocal compiled
-        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in args)
-        if compiled is False or not on_cuda or not compile_enabled() or torch.compiler.is_compiling():
+        if compiled is False or not _on_cuda(args) or not compile_enabled() or torch.compiler.is_compiling():
             return fn(*args)
         if compiled is None:
             compiled = torch.compile(fn)
         try:
             return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:  # noqa: BLE001  compilation failed: the eager function gives the same result
             logger.warning("torch.compile of %s failed, running it eagerly: %s", fn.__name__, err)
             compiled = False

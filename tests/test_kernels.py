@@ -169,6 +169,31 @@ def test_forward_without_gradients_runs_in_slices_of_rows(monkeypatch):
     assert calls == [5]
 
 
+def test_compiled_preparation_falls_back_on_compile_errors_but_not_out_of_memory(monkeypatch):
+    """PATH_LM_COMPILE_PREP: a compile error makes the eager function run from then on (same result); an
+    out-of-memory error propagates and does not switch compiling off."""
+    from path_lm import path_ops
+
+    monkeypatch.setattr(path_ops, "_on_cuda", lambda args: True)
+    monkeypatch.setattr(path_ops, "compile_enabled", lambda: True)
+    errors = [torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("no C compiler")]
+    compiled_calls = []
+
+    def fake_compile(fn):
+        def run(*args):
+            compiled_calls.append(1)
+            raise errors.pop(0)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    double = path_ops._compiled_on_cuda(lambda x: 2 * x)
+    with pytest.raises(torch.OutOfMemoryError):
+        double(torch.ones(2))
+    assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))  # compiled again, failed: eager
+    assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+    assert len(compiled_calls) == 2
+
+
 def test_resolve_backend_on_cpu_falls_back_and_explicit_triton_raises():
     q = torch.randn(1, 4, 2, 64)
     assert resolve_backend("auto", q, q) == "torch"
