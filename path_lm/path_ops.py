@@ -268,6 +268,15 @@ def path_attention_torch(
     return o, PaTHState(keys=keys, transform=transform)
 
 
+def _householder_update_(keys: torch.Tensor, w: torch.Tensor, beta: torch.Tensor) -> None:
+    """keys [B, H, L, D] <- keys - beta (keys . w) w^T in place, computed in w's dtype; w [B, H, D], beta
+    [B, H]. keys . w is taken as the row product w^T K^T: a matrix-vector product with the keys on the left
+    runs several times slower on CPUs (the whole update: 4x faster at 8 x 4 x 640 x 64)."""
+    w_row = w.unsqueeze(-2)  # [B, H, 1, D]
+    kw = (w_row @ keys.to(w.dtype).transpose(-1, -2)).transpose(-1, -2)  # [B, H, L, 1]
+    keys.sub_((kw * (beta[..., None, None] * w_row)).to(keys.dtype))
+
+
 def path_decode_step(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -315,10 +324,7 @@ def path_decode_step(
         )
         return o.unsqueeze(1)
     if L1 > 1:
-        old = keys[:, :, :-1]
-        w_col = w[:, 0].to(dt).unsqueeze(-1)  # [B, H, D, 1]
-        bw_row = (beta[:, 0].to(dt)[..., None, None] * w_col).transpose(-1, -2)  # [B, H, 1, D]
-        old.sub_(((old.to(dt) @ w_col) @ bw_row).to(keys.dtype))
+        _householder_update_(keys[:, :, :-1], w[:, 0].to(dt), beta[:, 0].to(dt))
 
     qh = q[:, 0].to(dt).reshape(B, H, G, D)
     logits = qh @ keys.to(dt).transpose(-1, -2)  # [B, H, G, L + 1]
@@ -394,8 +400,7 @@ def path_decode_step_static(
     if layer.frames is not None and not torch.compiler.is_compiling():
         layer.carry_framed_keys()  # keys the kernel left framed (a backend switch between calls)
     # Slots past the new one hold zeros, which the update leaves at zero; the new slot is written after it.
-    kw = keys.to(dt) @ w0.unsqueeze(-1)  # [B, H, L, 1]
-    keys.sub_((kw * (beta0[..., None] * w0).unsqueeze(-2)).to(keys.dtype))
+    _householder_update_(keys, w0, beta0)
     keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
     logits = q[:, 0].to(dt).reshape(B, H, G, D) @ keys.to(dt).transpose(-1, -2)  # [B, H, G, L]
     if gates is not None:
