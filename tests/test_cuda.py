@@ -269,8 +269,10 @@ def test_compiled_static_generate_matches_uncompiled_float32():
 
 
 @torch.no_grad()
-def test_compiled_static_decoding_bf16_drift_bounded():
-    """bf16, 200 compiled decoding steps with the forget gates biased towards 1 (old keys keep weight): the
+@pytest.mark.parametrize("cache_implementation", ["static", None], ids=["compiled_static", "dynamic"])
+def test_decoding_bf16_drift_bounded(cache_implementation):
+    """bf16, 200 decoding steps (compiled on a static cache, or eager on the dynamic cache: the step inputs'
+    kernel and the kernel-written slots) with the forget gates biased towards 1 (old keys keep weight): the
     last step's logits differ from a float64 forward of the same weights by at most 2x the bf16 full
     forward's own error (the bound of the CPU drift test)."""
     torch.compiler.reset()  # a fresh compile: inductor has failed on graphs cached by an earlier test
@@ -280,12 +282,13 @@ def test_compiled_static_decoding_bf16_drift_bounded():
     reference.load_state_dict(model.state_dict())
     ref64 = reference.double()
     ids = torch.randint(3, 128, (2, 64), device=DEVICE)
-    out = model.generate(ids, max_new_tokens=200, min_new_tokens=200, do_sample=False, cache_implementation="static",
-                         output_logits=True, return_dict_in_generate=True)
+    out = model.generate(ids, max_new_tokens=200, min_new_tokens=200, do_sample=False,
+                         cache_implementation=cache_implementation, output_logits=True, return_dict_in_generate=True)
     context = out.sequences[:, :-1]
     exact = ref64(context, use_cache=False).logits[:, -1]
     full_err = (model(context, use_cache=False).logits[:, -1].double() - exact).abs().max().item()
     step_err = (out.logits[-1].double() - exact).abs().max().item()
-    print(f"\nbf16, 200 compiled static steps: max |logit error| full forward {full_err:.4g}, decoding {step_err:.4g}")
+    print(f"\nbf16, 200 {cache_implementation or 'dynamic'} steps: max |logit error| full forward {full_err:.4g}, "
+          f"decoding {step_err:.4g}")
     assert full_err > 0
     assert step_err <= 2 * full_err + 0.01
