@@ -661,7 +661,9 @@ def decode_attention(
     else:
         k_new = v_new = g_new = mask_new = q
         new_mask = False
-    if has_frames:
+    # The fold works only on steps whose slot is a multiple of the window; an eager step (slot known here)
+    # launches it only then, a compiled step (slot on the device) always, for a fixed set of launches.
+    if has_frames and (on_device or (n % window == 0 and n > window)):
         _decode_fold_kernel[(n_split, B * H)](
             keys, w, beta, n if on_device else q, frames,
             keys.stride(0), keys.stride(1), split_len, 0 if on_device else n,

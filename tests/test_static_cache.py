@@ -479,9 +479,11 @@ def test_full_static_cache_steps_refused_or_nan():
 
 
 @pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
-def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ):
+@pytest.mark.parametrize("slot_on_device", [True, False], ids=["slot_on_device", "slot_on_host"])
+def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ, slot_on_device):
     """Decoding steps with lazily carried keys (frames) over three windows of 16: every step's output and,
-    at the end, the keys carried by the test's own formula, against float64 keys rewritten at every step."""
+    at the end, the keys carried by the test's own formula, against float64 keys rewritten at every step.
+    With the slot known on the host (eager steps) the fold kernel is launched only on fold steps."""
     pytest.importorskip("triton")
     from path_lm.path_triton import decode_attention
 
@@ -506,7 +508,7 @@ def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ):
         keys[:, :, n] = on(k_new.float())
         o_ref, exact = decode_reference(q, exact, values, w, beta, n, gates, key_mask, D**-0.5)
         o = decode_attention(
-            on(q), keys, on(values), on(w), on(beta), torch.tensor(n, device=KERNEL_DEVICE), gates=on(gates),
+            on(q), keys, on(values), on(w), on(beta), torch.tensor(n, device=KERNEL_DEVICE) if slot_on_device else n, gates=on(gates),
             key_mask=on(key_mask), frames=frames, window=window, scale=D**-0.5, launch=(16, 2, 2),
         )
         torch.testing.assert_close(o.cpu().double(), o_ref, atol=1e-5, rtol=1e-4, msg=f"step at slot {n}")
