@@ -1,4 +1,5 @@
-"""Longest trainable sequence at batch 1: forward+backward of ONE attention op, PaTH (fla) vs SDPA (flash).
+"""Longest trainable sequence at batch 1: forward+backward of ONE attention op, PaTH (fla's kernel, path-lm's
+Triton kernel) vs SDPA (flash).
 
 The op alone (no projections, MLP or logits): bf16 q/k/v [1, T, 16, 64] (a 1024-wide layer), PaTH with
 forget gate on (w, beta, g float32), gradients of every input. T doubles from 8k until the op runs out of
@@ -6,9 +7,10 @@ memory (torch.cuda.OutOfMemoryError, caught), up to --max-t (512k). The time is 
 length whose predicted time (4x the previous one) exceeds --max-step-s is not tried: such a backend ends
 with "time limit", not "OOM". Reported per T: peak memory (max_memory_allocated, inputs and gradients
 included) and the time of one fwd+bwd call, input creation included (after a warm-up at 1k).
-`--impls fla sdpa torch` adds the exact PyTorch path (O(T^2) memory).
+`--impls fla triton sdpa torch`: path-lm's Triton kernel (`triton`) and the exact PyTorch path (`torch`,
+O(T^2) memory) too.
 
-    python benchmarks/gpu_max_seqlen.py [--start-t 8192] [--max-t 524288] [--max-step-s 12] [--tiny]
+    python benchmarks/gpu_max_seqlen.py [--impls fla triton sdpa] [--start-t 8192] [--max-t 524288] [--max-step-s 12] [--tiny]
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from path_lm.path_ops import path_attention_fla, path_attention_torch
+from path_lm.path_ops import path_attention_fla, path_attention_torch, path_attention_triton
+
+OPS = {"fla": path_attention_fla, "triton": path_attention_triton, "torch": path_attention_torch}
 
 
 def fwd_bwd(impl, T, H, D, device):
@@ -40,8 +44,7 @@ def fwd_bwd(impl, T, H, D, device):
         beta = 2 * torch.sigmoid(rand(1, T, H))
         g = F.logsigmoid(rand(1, T, H) + 3)
         inputs = [x.requires_grad_() for x in (q, k, v, w, beta, g)]
-        op = path_attention_fla if impl == "fla" else path_attention_torch
-        o = op(*inputs)[0]
+        o = OPS[impl](*inputs)[0]
     torch.autograd.grad(o, inputs, torch.ones_like(o))
 
 
@@ -78,7 +81,7 @@ def sweep(impl, args, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", nargs="+", default=["fla", "sdpa"], choices=["fla", "sdpa", "torch"])
+    parser.add_argument("--impls", nargs="+", default=["fla", "triton", "sdpa"], choices=["fla", "triton", "sdpa", "torch"])
     parser.add_argument("--start-t", type=int, default=8192)
     parser.add_argument("--max-t", type=int, default=524288)
     parser.add_argument("--max-step-s", type=float, default=12.0)
@@ -88,10 +91,10 @@ def main():
     args = parser.parse_args()
     device = C.pick_device(args)
     if args.tiny:
-        args.impls = ["torch" if i == "fla" else i for i in args.impls]
+        args.impls = list(dict.fromkeys("torch" if i in ("fla", "triton") else i for i in args.impls))
         args.start_t, args.max_t, args.heads, args.dim = 128, 512, 2, 64
-    if device.type != "cuda" and "fla" in args.impls:
-        raise SystemExit("the fla kernel needs CUDA; use --tiny (torch path) or --impls sdpa torch on CPU")
+    if device.type != "cuda" and {"fla", "triton"} & set(args.impls):
+        raise SystemExit("the fla and triton kernels need CUDA; use --tiny (torch path) or --impls sdpa torch on CPU")
     meta = {**C.environment(device), "what": "one attention op, fwd+bwd (grads of all inputs), batch 1",
             "heads": args.heads, "dim": args.dim, "dtype": "bfloat16", "forget_gate": True,
             "max_t": args.max_t, "max_step_s": args.max_step_s, "tiny": args.tiny}
@@ -99,7 +102,7 @@ def main():
     path = C.write_json(args, "gpu_max_seqlen", {"meta": meta, "results": results})
 
     lengths = sorted({s["T"] for r in results for s in r["steps"]})
-    names = {"fla": "PaTH fla", "sdpa": "SDPA flash", "torch": "PaTH torch"}
+    names = {"fla": "PaTH fla", "triton": "PaTH path-lm", "sdpa": "SDPA flash", "torch": "PaTH torch"}
     table = []
     for r in results:
         by_t = {s["T"]: s for s in r["steps"]}
