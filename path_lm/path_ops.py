@@ -420,10 +420,6 @@ def path_decode_step_static(
 EAGER_KEYS_PER_SPLIT = 8192
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=None) -> torch.Tensor:
     """A single-token step on a filled dynamic cache layer by path-lm's fused decoding kernel, which also
     writes the new token's slot (raw key, value, cumulative gate): no copies or gate sums around it, and for
@@ -440,7 +436,7 @@ def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=No
         q[:, 0], cache.keys[:, :, filled], cache.values[:, :, filled], w[:, 0].to(dt), beta[:, 0].to(dt), n,
         gates=cache.gates[:, :, filled] if g is not None else None, key_mask=key_mask, frames=cache.decode_frames(),
         window=cache.frame_window, scale=q.shape[-1] ** -0.5 if scale is None else scale, out_dtype=q.dtype,
-        new_token=new_token, max_splits=_cdiv(n + 1, EAGER_KEYS_PER_SPLIT),
+        new_token=new_token, max_splits=math.ceil((n + 1) / EAGER_KEYS_PER_SPLIT),
     )
     cache.length = n + 1
     return o.unsqueeze(1)
