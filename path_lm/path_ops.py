@@ -699,34 +699,76 @@ class _PaTHTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkeys):
-        from .path_triton import framed_backward
+        from .path_triton import edge_grads, framed_backward, prepare_backward, prepare_forward
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
         scale, C, NB, kdt = ctx.args
-        T = o.shape[1]
+        B, T, HQ, D = q.shape
+        H = k.shape[2]
         T_pad = seg_start.shape[1]
-        inputs = [x.detach().requires_grad_() if x is not None else None for x in (q, k, v, w, beta, g)]
-        with torch.enable_grad(), _matmul_precision(kdt):
-            lv = _Levels(*_prepare(*inputs, seg_start, scale, C, NB, kdt))
-            do_pad = F.pad(do, (0, 0, 0, 0, 0, T_pad - T))
-            delta, dlogits, dv_local = _local_backward(
-                lv.local_logits.detach(), lv.v_local.detach(), do_pad, F.pad(o, (0, 0, 0, 0, 0, T_pad - T)), lse
+        n_sb = T_pad // (C * NB)
+        pad = (0, 0, 0, 0, 0, T_pad - T)
+        with torch.no_grad(), _matmul_precision(kdt):
+            gate = _cumulative_gate(g, T_pad).transpose(1, 2).contiguous() if g is not None else None
+            v_kernel = F.pad(v, pad).to(kdt).contiguous()
+            q_k, k_k = q.to(kdt), k.to(kdt)
+            prep = prepare_forward(
+                q_k, k_k, v_kernel, w, beta, gate, seg_start,
+                chunk=C, chunks_per_superblock=NB, scale=scale, keys32=False, for_backward=True,
             )
-            do_k = do_pad.to(kdt).contiguous()
-            outputs, grads = [lv.local_logits, lv.v_local], [dlogits, dv_local]
-            for qx, kx, mid, X, nb in lv.framed:
-                dq, dk, dv, dgate, dmid = framed_backward(
-                    qx, kx, lv.v_kernel, lv.gate, mid, seg_start, seg_end, do_k, lse, delta,
-                    block=X, blocks_per_window=nb, scale=scale,
-                )
-                outputs += [qx, kx, lv.v_kernel, mid]
-                grads += [dq.to(qx.dtype), dk.to(kx.dtype), dv.to(kx.dtype), dmid.to(mid.dtype)]
-                if dgate is not None:
-                    outputs.append(lv.gate)
-                    grads.append(dgate)
-            pairs = [(x, dx) for x, dx in zip(outputs, grads) if x.requires_grad]  # F = I alone has no graph
-            torch.autograd.backward([x for x, _ in pairs], [dx for _, dx in pairs])
-        return (*[x.grad if x is not None else None for x in inputs], None, None, None, None, None)
+            do_k = F.pad(do, pad).to(kdt).contiguous()
+            delta = (do_k.float() * F.pad(o, pad).float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T_pad]
+            dv, dgate = 0, 0
+            # The levels' carries, frame changes and the chunks' products P (D x D, small): products of P
+            # with autograd, from the gradients the attention kernels give for the frame changes.
+            with torch.enable_grad():
+                p = prep["p"].requires_grad_()
+                pb = p.view(B, H, n_sb, NB, D, D)
+                chain, chain_grads = [], []
+                dq_t = torch.zeros(B, T_pad, HQ, D, dtype=torch.float32, device=q.device)
+                dk_t = torch.zeros(B, T_pad, H, D, dtype=torch.float32, device=q.device)
+                edges = None
+                if n_sb > 1:
+                    below = [torch.eye(D, dtype=p.dtype, device=p.device).expand(B, H, n_sb, D, D)]
+                    for l in range(NB):  # entry l: P_{l-1} ... P_0 inside the superblock
+                        below.append(pb[:, :, :, l] @ below[-1])
+                    p_sb = below.pop()
+                    below = torch.stack(below, 3)
+                    above = _suffix_products(pb, 3)  # entry l: P_{NB-1} ... P_{l+1}
+                    mid_sb = _pair_products(p_sb.unsqueeze(2))
+                    dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
+                        prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb.detach().to(kdt).contiguous(), seg_start,
+                        seg_end, do_k, lse, delta, block=C * NB, blocks_per_window=n_sb, scale=scale,
+                    )
+                    d_below, d_above = edge_grads(prep["q_t32"], dq_bot, prep["k_t32"], dk_top, chunk=C, kernel_dtype=kdt)
+                    chain += [below, above, mid_sb]
+                    chain_grads += [d_below.view(below.shape), d_above.view(above.shape), dmid_sb]
+                    edges = (dq_bot, below.detach().reshape(B, H, -1, D, D).contiguous(), dk_top,
+                             above.detach().reshape(B, H, -1, D, D).contiguous())
+                    dv, dgate = dv_sb, dg_sb
+                if NB > 1:
+                    dq_t, dk_t, dv_c, dg_c, dmid = framed_backward(
+                        prep["q_t"], prep["k_t"], v_kernel, gate, prep["mid"], seg_start, seg_end, do_k, lse, delta,
+                        block=C, blocks_per_window=NB, scale=scale,
+                    )
+                    chain.append(_pair_products(pb))
+                    chain_grads.append(dmid)
+                    dv, dgate = dv + dv_c, dgate + dg_c if g is not None else None
+                pairs = [(x, dx) for x, dx in zip(chain, chain_grads) if x.requires_grad]  # F = I alone has no graph
+                dp = torch.autograd.grad([x for x, _ in pairs], p, [dx for _, dx in pairs]) if pairs else None
+            dp = dp[0] if dp is not None else torch.zeros_like(p)
+            dq, dk, dw, dbeta, dv_local, dg_local = prepare_backward(
+                q_k, k_k, v_kernel, w, beta, gate, seg_start, prep["t_inv"], dq_t, dk_t, dp.contiguous(), do_k, lse,
+                delta, chunk=C, scale=scale, edges=edges,
+            )
+            dv = dv + dv_local
+            dg = None
+            if g is not None:  # the gate is cumulative: each step's log gate reaches every later position
+                dgate = (dgate + dg_local).transpose(1, 2)
+                dg = dgate.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :T].to(g.dtype)
+        grads = (dq[:, :T].to(q.dtype), dk[:, :T].to(k.dtype), dv[:, :T].to(v.dtype), dw[:, :T].to(w.dtype),
+                 dbeta[:, :T].to(beta.dtype), dg)
+        return (*grads, None, None, None, None, None)
 
 
 # Forward passes without gradients run path_attention_triton on slices of rows of at most this many

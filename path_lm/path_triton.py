@@ -976,7 +976,7 @@ SUPERBLOCK_COLUMNS = 64  # columns per program of the superblock kernel (D x D f
 
 
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
-                    keys32: bool, launch: dict | None = None):
+                    keys32: bool, for_backward: bool = False, launch: dict | None = None):
     """The forward pass's preparation in two kernels (nothing of it is differentiable; the backward recomputes
     it in PyTorch).
 
@@ -987,7 +987,9 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         dtype), q_bot, k_top (carried to their superblock's edges, kernel dtype; k_top32 float32 when keys32),
         mid [B, H, n_sb, NB(NB-1)/2, D, D] chunk frame changes (kernel dtype), p_sb [B, H, n_sb, D, D] float32
         superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
-        each query's own chunk.
+        each query's own chunk. With ``for_backward`` also what :func:`prepare_backward` and
+        :func:`edge_grads` read: p [B, H, n, D, D] each chunk's product, q_t32 / k_t32 the carries in float32,
+        t_inv [B * H * n, C, C] each chunk's triangular inverse (float32).
     ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
@@ -1021,4 +1023,209 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, PREC=prec,
         **(launch or {}).get("superblock", _PREP_LAUNCH),
     )
+    if for_backward:
+        out.update(p=p, q_t32=q_t32, k_t32=k_t32, t_inv=scratch)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backward of the preparation: carries to superblock edges, per-chunk transforms, the query's own chunk
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _edge_grads_kernel(QT, DQ_BOT, KT, DK_TOP, DB, DA, T_pad,
+                       HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk l, batch x kv head): dB_l = sum over the chunk's queries (every query head of the group) of
+    q_t^T dq_bot, and dA_l = dk_top^T k_t: the gradients of the D x D matrices that carry the chunk's queries
+    to their superblock's bottom (q_bot = q_t B_l) and its keys to the superblock's top (k_top = k_t A_l^T)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    G: tl.constexpr = HQ // H
+    pos = i_c * C + tl.arange(0, C)
+    od = tl.arange(0, D)
+    out = (i_bh * (T_pad // C) + i_c).to(tl.int64) * D * D + od[:, None] * D + od[None, :]
+    acc = tl.zeros([D, D], tl.float32)
+    for hq in range(h * G, h * G + G):
+        off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
+        acc += tl.dot(tl.trans(tl.load(QT + off)), tl.load(DQ_BOT + off), input_precision=PREC)
+    tl.store(DB + out, acc)
+    off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
+    tl.store(DA + out, tl.dot(tl.trans(tl.load(DK_TOP + off)), tl.load(KT + off), input_precision=PREC))
+
+
+@triton.jit
+def _prep_chunk_bwd_kernel(
+    Q, K, V, W, BETA, GATE, SEG, TINV, DQT, DQ_BOT, B_MAT, DKT, DK_TOP, A_MAT, DP, DO, LSE, DELTA,
+    DQ, DK, DW, DBETA, DV_, DG,
+    scale, T, T_pad,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_EDGES: tl.constexpr, PREC: tl.constexpr,
+):
+    """The backward of :func:`_prep_chunk_kernel`, one program per (chunk, batch x kv head).
+
+    The chunk's outputs were P = I - Bw^T U (Bw = diag(beta) W, U = Ti W, Ti = (I + M)^-1, M = tril(W W^T, -1)
+    diag(beta)), the queries' carry Q - QW U (QW = tril(Q W^T) diag(beta)), the keys' carry K - KW Ti^T Bw
+    (KW = triu(K W^T, 1)) and the own-chunk scores Q K^T - QW Ti L (L = tril(W K^T, -1)). Given their gradients
+    (dP; the carries' from the levels above, the edge carries' folded in through B_l, A_l; the scores' from
+    the final softmax statistics, as flash attention's backward does), this walks the same products
+    backwards, with dTi giving dM = -Ti^T dTi Ti^T. Writes dq, dk, dw, dbeta, the own chunk's dv and the
+    gradient of the cumulative gate, float32, in [B, T_pad, ...] layout."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    G: tl.constexpr = HQ // H
+    n = T_pad // C
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    pos = i_c * C + oc
+    real = pos < T
+    row0 = b * T + i_c * C
+    chunk = (i_bh * n + i_c).to(tl.int64)
+    dd = od[:, None] * D + od[None, :]
+    lower = oc[:, None] > oc[None, :]
+
+    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
+    t_low = tl.load(TINV + chunk * (C * C) + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
+    u = tl.dot(t_low, w, input_precision=PREC)
+    bw = w * beta[:, None]
+    dp = tl.load(DP + chunk * D * D + dd)
+    du = -tl.dot(bw, dp, input_precision=PREC)
+    dbw = -tl.dot(u, tl.trans(dp), input_precision=PREC)
+    l_wk = tl.where(lower, tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
+    wk = tl.dot(t_low, l_wk, input_precision=PREC)
+
+    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
+    dkt = tl.load(DKT + k_off)
+    if HAS_EDGES:
+        dkt += tl.dot(tl.load(DK_TOP + k_off), tl.load(A_MAT + chunk * D * D + dd), input_precision=PREC)
+        b_mat = tl.load(B_MAT + chunk * D * D + dd)
+    v = tl.load(V + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]).to(tl.float32)
+    seg = tl.load(SEG + b * T_pad + pos)
+    visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
+
+    dk = dkt
+    dw = tl.zeros([C, D], tl.float32)
+    dbeta = tl.zeros([C], tl.float32)
+    dwk = tl.zeros([C, C], tl.float32)
+    dv = tl.zeros([C, DV], tl.float32)
+    for hq in range(h * G, h * G + G):
+        q = tl.load(Q + ((row0 + oc)[:, None] * HQ + hq) * D + od[None, :], mask=real[:, None], other=0.0)
+        q = q.to(tl.float32)
+        r = tl.dot(q, tl.trans(w), input_precision=PREC)
+        qw = tl.where(oc[:, None] >= oc[None, :], r * beta[None, :], 0.0)
+        q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
+        dqt = tl.load(DQT + q_off)
+        if HAS_EDGES:
+            dqt += tl.dot(tl.load(DQ_BOT + q_off), tl.trans(b_mat), input_precision=PREC)
+        # Own-chunk attention backward against the final softmax statistics.
+        s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, wk, input_precision=PREC)) * scale
+        if HAS_GATE:
+            g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
+            s += g_q[:, None] - g_q[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        lse = tl.load(LSE + (b * HQ + hq) * T_pad + pos)
+        p = tl.exp(s - lse[:, None])
+        do = tl.load(DO + ((b * T_pad + pos)[:, None] * HQ + hq) * DV + ov[None, :]).to(tl.float32)
+        delta = tl.load(DELTA + (b * HQ + hq) * T_pad + pos)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dv += tl.dot(tl.trans(p), do, input_precision=PREC)
+        if HAS_GATE:
+            tl.store(DG + (b * T_pad + pos) * HQ + hq, (tl.sum(ds, axis=1) - tl.sum(ds, axis=0)) * scale)
+        ds = ds * scale
+        # Through the scores and the queries' carry to q, k, w, beta; U and Ti L collect across the group.
+        dqw = -tl.dot(dqt, tl.trans(u), input_precision=PREC) - tl.dot(ds, tl.trans(wk), input_precision=PREC)
+        du -= tl.dot(tl.trans(qw), dqt, input_precision=PREC)
+        dwk -= tl.dot(tl.trans(qw), ds, input_precision=PREC)
+        dqw = tl.where(oc[:, None] >= oc[None, :], dqw, 0.0)
+        dr = dqw * beta[None, :]
+        dbeta += tl.sum(dqw * r, axis=0)
+        dq = dqt + tl.dot(ds, k, input_precision=PREC) + tl.dot(dr, w, input_precision=PREC)
+        tl.store(DQ + q_off, dq)
+        dw += tl.dot(tl.trans(dr), q, input_precision=PREC)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+
+    # Ti L (the scores' key side)
+    dti = tl.dot(dwk, tl.trans(l_wk), input_precision=PREC)
+    dl = tl.where(lower, tl.dot(tl.trans(t_low), dwk, input_precision=PREC), 0.0)
+    dw += tl.dot(dl, k, input_precision=PREC)
+    dk += tl.dot(tl.trans(dl), w, input_precision=PREC)
+    # The keys' carry: K - KW V2, V2 = Ti^T Bw
+    v2 = tl.dot(tl.trans(t_low), bw, input_precision=PREC)
+    kw = tl.where(oc[:, None] < oc[None, :], tl.dot(k, tl.trans(w), input_precision=PREC), 0.0)
+    dkw = tl.where(oc[:, None] < oc[None, :], -tl.dot(dkt, tl.trans(v2), input_precision=PREC), 0.0)
+    dv2 = -tl.dot(tl.trans(kw), dkt, input_precision=PREC)
+    dk += tl.dot(dkw, w, input_precision=PREC)
+    dw += tl.dot(tl.trans(dkw), k, input_precision=PREC)
+    dti += tl.dot(bw, tl.trans(dv2), input_precision=PREC)
+    dbw += tl.dot(t_low, dv2, input_precision=PREC)
+    # U = Ti W, then Ti = (I + M)^-1 and M = tril(W W^T, -1) diag(beta)
+    dti += tl.dot(du, tl.trans(w), input_precision=PREC)
+    dw += tl.dot(tl.trans(t_low), du, input_precision=PREC)
+    dm = -tl.dot(tl.dot(tl.trans(t_low), dti, input_precision=PREC), tl.trans(t_low), input_precision=PREC)
+    dm = tl.where(lower, dm, 0.0)
+    da = dm * beta[None, :]
+    dbeta += tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
+    dw += tl.dot(da + tl.trans(da), w, input_precision=PREC)
+    dw += dbw * beta[:, None]
+    dbeta += tl.sum(dbw * w, axis=1)
+
+    tl.store(DK + k_off, dk)
+    tl.store(DW + k_off, dw)
+    tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
+    tl.store(DV_ + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :], dv)
+
+
+def edge_grads(q_t, dq_bot, k_t, dk_top, *, chunk: int, kernel_dtype: torch.dtype):
+    """dB, dA [B, H, n, D, D] float32 of the carries to superblock edges (see :func:`_edge_grads_kernel`)
+    from q_t, dq_bot [B, T_pad, HQ, D] and k_t, dk_top [B, T_pad, H, D], all float32 (products in TF32 when
+    the attention kernels read half precision)."""
+    B, T_pad, HQ, D = q_t.shape
+    H = k_t.shape[2]
+    n = T_pad // chunk
+    db = torch.empty(B, H, n, D, D, dtype=torch.float32, device=q_t.device)
+    da = torch.empty_like(db)
+    _edge_grads_kernel[(n, B * H)](
+        q_t, dq_bot, k_t, dk_top, db, da, T_pad, HQ=HQ, H=H, D=D, C=chunk,
+        PREC="ieee" if kernel_dtype == torch.float32 else "tf32", **_PREP_LAUNCH
+    )
+    return db, da
+
+
+def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, do, lse, delta, *, chunk: int,
+                     scale: float, edges=None, launch: dict | None = None):
+    """The backward of :func:`prepare_forward`'s chunk kernel (:func:`_prep_chunk_bwd_kernel`).
+
+    Args: q, k, v, w, beta, gate, seg_start as for :func:`prepare_forward` (q, k in the kernel dtype);
+        t_inv its chunks' triangular inverses (``prepare_forward(..., for_backward=True)["t_inv"]``);
+        dq_t [B, T_pad, HQ, D], dk_t [B, T_pad, H, D] float32 gradients of the chunk carries from the chunk
+        level; dp [B, H, n, D, D] float32 of the chunks' products; do [B, T_pad, HQ, DV] (kernel dtype), lse
+        and delta [B, HQ, T_pad] of the final output; edges: None without a superblock level, else
+        (dq_bot, B_l, dk_top, A_l), the superblock level's carry gradients and each chunk's carry matrices.
+    Returns float32 dq [B, T_pad, HQ, D], dk, dw [B, T_pad, H, D], dbeta [B, T_pad, H], the own chunk's
+        dv [B, T_pad, H, DV] and the cumulative gate's gradient [B, T_pad, HQ] (None without a gate).
+    """
+    B, T, HQ, D = q.shape
+    H, DV = k.shape[2], v.shape[-1]
+    T_pad = seg_start.shape[1]
+    n = T_pad // chunk
+    empty = functools.partial(torch.empty, dtype=torch.float32, device=q.device)
+    dq, dk, dw = empty(B, T_pad, HQ, D), empty(B, T_pad, H, D), empty(B, T_pad, H, D)
+    dbeta, dv = empty(B, T_pad, H), empty(B, T_pad, H, DV)
+    dg = empty(B, T_pad, HQ) if gate is not None else None
+    dq_bot, b_mat, dk_top, a_mat = edges if edges is not None else (None,) * 4
+    q, k, w, beta = (x.contiguous() for x in (q, k, w, beta))
+    _prep_chunk_bwd_kernel[(n, B * H)](
+        q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dq_bot, b_mat, dk_t, dk_top, a_mat, dp, do, lse, delta,
+        dq, dk, dw, dbeta, dv, dg, scale, T, T_pad,
+        HQ=HQ, H=H, D=D, DV=DV, C=chunk, HAS_GATE=gate is not None, HAS_EDGES=edges is not None,
+        PREC=_precision(q), **(launch or {}).get("chunk", _PREP_LAUNCH),
+    )
+    return dq, dk, dw, dbeta, dv, dg
