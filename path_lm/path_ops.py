@@ -481,6 +481,23 @@ def _packed_pair_index(NB: int, device: torch.device) -> torch.Tensor:
     return (d - 1) * NB - (d - 1) * d // 2 + t
 
 
+def _chunk_frames(p: torch.Tensor, n_sb: int, NB: int) -> tuple:
+    """From each chunk's product p [B, H, n, D, D] (n = n_sb * NB): the matrices that carry a chunk's queries to
+    its superblock's bottom, B_l = P_{l-1} ... P_0, and its keys to the superblock's top, A_l = P_{NB-1} ...
+    P_{l+1} (both [B, H, n_sb, NB, D, D]); the chunk level's frame changes; the superblock level's (from
+    each superblock's product). B_l, A_l and the superblock level are None for one superblock."""
+    B, H, n, D, _ = p.shape
+    pb = p.view(B, H, n_sb, NB, D, D)
+    mid = _pair_products(pb) if NB > 1 else None
+    if n_sb == 1:
+        return None, None, mid, None
+    below = [torch.eye(D, dtype=p.dtype, device=p.device).expand(B, H, n_sb, D, D)]
+    for l in range(NB):
+        below.append(pb[:, :, :, l] @ below[-1])
+    p_sb = below.pop()
+    return torch.stack(below, 3), _suffix_products(pb, 3), mid, _pair_products(p_sb.unsqueeze(2))
+
+
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     starts = torch.zeros(B, T_pad, dtype=torch.bool, device=device)
@@ -718,53 +735,47 @@ class _PaTHTriton(torch.autograd.Function):
             )
             do_k = F.pad(do, pad).to(kdt).contiguous()
             delta = (do_k.float() * F.pad(o, pad).float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T_pad]
-            dv, dgate = 0, 0
-            # The levels' carries, frame changes and the chunks' products P (D x D, small): products of P
-            # with autograd, from the gradients the attention kernels give for the frame changes.
+            # Each chunk's product P with autograd (D x D matrices): the products built from it (carries to
+            # superblock edges, frame changes) take their gradients from the kernels below.
             with torch.enable_grad():
                 p = prep["p"].requires_grad_()
-                pb = p.view(B, H, n_sb, NB, D, D)
-                chain, chain_grads = [], []
+                below, above, mid, mid_sb = _chunk_frames(p, n_sb, NB)
+            built, built_grads, dvs, dgates = [], [], [], []
+            kernel_args = dict(seg_start=seg_start, seg_end=seg_end, do=do_k, lse=lse, delta=delta, scale=scale)
+            if NB > 1:
+                dq_t, dk_t, dv_c, dg_c, dmid = framed_backward(
+                    prep["q_t"], prep["k_t"], v_kernel, gate, prep["mid"], block=C, blocks_per_window=NB, **kernel_args
+                )
+                built.append(mid), built_grads.append(dmid), dvs.append(dv_c), dgates.append(dg_c)
+            else:
                 dq_t = torch.zeros(B, T_pad, HQ, D, dtype=torch.float32, device=q.device)
                 dk_t = torch.zeros(B, T_pad, H, D, dtype=torch.float32, device=q.device)
-                edges = None
-                if n_sb > 1:
-                    below = [torch.eye(D, dtype=p.dtype, device=p.device).expand(B, H, n_sb, D, D)]
-                    for l in range(NB):  # entry l: P_{l-1} ... P_0 inside the superblock
-                        below.append(pb[:, :, :, l] @ below[-1])
-                    p_sb = below.pop()
-                    below = torch.stack(below, 3)
-                    above = _suffix_products(pb, 3)  # entry l: P_{NB-1} ... P_{l+1}
-                    mid_sb = _pair_products(p_sb.unsqueeze(2))
-                    dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
-                        prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb.detach().to(kdt).contiguous(), seg_start,
-                        seg_end, do_k, lse, delta, block=C * NB, blocks_per_window=n_sb, scale=scale,
-                    )
-                    d_below, d_above = edge_grads(prep["q_t32"], dq_bot, prep["k_t32"], dk_top, chunk=C, kernel_dtype=kdt)
-                    chain += [below, above, mid_sb]
-                    chain_grads += [d_below.view(below.shape), d_above.view(above.shape), dmid_sb]
-                    edges = (dq_bot, below.detach().reshape(B, H, -1, D, D).contiguous(), dk_top,
-                             above.detach().reshape(B, H, -1, D, D).contiguous())
-                    dv, dgate = dv_sb, dg_sb
-                if NB > 1:
-                    dq_t, dk_t, dv_c, dg_c, dmid = framed_backward(
-                        prep["q_t"], prep["k_t"], v_kernel, gate, prep["mid"], seg_start, seg_end, do_k, lse, delta,
-                        block=C, blocks_per_window=NB, scale=scale,
-                    )
-                    chain.append(_pair_products(pb))
-                    chain_grads.append(dmid)
-                    dv, dgate = dv + dv_c, dgate + dg_c if g is not None else None
-                pairs = [(x, dx) for x, dx in zip(chain, chain_grads) if x.requires_grad]  # F = I alone has no graph
-                dp = torch.autograd.grad([x for x, _ in pairs], p, [dx for _, dx in pairs]) if pairs else None
-            dp = dp[0] if dp is not None else torch.zeros_like(p)
+            if n_sb > 1:
+                dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
+                    prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb.detach().to(kdt).contiguous(),
+                    block=C * NB, blocks_per_window=n_sb, **kernel_args,
+                )
+                below_flat, above_flat = (x.detach().reshape(B, H, -1, D, D).contiguous() for x in (below, above))
+                d_below, d_above = edge_grads(
+                    prep["q_t32"], dq_bot, prep["k_t32"], dk_top, below_flat, above_flat, dq_t, dk_t,
+                    chunk=C, kernel_dtype=kdt,
+                )
+                built += [mid_sb, below, above]
+                built_grads += [dmid_sb, d_below.view(below.shape), d_above.view(above.shape)]
+                dvs.append(dv_sb), dgates.append(dg_sb)
+            pairs = [(x, dx) for x, dx in zip(built, built_grads) if x.requires_grad]  # F = I alone has no graph
+            if pairs:
+                dp = torch.autograd.grad([x for x, _ in pairs], p, [dx for _, dx in pairs])[0]
+            else:
+                dp = torch.zeros_like(p)
             dq, dk, dw, dbeta, dv_local, dg_local = prepare_backward(
-                q_k, k_k, v_kernel, w, beta, gate, seg_start, prep["t_inv"], dq_t, dk_t, dp.contiguous(), do_k, lse,
-                delta, chunk=C, scale=scale, edges=edges,
+                q_k, k_k, v_kernel, w, beta, gate, seg_start, prep["t_inv"], dq_t, dk_t, dp, do_k, lse,
+                delta, chunk=C, scale=scale,
             )
-            dv = dv + dv_local
+            dv = sum(dvs, dv_local)
             dg = None
             if g is not None:  # the gate is cumulative: each step's log gate reaches every later position
-                dgate = (dgate + dg_local).transpose(1, 2)
+                dgate = sum(dgates, dg_local).transpose(1, 2)
                 dg = dgate.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :T].to(g.dtype)
         grads = (dq[:, :T].to(q.dtype), dk[:, :T].to(k.dtype), dv[:, :T].to(v.dtype), dw[:, :T].to(w.dtype),
                  dbeta[:, :T].to(beta.dtype), dg)

@@ -1034,11 +1034,11 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
 
 
 @triton.jit
-def _edge_grads_kernel(QT, DQ_BOT, KT, DK_TOP, DB, DA, T_pad,
+def _edge_grads_kernel(QT, DQ_BOT, KT, DK_TOP, B_MAT, A_MAT, DQT, DKT, DB, DA, T_pad,
                        HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
-    """Per (chunk l, batch x kv head): dB_l = sum over the chunk's queries (every query head of the group) of
-    q_t^T dq_bot, and dA_l = dk_top^T k_t: the gradients of the D x D matrices that carry the chunk's queries
-    to their superblock's bottom (q_bot = q_t B_l) and its keys to the superblock's top (k_top = k_t A_l^T)."""
+    """The carries to superblock edges, per (chunk l, batch x kv head): q_bot = q_t B_l and k_top = k_t A_l^T.
+    Writes dB_l = sum over the chunk's queries (every query head of the group) of q_t^T dq_bot and
+    dA_l = dk_top^T k_t, and adds dq_bot B_l^T to dq_t and dk_top A_l to dk_t (in place)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = i_bh // H
@@ -1046,104 +1046,119 @@ def _edge_grads_kernel(QT, DQ_BOT, KT, DK_TOP, DB, DA, T_pad,
     G: tl.constexpr = HQ // H
     pos = i_c * C + tl.arange(0, C)
     od = tl.arange(0, D)
-    out = (i_bh * (T_pad // C) + i_c).to(tl.int64) * D * D + od[:, None] * D + od[None, :]
+    mat = (i_bh * (T_pad // C) + i_c).to(tl.int64) * D * D
+    dd = od[:, None] * D + od[None, :]
     acc = tl.zeros([D, D], tl.float32)
     for hq in range(h * G, h * G + G):
         off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
-        acc += tl.dot(tl.trans(tl.load(QT + off)), tl.load(DQ_BOT + off), input_precision=PREC)
-    tl.store(DB + out, acc)
+        dq_bot = tl.load(DQ_BOT + off)
+        acc += tl.dot(tl.trans(tl.load(QT + off)), dq_bot, input_precision=PREC)
+        b_t = tl.load(B_MAT + mat + od[:, None] + od[None, :] * D)  # B_l^T
+        tl.store(DQT + off, tl.load(DQT + off) + tl.dot(dq_bot, b_t, input_precision=PREC))
+    tl.store(DB + mat + dd, acc)
     off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-    tl.store(DA + out, tl.dot(tl.trans(tl.load(DK_TOP + off)), tl.load(KT + off), input_precision=PREC))
+    dk_top = tl.load(DK_TOP + off)
+    tl.store(DA + mat + dd, tl.dot(tl.trans(dk_top), tl.load(KT + off), input_precision=PREC))
+    tl.store(DKT + off, tl.load(DKT + off) + tl.dot(dk_top, tl.load(A_MAT + mat + dd), input_precision=PREC))
 
 
 @triton.jit
-def _prep_chunk_bwd_kernel(
-    Q, K, V, W, BETA, GATE, SEG, TINV, DQT, DQ_BOT, B_MAT, DKT, DK_TOP, A_MAT, DP, DO, LSE, DELTA,
-    DQ, DK, DW, DBETA, DV_, DG,
+def _chunk_bwd_setup_kernel(K, W, BETA, TINV, DP, U, WK, DU, DBW, T, T_pad,
+                            H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk: U = Ti W and Ti L (L = tril(W K^T, -1)) for :func:`_chunk_bwd_queries_kernel`, and the
+    gradients of U and Bw = diag(beta) W through the chunk's product P = I - Bw^T U: -Bw dP, -U dP^T."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    real = i_c * C + oc < T
+    row0 = b * T + i_c * C
+    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
+    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
+    t_low = tl.load(TINV + chunk * (C * C) + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
+    cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
+    l_wk = tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
+    tl.store(WK + chunk * (C * C) + oc[:, None] * C + oc[None, :], tl.dot(t_low, l_wk, input_precision=PREC))
+    u = tl.dot(t_low, w, input_precision=PREC)
+    tl.store(U + cd, u)
+    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    dp = tl.load(DP + chunk * D * D + od[:, None] * D + od[None, :])
+    tl.store(DU + cd, -tl.dot(w * beta[:, None], dp, input_precision=PREC))
+    tl.store(DBW + cd, -tl.dot(u, tl.trans(dp), input_precision=PREC))
+
+
+@triton.jit
+def _chunk_bwd_queries_kernel(
+    Q, K, V, W, BETA, GATE, SEG, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DG, DU, DWK,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_EDGES: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The backward of :func:`_prep_chunk_kernel`, one program per (chunk, batch x kv head).
-
-    The chunk's outputs were P = I - Bw^T U (Bw = diag(beta) W, U = Ti W, Ti = (I + M)^-1, M = tril(W W^T, -1)
-    diag(beta)), the queries' carry Q - QW U (QW = tril(Q W^T) diag(beta)), the keys' carry K - KW Ti^T Bw
-    (KW = triu(K W^T, 1)) and the own-chunk scores Q K^T - QW Ti L (L = tril(W K^T, -1)). Given their gradients
-    (dP; the carries' from the levels above, the edge carries' folded in through B_l, A_l; the scores' from
-    the final softmax statistics, as flash attention's backward does), this walks the same products
-    backwards, with dTi giving dM = -Ti^T dTi Ti^T. Writes dq, dk, dw, dbeta, the own chunk's dv and the
-    gradient of the cumulative gate, float32, in [B, T_pad, ...] layout."""
+    """Backward of the chunk kernel's query side, one program per (chunk, batch x kv head), looping over the
+    group's query heads: the own-chunk attention against the final softmax statistics (as flash attention's
+    backward), then the scores S = Q K^T - QW Ti L and the queries' carry Q - QW U (QW = tril(Q W^T)
+    diag(beta)) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative gate's gradient, and
+    partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes. The chunk's tiles are
+    loaded inside the loop (an invariant operand would hold shared memory for the whole loop)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = i_bh // H
     h = i_bh % H
     G: tl.constexpr = HQ // H
-    n = T_pad // C
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
     ov = tl.arange(0, DV)
     pos = i_c * C + oc
     real = pos < T
     row0 = b * T + i_c * C
-    chunk = (i_bh * n + i_c).to(tl.int64)
-    dd = od[:, None] * D + od[None, :]
-    lower = oc[:, None] > oc[None, :]
-
-    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
+    cd = oc[:, None] * D + od[None, :]
+    cc = oc[:, None] * C + oc[None, :]
+    in_off = ((row0 + oc)[:, None] * H + h) * D + od[None, :]
     beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
-    below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
-    t_low = tl.load(TINV + chunk * (C * C) + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
-    u = tl.dot(t_low, w, input_precision=PREC)
-    bw = w * beta[:, None]
-    dp = tl.load(DP + chunk * D * D + dd)
-    du = -tl.dot(bw, dp, input_precision=PREC)
-    dbw = -tl.dot(u, tl.trans(dp), input_precision=PREC)
-    l_wk = tl.where(lower, tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
-    wk = tl.dot(t_low, l_wk, input_precision=PREC)
-
-    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-    dkt = tl.load(DKT + k_off)
-    if HAS_EDGES:
-        dkt += tl.dot(tl.load(DK_TOP + k_off), tl.load(A_MAT + chunk * D * D + dd), input_precision=PREC)
-        b_mat = tl.load(B_MAT + chunk * D * D + dd)
-    v = tl.load(V + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]).to(tl.float32)
     seg = tl.load(SEG + b * T_pad + pos)
     visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
+    v_off = ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]
 
-    dk = dkt
+    dk = tl.zeros([C, D], tl.float32)
     dw = tl.zeros([C, D], tl.float32)
-    dbeta = tl.zeros([C], tl.float32)
+    du = tl.load(DU + chunk * (C * D) + cd)
     dwk = tl.zeros([C, C], tl.float32)
+    dbeta = tl.zeros([C], tl.float32)
     dv = tl.zeros([C, DV], tl.float32)
     for hq in range(h * G, h * G + G):
+        w = tl.load(W + in_off, mask=real[:, None], other=0.0).to(tl.float32)
+        k = tl.load(K + in_off, mask=real[:, None], other=0.0).to(tl.float32)
         q = tl.load(Q + ((row0 + oc)[:, None] * HQ + hq) * D + od[None, :], mask=real[:, None], other=0.0)
         q = q.to(tl.float32)
         r = tl.dot(q, tl.trans(w), input_precision=PREC)
         qw = tl.where(oc[:, None] >= oc[None, :], r * beta[None, :], 0.0)
         q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
         dqt = tl.load(DQT + q_off)
-        if HAS_EDGES:
-            dqt += tl.dot(tl.load(DQ_BOT + q_off), tl.trans(b_mat), input_precision=PREC)
-        # Own-chunk attention backward against the final softmax statistics.
-        s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, wk, input_precision=PREC)) * scale
+        s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, tl.load(WK + chunk * (C * C) + cc),
+                                                                   input_precision=PREC)) * scale
         if HAS_GATE:
             g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
             s += g_q[:, None] - g_q[None, :]
         s = tl.where(visible, s, float("-inf"))
-        lse = tl.load(LSE + (b * HQ + hq) * T_pad + pos)
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp(s - tl.load(LSE + (b * HQ + hq) * T_pad + pos)[:, None])
         do = tl.load(DO + ((b * T_pad + pos)[:, None] * HQ + hq) * DV + ov[None, :]).to(tl.float32)
-        delta = tl.load(DELTA + (b * HQ + hq) * T_pad + pos)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        v = tl.load(V + v_off).to(tl.float32)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - tl.load(DELTA + (b * HQ + hq) * T_pad + pos)[:, None])
         dv += tl.dot(tl.trans(p), do, input_precision=PREC)
         if HAS_GATE:
             tl.store(DG + (b * T_pad + pos) * HQ + hq, (tl.sum(ds, axis=1) - tl.sum(ds, axis=0)) * scale)
         ds = ds * scale
-        # Through the scores and the queries' carry to q, k, w, beta; U and Ti L collect across the group.
-        dqw = -tl.dot(dqt, tl.trans(u), input_precision=PREC) - tl.dot(ds, tl.trans(wk), input_precision=PREC)
-        du -= tl.dot(tl.trans(qw), dqt, input_precision=PREC)
-        dwk -= tl.dot(tl.trans(qw), ds, input_precision=PREC)
+        u = tl.load(U + chunk * (C * D) + cd)
+        wk_t = tl.load(WK + chunk * (C * C) + oc[:, None] + oc[None, :] * C)  # (Ti L)^T
+        dqw = -tl.dot(dqt, tl.trans(u), input_precision=PREC) - tl.dot(ds, wk_t, input_precision=PREC)
+        qw_t = tl.trans(qw)
+        du -= tl.dot(qw_t, dqt, input_precision=PREC)
+        dwk -= tl.dot(qw_t, ds, input_precision=PREC)
         dqw = tl.where(oc[:, None] >= oc[None, :], dqw, 0.0)
         dr = dqw * beta[None, :]
         dbeta += tl.sum(dqw * r, axis=0)
@@ -1152,80 +1167,168 @@ def _prep_chunk_bwd_kernel(
         dw += tl.dot(tl.trans(dr), q, input_precision=PREC)
         dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
 
-    # Ti L (the scores' key side)
-    dti = tl.dot(dwk, tl.trans(l_wk), input_precision=PREC)
-    dl = tl.where(lower, tl.dot(tl.trans(t_low), dwk, input_precision=PREC), 0.0)
-    dw += tl.dot(dl, k, input_precision=PREC)
-    dk += tl.dot(tl.trans(dl), w, input_precision=PREC)
-    # The keys' carry: K - KW V2, V2 = Ti^T Bw
-    v2 = tl.dot(tl.trans(t_low), bw, input_precision=PREC)
-    kw = tl.where(oc[:, None] < oc[None, :], tl.dot(k, tl.trans(w), input_precision=PREC), 0.0)
-    dkw = tl.where(oc[:, None] < oc[None, :], -tl.dot(dkt, tl.trans(v2), input_precision=PREC), 0.0)
-    dv2 = -tl.dot(tl.trans(kw), dkt, input_precision=PREC)
-    dk += tl.dot(dkw, w, input_precision=PREC)
-    dw += tl.dot(tl.trans(dkw), k, input_precision=PREC)
-    dti += tl.dot(bw, tl.trans(dv2), input_precision=PREC)
-    dbw += tl.dot(t_low, dv2, input_precision=PREC)
-    # U = Ti W, then Ti = (I + M)^-1 and M = tril(W W^T, -1) diag(beta)
-    dti += tl.dot(du, tl.trans(w), input_precision=PREC)
-    dw += tl.dot(tl.trans(t_low), du, input_precision=PREC)
-    dm = -tl.dot(tl.dot(tl.trans(t_low), dti, input_precision=PREC), tl.trans(t_low), input_precision=PREC)
-    dm = tl.where(lower, dm, 0.0)
-    da = dm * beta[None, :]
-    dbeta += tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
-    dw += tl.dot(da + tl.trans(da), w, input_precision=PREC)
-    dw += dbw * beta[:, None]
-    dbeta += tl.sum(dbw * w, axis=1)
-
+    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
     tl.store(DK + k_off, dk)
     tl.store(DW + k_off, dw)
     tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
-    tl.store(DV_ + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :], dv)
+    tl.store(DV_ + v_off, dv)
+    tl.store(DU + chunk * (C * D) + cd, du)
+    tl.store(DWK + chunk * (C * C) + cc, dwk)
 
 
-def edge_grads(q_t, dq_bot, k_t, dk_top, *, chunk: int, kernel_dtype: torch.dtype):
-    """dB, dA [B, H, n, D, D] float32 of the carries to superblock edges (see :func:`_edge_grads_kernel`)
-    from q_t, dq_bot [B, T_pad, HQ, D] and k_t, dk_top [B, T_pad, H, D], all float32 (products in TF32 when
-    the attention kernels read half precision)."""
+@triton.jit
+def _chunk_bwd_keys_kernel(
+    K, W, BETA, TINV, DKT, DBW, DWK, DK, DW, T, T_pad,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, SCORES: tl.constexpr, PREC: tl.constexpr,
+):
+    """Adds to :func:`_chunk_bwd_queries_kernel`'s dk, dw (in place) the keys' side of the chunk, in two
+    launches (one kernel would need more shared memory than an H100 has at head dim 128): with SCORES the
+    scores' Ti L (L = tril(W K^T, -1)), leaving dTi in DWK (over d(Ti L)); then the keys' carry
+    K - KW Ti^T Bw (KW = triu(K W^T, 1), Bw = diag(beta) W), adding to dTi and to Bw's gradient in DBW,
+    for :func:`_chunk_bwd_inverse_kernel`."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    pos = i_c * C + oc
+    real = pos < T
+    row0 = b * T + i_c * C
+    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
+    cc = chunk * (C * C) + oc[:, None] * C + oc[None, :]
+    cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
+    lower = oc[:, None] > oc[None, :]
+    upper = oc[:, None] < oc[None, :]
+    in_off = ((row0 + oc)[:, None] * H + h) * D + od[None, :]
+    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
+    above_blocks = (oc[:, None] // 16) <= (oc[None, :] // 16)
+    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    w = tl.load(W + in_off, mask=real[:, None], other=0.0).to(tl.float32)
+    k = tl.load(K + in_off, mask=real[:, None], other=0.0).to(tl.float32)
+    t_low_t = tl.load(TINV + chunk * (C * C) + oc[:, None] + oc[None, :] * C, mask=above_blocks, other=0.0)  # Ti^T
+    dk = tl.load(DK + k_off)
+    dw = tl.load(DW + k_off)
+    if SCORES:
+        # Ti L: dTi = d(Ti L) L^T, dL = Ti^T d(Ti L)
+        dwk = tl.load(DWK + cc)
+        l_wk = tl.where(lower, tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
+        dti = tl.dot(dwk, tl.trans(l_wk), input_precision=PREC)
+        dl = tl.where(lower, tl.dot(t_low_t, dwk, input_precision=PREC), 0.0)
+        dw += tl.dot(dl, k, input_precision=PREC)
+        dk += tl.dot(tl.trans(dl), w, input_precision=PREC)
+        tl.store(DWK + cc, dti)
+        tl.store(DK + k_off, dk)
+        tl.store(DW + k_off, dw)
+        return
+    # The keys' carry K - KW V2, V2 = Ti^T Bw
+    dkt = tl.load(DKT + k_off)
+    dk += dkt
+    bw = w * beta[:, None]
+    v2 = tl.dot(t_low_t, bw, input_precision=PREC)
+    dkw = tl.where(upper, -tl.dot(dkt, tl.trans(v2), input_precision=PREC), 0.0)
+    kw = tl.where(upper, tl.dot(k, tl.trans(w), input_precision=PREC), 0.0)
+    dv2 = -tl.dot(tl.trans(kw), dkt, input_precision=PREC)
+    dk += tl.dot(dkw, w, input_precision=PREC)
+    dw += tl.dot(tl.trans(dkw), k, input_precision=PREC)
+    tl.store(DWK + cc, tl.load(DWK + cc) + tl.dot(bw, tl.trans(dv2), input_precision=PREC))
+    tl.store(DBW + cd, tl.load(DBW + cd) + tl.dot(tl.trans(t_low_t), dv2, input_precision=PREC))
+    tl.store(DK + k_off, dk)
+    tl.store(DW + k_off, dw)
+
+
+@triton.jit
+def _chunk_bwd_inverse_kernel(
+    W, BETA, TINV, DU, DBW, DTI, DW, DBETA, T, T_pad,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    """Completes dw and dbeta (in place): U = Ti W, Bw = diag(beta) W, and Ti = (I + M)^-1 through
+    dM = -Ti^T dTi Ti^T with M = tril(W W^T, -1) diag(beta)."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    pos = i_c * C + oc
+    real = pos < T
+    row0 = b * T + i_c * C
+    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
+    cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
+    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
+    lower = oc[:, None] > oc[None, :]
+    above_blocks = (oc[:, None] // 16) <= (oc[None, :] // 16)
+    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    t_low_t = tl.load(TINV + chunk * (C * C) + oc[:, None] + oc[None, :] * C, mask=above_blocks, other=0.0)  # Ti^T
+    du = tl.load(DU + cd)
+    dti = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :]) + tl.dot(du, tl.trans(w), input_precision=PREC)
+    dw = tl.load(DW + k_off) + tl.dot(t_low_t, du, input_precision=PREC)
+    dm = -tl.dot(tl.dot(t_low_t, dti, input_precision=PREC), t_low_t, input_precision=PREC)
+    dm = tl.where(lower, dm, 0.0)
+    da = dm * beta[None, :]
+    dbeta = tl.load(DBETA + (b * T_pad + pos) * H + h) + tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
+    dw += tl.dot(da + tl.trans(da), w, input_precision=PREC)
+    dbw = tl.load(DBW + cd)
+    dw += dbw * beta[:, None]
+    dbeta += tl.sum(dbw * w, axis=1)
+    tl.store(DW + k_off, dw)
+    tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
+
+
+def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int, kernel_dtype: torch.dtype):
+    """The carries to superblock edges (:func:`_edge_grads_kernel`): from q_t, dq_bot [B, T_pad, HQ, D],
+    k_t, dk_top [B, T_pad, H, D] and each chunk's B_l, A_l [B, H, n, D, D], all float32, returns dB, dA
+    [B, H, n, D, D] float32 and adds the edges' share to dq_t, dk_t in place. Products in TF32 when the
+    attention kernels read half precision."""
     B, T_pad, HQ, D = q_t.shape
     H = k_t.shape[2]
     n = T_pad // chunk
     db = torch.empty(B, H, n, D, D, dtype=torch.float32, device=q_t.device)
     da = torch.empty_like(db)
     _edge_grads_kernel[(n, B * H)](
-        q_t, dq_bot, k_t, dk_top, db, da, T_pad, HQ=HQ, H=H, D=D, C=chunk,
-        PREC="ieee" if kernel_dtype == torch.float32 else "tf32", **_PREP_LAUNCH
+        q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, db, da, T_pad, HQ=HQ, H=H, D=D, C=chunk,
+        PREC="ieee" if kernel_dtype == torch.float32 else "tf32", **_PREP_LAUNCH,
     )
     return db, da
 
 
 def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, do, lse, delta, *, chunk: int,
-                     scale: float, edges=None, launch: dict | None = None):
-    """The backward of :func:`prepare_forward`'s chunk kernel (:func:`_prep_chunk_bwd_kernel`).
+                     scale: float, launch: dict | None = None):
+    """The backward of :func:`prepare_forward`'s chunk kernel, in five launches (setup, query side, key side
+    in two, the triangular inverse).
 
     Args: q, k, v, w, beta, gate, seg_start as for :func:`prepare_forward` (q, k in the kernel dtype);
         t_inv its chunks' triangular inverses (``prepare_forward(..., for_backward=True)["t_inv"]``);
-        dq_t [B, T_pad, HQ, D], dk_t [B, T_pad, H, D] float32 gradients of the chunk carries from the chunk
-        level; dp [B, H, n, D, D] float32 of the chunks' products; do [B, T_pad, HQ, DV] (kernel dtype), lse
-        and delta [B, HQ, T_pad] of the final output; edges: None without a superblock level, else
-        (dq_bot, B_l, dk_top, A_l), the superblock level's carry gradients and each chunk's carry matrices.
+        dq_t [B, T_pad, HQ, D], dk_t [B, T_pad, H, D] float32 gradients of the chunk carries (every level's
+        share); dp [B, H, n, D, D] float32 of the chunks' products; do [B, T_pad, HQ, DV] (kernel dtype), lse
+        and delta [B, HQ, T_pad] of the final output.
     Returns float32 dq [B, T_pad, HQ, D], dk, dw [B, T_pad, H, D], dbeta [B, T_pad, H], the own chunk's
         dv [B, T_pad, H, DV] and the cumulative gate's gradient [B, T_pad, HQ] (None without a gate).
+    ``launch`` ({"setup"|"queries"|"keys"|"inverse": {...}}) overrides num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     T_pad = seg_start.shape[1]
-    n = T_pad // chunk
+    C, n = chunk, T_pad // chunk
     empty = functools.partial(torch.empty, dtype=torch.float32, device=q.device)
     dq, dk, dw = empty(B, T_pad, HQ, D), empty(B, T_pad, H, D), empty(B, T_pad, H, D)
     dbeta, dv = empty(B, T_pad, H), empty(B, T_pad, H, DV)
     dg = empty(B, T_pad, HQ) if gate is not None else None
-    dq_bot, b_mat, dk_top, a_mat = edges if edges is not None else (None,) * 4
+    u, du, dbw = empty(B * H * n, C, D), empty(B * H * n, C, D), empty(B * H * n, C, D)
+    wk, dwk = empty(B * H * n, C, C), empty(B * H * n, C, C)
     q, k, w, beta = (x.contiguous() for x in (q, k, w, beta))
-    _prep_chunk_bwd_kernel[(n, B * H)](
-        q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dq_bot, b_mat, dk_t, dk_top, a_mat, dp, do, lse, delta,
-        dq, dk, dw, dbeta, dv, dg, scale, T, T_pad,
-        HQ=HQ, H=H, D=D, DV=DV, C=chunk, HAS_GATE=gate is not None, HAS_EDGES=edges is not None,
-        PREC=_precision(q), **(launch or {}).get("chunk", _PREP_LAUNCH),
+    prec, grid, launch = _precision(q), (n, B * H), launch or {}
+    _chunk_bwd_setup_kernel[grid](k, w, beta, t_inv, dp, u, wk, du, dbw, T, T_pad, H=H, D=D, C=C, PREC=prec,
+                                  **launch.get("setup", _PREP_LAUNCH))
+    _chunk_bwd_queries_kernel[grid](
+        q, k, v, w, beta, gate, seg_start, u, wk, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dg, du, dwk,
+        scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
+        **launch.get("queries", _PREP_LAUNCH),
     )
+    for scores in (True, False):
+        _chunk_bwd_keys_kernel[grid](k, w, beta, t_inv, dk_t, dbw, dwk, dk, dw, T, T_pad, H=H, D=D, C=C,
+                                     SCORES=scores, PREC=prec, **launch.get("keys", _PREP_LAUNCH))
+    _chunk_bwd_inverse_kernel[grid](w, beta, t_inv, du, dbw, dwk, dw, dbeta, T, T_pad, H=H, D=D, C=C, PREC=prec,
+                                    **launch.get("inverse", _PREP_LAUNCH))
     return dq, dk, dw, dbeta, dv, dg
