@@ -481,23 +481,6 @@ def _packed_pair_index(NB: int, device: torch.device) -> torch.Tensor:
     return (d - 1) * NB - (d - 1) * d // 2 + t
 
 
-def _chunk_frames(p: torch.Tensor, n_sb: int, NB: int) -> tuple:
-    """From each chunk's product p [B, H, n, D, D] (n = n_sb * NB): the matrices that carry a chunk's queries to
-    its superblock's bottom, B_l = P_{l-1} ... P_0, and its keys to the superblock's top, A_l = P_{NB-1} ...
-    P_{l+1} (both [B, H, n_sb, NB, D, D]); the chunk level's frame changes; the superblock level's (from
-    each superblock's product). B_l, A_l and the superblock level are None for one superblock."""
-    B, H, n, D, _ = p.shape
-    pb = p.view(B, H, n_sb, NB, D, D)
-    mid = _pair_products(pb) if NB > 1 else None
-    if n_sb == 1:
-        return None, None, mid, None
-    below = [torch.eye(D, dtype=p.dtype, device=p.device).expand(B, H, n_sb, D, D)]
-    for l in range(NB):
-        below.append(pb[:, :, :, l] @ below[-1])
-    p_sb = below.pop()
-    return torch.stack(below, 3), _suffix_products(pb, 3), mid, _pair_products(p_sb.unsqueeze(2))
-
-
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     starts = torch.zeros(B, T_pad, dtype=torch.bool, device=device)
@@ -716,7 +699,7 @@ class _PaTHTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkeys):
-        from .path_triton import edge_grads, framed_backward, prepare_backward, prepare_forward
+        from .path_triton import edge_grads, framed_backward, frames_backward, prepare_backward, prepare_forward
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
         scale, C, NB, kdt = ctx.args
@@ -735,39 +718,32 @@ class _PaTHTriton(torch.autograd.Function):
             )
             do_k = F.pad(do, pad).to(kdt).contiguous()
             delta = (do_k.float() * F.pad(o, pad).float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T_pad]
-            # Each chunk's product P with autograd (D x D matrices): the products built from it (carries to
-            # superblock edges, frame changes) take their gradients from the kernels below.
-            with torch.enable_grad():
-                p = prep["p"].requires_grad_()
-                below, above, mid, mid_sb = _chunk_frames(p, n_sb, NB)
-            built, built_grads, dvs, dgates = [], [], [], []
+            dvs, dgates = [], []
             kernel_args = dict(seg_start=seg_start, seg_end=seg_end, do=do_k, lse=lse, delta=delta, scale=scale)
             if NB > 1:
                 dq_t, dk_t, dv_c, dg_c, dmid = framed_backward(
                     prep["q_t"], prep["k_t"], v_kernel, gate, prep["mid"], block=C, blocks_per_window=NB, **kernel_args
                 )
-                built.append(mid), built_grads.append(dmid), dvs.append(dv_c), dgates.append(dg_c)
+                dvs.append(dv_c), dgates.append(dg_c)
             else:
                 dq_t = torch.zeros(B, T_pad, HQ, D, dtype=torch.float32, device=q.device)
                 dk_t = torch.zeros(B, T_pad, H, D, dtype=torch.float32, device=q.device)
+                dmid = torch.zeros_like(prep["mid32"])
+            edges = None
             if n_sb > 1:
+                mid_sb = _pair_products(prep["p_sb"].unsqueeze(2))
                 dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
-                    prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb.detach().to(kdt).contiguous(),
+                    prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb.to(kdt).contiguous(),
                     block=C * NB, blocks_per_window=n_sb, **kernel_args,
                 )
-                below_flat, above_flat = (x.detach().reshape(B, H, -1, D, D).contiguous() for x in (below, above))
+                dvs.append(dv_sb), dgates.append(dg_sb)
                 d_below, d_above = edge_grads(
-                    prep["q_t32"], dq_bot, prep["k_t32"], dk_top, below_flat, above_flat, dq_t, dk_t,
+                    prep["q_t32"], dq_bot, prep["k_t32"], dk_top, prep["b_mat"], prep["a_mat"], dq_t, dk_t,
                     chunk=C, kernel_dtype=kdt,
                 )
-                built += [mid_sb, below, above]
-                built_grads += [dmid_sb, d_below.view(below.shape), d_above.view(above.shape)]
-                dvs.append(dv_sb), dgates.append(dg_sb)
-            pairs = [(x, dx) for x, dx in zip(built, built_grads) if x.requires_grad]  # F = I alone has no graph
-            if pairs:
-                dp = torch.autograd.grad([x for x, _ in pairs], p, [dx for _, dx in pairs])[0]
-            else:
-                dp = torch.zeros_like(p)
+                dp_sb = frames_backward(prep["p_sb"], mid_sb, dmid_sb, kernel_dtype=kdt)
+                edges = (prep["b_mat"], d_below, d_above, dp_sb)
+            dp = frames_backward(prep["p"], prep["mid32"], dmid, edges=edges, kernel_dtype=kdt)
             dq, dk, dw, dbeta, dv_local, dg_local = prepare_backward(
                 q_k, k_k, v_kernel, w, beta, gate, seg_start, prep["t_inv"], dq_t, dk_t, dp, do_k, lse,
                 delta, chunk=C, scale=scale,

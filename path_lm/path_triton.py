@@ -914,13 +914,15 @@ def _prep_chunk_kernel(
 
 @triton.jit
 def _prep_superblock_kernel(
-    P, QT, KT, Q_BOT, K_TOP, K_TOP32, MID, P_SB, T_pad,
+    P, QT, KT, Q_BOT, K_TOP, K_TOP32, MID, P_SB, B_MAT, A_MAT, MID32, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
-    KEYS32: tl.constexpr, PREC: tl.constexpr,
+    KEYS32: tl.constexpr, FOR_BACKWARD: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (superblock, batch x kv head, task, DB columns); tasks: the queries' carry, the keys'
     carry, and the frame changes from each chunk t. Every product below is separable by columns of its result
-    (queries, P_{l-1} ... P_0, frame changes) or by rows of the chained matrix (keys)."""
+    (queries, P_{l-1} ... P_0, frame changes) or by rows of the chained matrix (keys). FOR_BACKWARD also
+    writes each chunk's carry matrices B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1} and the frame
+    changes in float32."""
     i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     task = tl.program_id(2) // (D // DB)
@@ -935,19 +937,21 @@ def _prep_superblock_kernel(
     ob = i_d * DB + tl.arange(0, DB)
     full = od[:, None] * D + od[None, :]
     cols = od[:, None] * D + ob[None, :]  # [D, DB]: these columns of a D x D matrix
-    p_base = P + ((i_bh * n_sb + i_s) * NB).to(tl.int64) * D * D  # P of the superblock's chunks
+    p_base = ((i_bh * n_sb + i_s) * NB).to(tl.int64) * D * D  # the superblock's chunks in [B, H, n, D, D]
     eye_cols = tl.where(od[:, None] == ob[None, :], 1.0, 0.0)
 
     if task == 0:  # queries down to the superblock's bottom: q_t @ (P_{l-1} ... P_0); then P of the superblock
         below = eye_cols
         for l in range(NB):
+            if FOR_BACKWARD:
+                tl.store(B_MAT + p_base + l * D * D + cols, below)
             pos = (i_s * NB + l) * C + oc
             for hq in range(h * G, h * G + G):
                 q_t = tl.load(QT + ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :])
                 q_bot = tl.dot(q_t, below, input_precision=PREC)
                 q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + ob[None, :]
                 tl.store(Q_BOT + q_off, q_bot.to(Q_BOT.dtype.element_ty))
-            below = tl.dot(tl.load(p_base + l * D * D + full), below, input_precision=PREC)
+            below = tl.dot(tl.load(P + p_base + l * D * D + full), below, input_precision=PREC)
         tl.store(P_SB + (i_bh * n_sb + i_s).to(tl.int64) * D * D + cols, below)
     elif task == 1:  # keys up to the superblock's top: k_t @ (P_{NB-1} ... P_{l+1})^T; DB columns = DB rows
         above = tl.trans(eye_cols)
@@ -960,15 +964,21 @@ def _prep_superblock_kernel(
             tl.store(K_TOP + off, k_top.to(K_TOP.dtype.element_ty))
             if KEYS32:
                 tl.store(K_TOP32 + off, k_top)
-            above = tl.dot(above, tl.load(p_base + l * D * D + full), input_precision=PREC)
+            if FOR_BACKWARD:
+                tl.store(A_MAT + p_base + l * D * D + ob[:, None] * D + od[None, :], above)
+            above = tl.dot(above, tl.load(P + p_base + l * D * D + full), input_precision=PREC)
     else:  # frame changes F[s, t] = P_{s-1} ... P_{t+1} from chunk t, packed row by row
         t = task - 2
-        mid_base = MID + ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
+        mid_base = ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
         f = eye_cols
-        tl.store(mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+        tl.store(MID + mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+        if FOR_BACKWARD:
+            tl.store(MID32 + mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f)
         for s in range(t + 2, NB):
-            f = tl.dot(tl.load(p_base + (s - 1) * D * D + full), f, input_precision=PREC)
-            tl.store(mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+            f = tl.dot(tl.load(P + p_base + (s - 1) * D * D + full), f, input_precision=PREC)
+            tl.store(MID + mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+            if FOR_BACKWARD:
+                tl.store(MID32 + mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f)
 
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
@@ -989,7 +999,9 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
         each query's own chunk. With ``for_backward`` also what :func:`prepare_backward` and
         :func:`edge_grads` read: p [B, H, n, D, D] each chunk's product, q_t32 / k_t32 the carries in float32,
-        t_inv [B * H * n, C, C] each chunk's triangular inverse (float32).
+        t_inv [B * H * n, C, C] each chunk's triangular inverse, b_mat / a_mat [B, H, n, D, D] each chunk's
+        carry matrices to its superblock's bottom / top (B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1}),
+        mid32 the chunk frame changes, all float32.
     ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
@@ -1011,6 +1023,9 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         mid=empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt), p_sb=empty(B, H, n_sb, D, D, dtype=f32),
     )
     scratch = empty(B * H * n, C, C, dtype=f32)  # each chunk's triangular inverse, by blocks
+    b_mat = a_mat = mid32 = None
+    if for_backward:
+        b_mat, a_mat, mid32 = empty(B, H, n, D, D, dtype=f32), empty(B, H, n, D, D, dtype=f32), empty(out["mid"].shape, dtype=f32)
     _prep_chunk_kernel[(n, B * H)](
         q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
@@ -1019,12 +1034,12 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     )
     DB = min(D, SUPERBLOCK_COLUMNS)
     _prep_superblock_kernel[(n_sb, B * H, (NB + 1) * (D // DB))](
-        p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], T_pad,
-        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, PREC=prec,
+        p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], b_mat, a_mat, mid32, T_pad,
+        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, PREC=prec,
         **(launch or {}).get("superblock", _PREP_LAUNCH),
     )
     if for_backward:
-        out.update(p=p, q_t32=q_t32, k_t32=k_t32, t_inv=scratch)
+        out.update(p=p, q_t32=q_t32, k_t32=k_t32, t_inv=scratch, b_mat=b_mat, a_mat=a_mat, mid32=mid32)
     return out
 
 
@@ -1274,6 +1289,77 @@ def _chunk_bwd_inverse_kernel(
     dbeta += tl.sum(dbw * w, axis=1)
     tl.store(DW + k_off, dw)
     tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
+
+
+@triton.jit
+def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP,
+                       D: tl.constexpr, DC: tl.constexpr, NB: tl.constexpr, HAS_EDGES: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Gradients of the blocks' products P_0 .. P_{NB-1} of one window (per batch x kv head) from those of
+    the products built from them: the frame changes F[s, t] = P_{s-1} ... P_{t+1} (0 <= t < s < NB) and, with
+    HAS_EDGES, the carries to the window's edges B_l = F[l, -1], A_l = F[NB, l] and the window's product
+    F[NB, -1]. One program per (window, batch x kv head, chain start t, DC columns): for each t, F[s, t] =
+    P_{s-1} F[s-1, t] backwards from the last s, with the adjoint G_s = dF[s, t] + P_s^T G_{s+1} and
+    dP_{s-1} += G_s F[s-1, t]^T (atomic: the chains of every t meet in dP). The adjoint is separable by
+    columns, so head dim 128 runs as two column blocks."""
+    i_w = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    n_cols: tl.constexpr = D // DC
+    if HAS_EDGES:
+        t = tl.program_id(2) // n_cols - 1  # t = -1: the chains from the window's start (B_l, F[NB, -1])
+    else:
+        t = tl.program_id(2) // n_cols
+    i_d = tl.program_id(2) % n_cols
+    NP: tl.constexpr = NB * (NB - 1) // 2
+    S_MAX: tl.constexpr = NB if HAS_EDGES else NB - 1
+    n_w = tl.num_programs(0)
+    od = tl.arange(0, D)
+    ob = i_d * DC + tl.arange(0, DC)
+    full = od[:, None] * D + od[None, :]
+    cols = od[:, None] * D + ob[None, :]
+    blocks = ((i_bh * n_w + i_w) * NB).to(tl.int64) * D * D
+    pairs = ((i_bh * n_w + i_w) * NP).to(tl.int64) * D * D
+    adj = tl.zeros([D, DC], tl.float32)
+    for step in range(S_MAX - t - 1):
+        s = S_MAX - step  # from the last s down to t + 2
+        if s == NB:  # only with edges: A_t = F[NB, t], or the window's product for t = -1
+            if t < 0:
+                adj += tl.load(DPW + (i_bh * n_w + i_w).to(tl.int64) * D * D + cols)
+            else:
+                adj += tl.load(DA + blocks + t * D * D + cols)
+        elif t < 0:
+            adj += tl.load(DB + blocks + s * D * D + cols)
+        else:
+            adj += tl.load(DF + pairs + (s * (s - 1) // 2 + t) * D * D + cols)
+        if t < 0:
+            f_prev = tl.load(B_MAT + blocks + (s - 1) * D * D + cols)
+        else:
+            f_prev = tl.load(F32 + pairs + ((s - 1) * (s - 2) // 2 + t) * D * D + cols)
+        # F[s-1, t] = I when s - 1 = t + 1: the loads above read F[t+1, t] = I (B_0 = I) stored in the tables
+        tl.atomic_add(DP + blocks + (s - 1) * D * D + full, tl.dot(adj, tl.trans(f_prev), input_precision=PREC),
+                      sem="relaxed")
+        p_t = tl.load(P + blocks + (s - 1) * D * D + od[:, None] + od[None, :] * D)  # P_{s-1}^T
+        adj = tl.dot(p_t, adj, input_precision=PREC)
+
+
+def frames_backward(p, f32, df, *, edges=None, kernel_dtype: torch.dtype):
+    """dP [B, H, W * NB, D, D] float32 of the blocks' products p [B, H, W * NB, D, D] (W windows of NB
+    blocks) from the gradients df [B, H, W, NB(NB-1)/2, D, D] of their frame changes (f32: the changes
+    themselves, float32, same layout) and, with edges = (b_mat, db, da, dpw), of the carries to the windows'
+    edges B_l (b_mat, [B, H, W * NB, D, D]), A_l and of each window's product ([B, H, W, D, D])."""
+    B, H, n, D, _ = p.shape
+    W = df.shape[2]
+    NB = n // W
+    dp = torch.zeros_like(p, dtype=torch.float32)
+    b_mat, db, da, dpw = edges if edges is not None else (None,) * 4
+    DC = min(D, SUPERBLOCK_COLUMNS)
+    starts = NB if edges is not None else NB - 1
+    if starts > 0:
+        _frames_bwd_kernel[(W, B * H, starts * (D // DC))](
+            p, f32, df, b_mat, db, da, dpw, dp, D=D, DC=DC, NB=NB, HAS_EDGES=edges is not None,
+            PREC="ieee" if kernel_dtype == torch.float32 else "tf32", **_PREP_LAUNCH,
+        )
+    return dp
 
 
 def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int, kernel_dtype: torch.dtype):
