@@ -1322,18 +1322,22 @@ def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP,
     adj = tl.zeros([D, DC], tl.float32)
     for step in range(S_MAX - t - 1):
         s = S_MAX - step  # from the last s down to t + 2
-        if s == NB:  # only with edges: A_t = F[NB, t], or the window's product for t = -1
-            if t < 0:
-                adj += tl.load(DPW + (i_bh * n_w + i_w).to(tl.int64) * D * D + cols)
+        if HAS_EDGES:
+            if s == NB:  # A_t = F[NB, t], or the window's product for t = -1
+                if t < 0:
+                    adj += tl.load(DPW + (i_bh * n_w + i_w).to(tl.int64) * D * D + cols)
+                else:
+                    adj += tl.load(DA + blocks + t * D * D + cols)
+            elif t < 0:
+                adj += tl.load(DB + blocks + s * D * D + cols)
             else:
-                adj += tl.load(DA + blocks + t * D * D + cols)
-        elif t < 0:
-            adj += tl.load(DB + blocks + s * D * D + cols)
+                adj += tl.load(DF + pairs + (s * (s - 1) // 2 + t) * D * D + cols)
+            if t < 0:
+                f_prev = tl.load(B_MAT + blocks + (s - 1) * D * D + cols)
+            else:
+                f_prev = tl.load(F32 + pairs + ((s - 1) * (s - 2) // 2 + t) * D * D + cols)
         else:
             adj += tl.load(DF + pairs + (s * (s - 1) // 2 + t) * D * D + cols)
-        if t < 0:
-            f_prev = tl.load(B_MAT + blocks + (s - 1) * D * D + cols)
-        else:
             f_prev = tl.load(F32 + pairs + ((s - 1) * (s - 2) // 2 + t) * D * D + cols)
         # F[s-1, t] = I when s - 1 = t + 1: the loads above read F[t+1, t] = I (B_0 = I) stored in the tables
         tl.atomic_add(DP + blocks + (s - 1) * D * D + full, tl.dot(adj, tl.trans(f_prev), input_precision=PREC),
