@@ -10,7 +10,6 @@ TFLOP/s use the causal attention count for BOTH ops (so they compare): fwd = 4 *
 fwd+bwd = 3.5 x fwd. PaTH does more arithmetic than that (about 2x); its TFLOP/s are attention-equivalent.
 
     python benchmarks/gpu_attention.py [--out-dir DIR] [--json PATH] [--tiny]
-    PATH_LM_COMPILE_PREP=1 python benchmarks/gpu_attention.py   # path-lm's preparation through torch.compile
 """
 
 from __future__ import annotations

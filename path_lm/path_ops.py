@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -496,82 +495,10 @@ def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int
     return seg_start.to(torch.int32).contiguous(), seg_end.to(torch.int32).contiguous()
 
 
-@dataclass
-class _Levels:
-    """What path-lm's kernels read, computed from the raw inputs by :func:`_path_levels` (all differentiable).
-
-    framed: per kernel level, (queries [B, T_pad, HQ, D], keys [B, T_pad, H, D], frame changes, block,
-        blocks per window), the kernel dtype; local_logits [B, H, n, G, C, C] float32: the query's own chunk,
-        scaled, gate added, masked; v_local [B, H, n, 1, C, Dv] float32; v_kernel [B, T_pad, H, Dv];
-        gate [B, T_pad, HQ] float32 cumulative or None.
-    """
-
-    framed: list
-    local_logits: torch.Tensor
-    v_local: torch.Tensor
-    v_kernel: torch.Tensor
-    gate: torch.Tensor | None
-
-
 def _cumulative_gate(g: torch.Tensor, T_pad: int) -> torch.Tensor:
     """[B, T, HQ] log gates -> [B, HQ, T_pad] float32 cumulative sums, zero padded in time. The sum runs along
     the last dim: a scan over an outer dim is slow on GPUs."""
     return F.pad(g.float(), (0, 0, 0, T_pad - g.shape[1])).transpose(1, 2).cumsum(-1)
-
-
-def _path_levels(q, k, v, w, beta, g, seg_start, scale, C, NB, kdt) -> tuple:
-    """The fields of :class:`_Levels`, as a tuple (what torch.compile returns best)."""
-    B, T, HQ, D = q.shape
-    H, Dv = k.shape[2], v.shape[-1]
-    G = HQ // H
-    T_pad = seg_start.shape[1]
-    n_sb, n = T_pad // (C * NB), T_pad // C
-    dt = torch.float32
-
-    def heads_first(x):  # [B, T, h, d] -> [B, h, T_pad, d] float32, zero padded (pads are identity steps)
-        return F.pad(x.to(dt), (0, 0, 0, 0, 0, T_pad - T)).transpose(1, 2)
-
-    qc = heads_first(q).reshape(B, H, G, n, C, D)
-    kc = heads_first(k).reshape(B, H, n, C, D)
-    wc = heads_first(w).reshape(B, H, n, C, D)
-    bc = F.pad(beta.to(dt), (0, 0, 0, T_pad - T)).transpose(1, 2).reshape(B, H, n, C)
-    p, q_t, k_t, local = _block_transforms(qc.transpose(2, 3), kc, wc, bc)  # q_t [B, H, n, G, C, D]
-
-    # Carry queries to the bottom and keys to the top of their superblock; P of each whole superblock.
-    pb = p.view(B, H, n_sb, NB, D, D)
-    eye = torch.eye(D, dtype=dt, device=q.device).expand(B, H, n_sb, D, D)
-    below = [eye]  # entry l: P_{l-1} ... P_0 inside the superblock
-    for l in range(1, NB + 1):
-        below.append(pb[:, :, :, l - 1] @ below[-1])
-    p_sb = below.pop()
-    q_t = q_t.reshape(B, H, n_sb, NB, G, C, D)
-    k_t = k_t.reshape(B, H, n_sb, NB, C, D)
-    q_bot = q_t @ torch.stack(below, 3).unsqueeze(4)
-    k_top = k_t @ _suffix_products(pb, 3).transpose(-1, -2)
-
-    def tokens_first(x):  # [B, H, n_sb, NB, (G,) C, d] -> [B, T_pad, heads, d] in the kernel dtype
-        x = x.permute(0, 2, 3, 5, 1, 4, 6) if x.dim() == 7 else x.permute(0, 2, 3, 4, 1, 5)
-        return x.to(kdt).reshape(B, T_pad, -1, x.shape[-1])
-
-    framed = []
-    for qx, kx, p_blocks, block, blocks in ((q_bot, k_top, p_sb.unsqueeze(2), C * NB, n_sb), (q_t, k_t, pb, C, NB)):
-        if blocks > 1:
-            mid = _pair_products(p_blocks).to(kdt).contiguous()
-            framed.append((tokens_first(qx).contiguous(), tokens_first(kx).contiguous(), mid, block, blocks))
-
-    gate = None
-    logits = local.reshape(B, H, n, G, C, C) * scale  # [B, H, n, G, C(query), C(key)]
-    if g is not None:
-        gate = _cumulative_gate(g, T_pad)  # [B, HQ, T_pad]
-        gc = gate.view(B, H, G, n, C).transpose(2, 3) * scale  # [B, H, n, G, C]
-        logits = logits + gc[..., :, None] - gc[..., None, :]
-        gate = gate.transpose(1, 2).contiguous()
-    pos = torch.arange(T_pad, device=q.device).view(n, C)
-    visible = (pos[:, None, :] <= pos[:, :, None])[None] & (pos[:, None, :] >= seg_start.view(B, n, C, 1))
-    logits = logits.masked_fill(~visible[:, None, :, None], float("-inf"))
-    v_pad = F.pad(v, (0, 0, 0, 0, 0, T_pad - T))
-    v_local = v_pad.to(dt).transpose(1, 2).reshape(B, H, n, 1, C, Dv)
-    return framed, logits, v_local, v_pad.to(kdt).contiguous(), gate
 
 
 @contextlib.contextmanager
@@ -589,71 +516,11 @@ def _matmul_precision(kdt):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _local_grads(local_logits, v_local, do_pad, o_pad, lse) -> tuple:
-    """The own-chunk level's backward by hand: P = exp(logits - lse), dlogits = P * (do . v - delta).
-    Returns delta [B, HQ, T_pad] = rowsum(do * o), dlogits and dv_local (shaped like local_logits, v_local)."""
-    B, H, n, G, C, _ = local_logits.shape
-    delta = (do_pad.float() * o_pad.float()).sum(-1).transpose(1, 2)  # [B, HQ, T_pad]
-
-    def blocks(x):  # [B, T_pad, HQ, d] -> [B, H, n, G, C, d]
-        return x.reshape(B, n, C, H, G, -1).permute(0, 3, 1, 4, 2, 5)
-
-    probs = (local_logits - blocks(lse.transpose(1, 2)[..., None])).exp()
-    do_b = blocks(do_pad.float())
-    dlogits = probs * (do_b @ v_local.transpose(-1, -2) - blocks(delta.transpose(1, 2)[..., None]))
-    return delta.contiguous(), dlogits, (probs.transpose(-1, -2) @ do_b).sum(3, keepdim=True)
-
-
-def compile_enabled() -> bool:
-    """Whether the Triton backend runs its PyTorch preparation through ``torch.compile`` (CUDA only):
-    ``PATH_LM_COMPILE_PREP=1``. Off by default: on an H100 it made forward+backward 1.65x faster at head
-    dim 64 but took 36 s to compile, and at head dim 128 it compiled for 193 s and slowed the forward
-    (docs/kernels.md, v3)."""
-    return os.environ.get("PATH_LM_COMPILE_PREP", "0") == "1"
-
-
-def _on_cuda(args) -> bool:
-    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in args)
-
-
-def _compiled_on_cuda(fn):
-    """``fn`` compiled by torch.compile, on CUDA tensors when :func:`compile_enabled`; eager otherwise
-    (and inside an outer torch.compile, which traces it anyway).
-
-    Compiling fuses the preparation's elementwise passes over [B, H, T, D] tensors; its batched 64 x 64
-    products and triangular solves stay as they are. If compiling fails (no compiler toolchain, an
-    unsupported op), the eager function runs from then on and a warning says why, once. Running out of
-    memory is not a compile failure: it propagates, and later calls still compile."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def call(*args):
-        nonlocal compiled
-        if compiled is False or not _on_cuda(args) or not compile_enabled() or torch.compiler.is_compiling():
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn)
-        try:
-            return compiled(*args)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001  compilation failed: the eager function gives the same result
-            logger.warning("torch.compile of %s failed, running it eagerly: %s", fn.__name__, err)
-            compiled = False
-            return fn(*args)
-
-    return call
-
-
-_prepare = _compiled_on_cuda(_path_levels)
-_local_backward = _compiled_on_cuda(_local_grads)
-
-
 class _PaTHTriton(torch.autograd.Function):
     """Forward: the preparation kernels, the attention kernels, one merged softmax. Backward: the preparation
-    again with autograd (nothing of it is kept between the passes), the kernels' backward against the final
-    softmax statistics, then autograd from the prepared tensors back to the inputs. With
-    ``PATH_LM_COMPILE_PREP=1`` the PyTorch parts run through torch.compile (:func:`_compiled_on_cuda`)."""
+    kernels again (nothing of it is kept between the passes), the attention kernels' backward against the
+    final softmax statistics, then the preparation's backward kernels (the D x D chains of frame changes and
+    carries, the per-chunk transforms, the own chunk) down to the inputs. No autograd graph inside."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):
@@ -867,29 +734,26 @@ _DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", 
 AUTO_TRITON_MIN_LENGTH = 8192
 
 
-def _auto_order(q: torch.Tensor, needs_grad: bool) -> list:
-    """The kernels 'auto' tries, fastest first (measured on an H100, docs/benchmarks.md): without gradients
-    (prefill, evaluation) at head dim 64 path-lm's forward is 1.8-4.7x faster than fla's as an op, but a
-    whole model's prefill gains only from sequences of AUTO_TRITON_MIN_LENGTH tokens on (at 1k and 4k the
-    model was host-bound and fla's faster: 0.46x, 0.77x; at 16k path-lm's 2.4x faster). fla's kernel is faster
-    at head dim 128 and, with its backward, for training."""
-    if not needs_grad and q.shape[-1] == 64 and q.shape[1] >= AUTO_TRITON_MIN_LENGTH:
+def _auto_order(q: torch.Tensor) -> list:
+    """The kernels 'auto' tries, fastest first (measured on an H100, docs/benchmarks.md): at head dim 64
+    path-lm's kernel from AUTO_TRITON_MIN_LENGTH tokens on. Without gradients its forward is 1.7-3.0x faster
+    than fla's as an op, but a whole model's prefill was host-bound and slower below 8k (0.46x at 1k, 0.77x
+    at 4k; 2.4x faster at 16k); forward+backward 1.55x faster than fla's at 8k and 1.93x at 16k (1.17x at
+    4k, 0.85x at 2k). fla's kernel is faster at head dim 128 and for shorter sequences."""
+    if q.shape[-1] == 64 and q.shape[1] >= AUTO_TRITON_MIN_LENGTH:
         return ["triton", "fla"]
     return list(KERNELS)
 
 
-def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, needs_grad: bool | None = None) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     """'auto' -> the fastest kernel that can run on these inputs (:func:`_auto_order`), else 'torch' (logged
-    once); an explicit kernel that cannot run raises. ``needs_grad``: whether the call will be differentiated
-    (default: whether q or v requires grad)."""
+    once); an explicit kernel that cannot run raises."""
     if backend == "torch":
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {BACKENDS}")
     chosen, reasons = "torch", {}
-    if needs_grad is None:
-        needs_grad = q.requires_grad or v.requires_grad
-    for name in _auto_order(q, needs_grad) if backend == "auto" else [backend]:  # stop at the first kernel that can run
+    for name in _auto_order(q) if backend == "auto" else [backend]:  # stop at the first kernel that can run
         reasons[name] = KERNELS[name](q, v)
         if reasons[name] is None:
             chosen = name
@@ -975,8 +839,7 @@ def path_attention(
             use_kernel=decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend),
         )
     past_len = cache.length if cache is not None else 0
-    needs_grad = any(x is not None and x.requires_grad for x in (q, k, v, w, beta, g))
-    kernel = resolve_backend(backend, q, v, needs_grad) if past_len == 0 else "torch"
+    kernel = resolve_backend(backend, q, v) if past_len == 0 else "torch"
     if cache is None:
         if kernel == "torch":
             return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
