@@ -640,9 +640,10 @@ def path_attention_triton(
     before the query's superblock, key chunks before the query's chunk inside its superblock (both through
     the kernels of :mod:`path_triton`), and the query's own chunk. In the forward pass the per-chunk
     transforms, the query's own chunk, the carries to superblock edges and the frame changes are two Triton
-    kernels (:func:`path_triton.prepare_forward`); the backward recomputes them as PyTorch products in float32
-    (TF32 for half-precision inputs) under autograd. Nothing but the inputs, the output and its log-sum-exp is
-    kept between the passes. ``chunk_size`` must be a power of two of at least 16.
+    kernels (:func:`path_triton.prepare_forward`); the backward reruns them and walks their products back with
+    the kernels of :func:`path_triton.edge_grads`, :func:`path_triton.frames_backward` and
+    :func:`path_triton.prepare_backward` (float32 accumulation, TF32 products for half-precision inputs).
+    Nothing but the inputs, the output and its log-sum-exp is kept between the passes. ``chunk_size`` must be a power of two of at least 16.
 
     Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys carried to the end of each row
     [B, T, H, D] float32 (not differentiable).

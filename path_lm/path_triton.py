@@ -9,12 +9,14 @@ its own block (``k_top``); then for a query in block s and a key in an earlier b
 with P_b the D x D product of block b's Householder matrices (F[s, s-1] = I). The frame change F is
 precomputed for every block pair, so each (query tile, key block) pair costs one D x D product on top of
 ordinary flash attention, and the backward needs no reverse walk along the chain: the gradient of F comes
-out of the dq kernel as ``q_bot^T @ (dS @ k_top)`` and flows to the P's through PyTorch autograd.
+out of the dq kernel as ``q_bot^T @ (dS @ k_top)`` and flows to the P's through :func:`frames_backward`.
 
 :func:`framed_forward` / :func:`framed_backward` run those pairs for blocks of one window (pairs in different windows are
 skipped); the forward continues the softmax another level started, so that the levels (the query's own
 chunk, chunks inside a superblock, superblocks across the sequence) chain into one softmax.
-:func:`prepare_forward` computes what the forward reads. ``path_attention_triton`` assembles the levels.
+:func:`prepare_forward` computes what the forward reads; :func:`edge_grads`, :func:`frames_backward` and
+:func:`prepare_backward` take its products' gradients back to the inputs. ``path_attention_triton`` assembles
+the levels.
 
 triton is imported here at module level; import this module lazily and only on CUDA.
 """
@@ -987,8 +989,8 @@ SUPERBLOCK_COLUMNS = 64  # columns per program of the superblock kernel (D x D f
 
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
                     keys32: bool, for_backward: bool = False, launch: dict | None = None):
-    """The forward pass's preparation in two kernels (nothing of it is differentiable; the backward recomputes
-    it in PyTorch).
+    """The forward pass's preparation in two kernels (not differentiable: the backward reruns it with
+    ``for_backward`` and runs its own kernels).
 
     Args: q [B, T, HQ, D], k, w [B, T, H, D], beta [B, T, H] as given, v [B, T_pad, H, DV] zero padded (w, beta any float
         dtype); gate [B, T_pad, HQ] float32 cumulative or None; seg_start [B, T_pad] int32. The kernels read
