@@ -725,8 +725,8 @@ def _triton_import_error() -> str | None:
     return None
 
 
-# Kernel backends in the order 'auto' prefers them, fastest first (docs/kernels.md): fla's where installed;
-# path-lm's own otherwise (its O(T^2) kernels beat fla's, its per-chunk preparation in PyTorch does not yet).
+# Kernel backends in the order 'auto' prefers them by default (docs/kernels.md): fla's where installed,
+# path-lm's own otherwise; _auto_order puts path-lm's first where it measured faster.
 KERNELS = {"fla": fla_unavailable_reason, "triton": triton_unavailable_reason}
 BACKENDS = ("auto", "torch", *KERNELS)
 _DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", "torch": "exact PyTorch"}
