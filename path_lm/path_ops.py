@@ -495,10 +495,14 @@ def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int
     return seg_start.to(torch.int32).contiguous(), seg_end.to(torch.int32).contiguous()
 
 
-def _cumulative_gate(g: torch.Tensor, T_pad: int) -> torch.Tensor:
-    """[B, T, HQ] log gates -> [B, HQ, T_pad] float32 cumulative sums, zero padded in time. The sum runs along
-    the last dim: a scan over an outer dim is slow on GPUs."""
-    return F.pad(g.float(), (0, 0, 0, T_pad - g.shape[1])).transpose(1, 2).cumsum(-1)
+def _kernel_inputs(v: torch.Tensor, g: torch.Tensor | None, T_pad: int, kdt: torch.dtype) -> tuple:
+    """What the Triton kernels read besides q, k, w, beta, for the forward and the backward alike: the
+    cumulative log gate [B, T_pad, HQ] float32 (None without a gate; the sum runs along the last dim, as a
+    scan over an outer dim is slow on GPUs) and v [B, T_pad, H, DV] in the kernel dtype, zero padded in time."""
+    gate = None
+    if g is not None:
+        gate = F.pad(g.float(), (0, 0, 0, T_pad - g.shape[1])).transpose(1, 2).cumsum(-1).transpose(1, 2).contiguous()
+    return gate, F.pad(v, (0, 0, 0, 0, 0, T_pad - v.shape[1])).to(kdt).contiguous()
 
 
 @contextlib.contextmanager
@@ -532,8 +536,7 @@ class _PaTHTriton(torch.autograd.Function):
         T_pad = math.ceil(T / (C * NB)) * C * NB
         seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
         with torch.no_grad(), _matmul_precision(kdt):
-            gate = _cumulative_gate(g, T_pad).transpose(1, 2).contiguous() if g is not None else None
-            v_kernel = F.pad(v, (0, 0, 0, 0, 0, T_pad - T)).to(kdt).contiguous()
+            gate, v_kernel = _kernel_inputs(v, g, T_pad, kdt)
             prep = prepare_forward(
                 q.to(kdt), k.to(kdt), v_kernel, w, beta, gate, seg_start,
                 chunk=C, chunks_per_superblock=NB, scale=scale, keys32=output_keys,
@@ -566,7 +569,7 @@ class _PaTHTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkeys):
-        from .path_triton import edge_grads, framed_backward, frames_backward, prepare_backward, prepare_forward
+        from .path_triton import _precision, edge_grads, framed_backward, frames_backward, prepare_backward, prepare_forward
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
         scale, C, NB, kdt = ctx.args
@@ -576,8 +579,7 @@ class _PaTHTriton(torch.autograd.Function):
         n_sb = T_pad // (C * NB)
         pad = (0, 0, 0, 0, 0, T_pad - T)
         with torch.no_grad(), _matmul_precision(kdt):
-            gate = _cumulative_gate(g, T_pad).transpose(1, 2).contiguous() if g is not None else None
-            v_kernel = F.pad(v, pad).to(kdt).contiguous()
+            gate, v_kernel = _kernel_inputs(v, g, T_pad, kdt)
             q_k, k_k = q.to(kdt), k.to(kdt)
             prep = prepare_forward(
                 q_k, k_k, v_kernel, w, beta, gate, seg_start,
@@ -606,11 +608,11 @@ class _PaTHTriton(torch.autograd.Function):
                 dvs.append(dv_sb), dgates.append(dg_sb)
                 d_below, d_above = edge_grads(
                     prep["q_t32"], dq_bot, prep["k_t32"], dk_top, prep["b_mat"], prep["a_mat"], dq_t, dk_t,
-                    chunk=C, kernel_dtype=kdt,
+                    chunk=C, precision=_precision(kdt),
                 )
-                dp_sb = frames_backward(prep["p_sb"], mid_sb, dmid_sb, kernel_dtype=kdt)
+                dp_sb = frames_backward(prep["p_sb"], mid_sb, dmid_sb, precision=_precision(kdt))
                 edges = (prep["b_mat"], d_below, d_above, dp_sb)
-            dp = frames_backward(prep["p"], prep["mid32"], dmid, edges=edges, kernel_dtype=kdt)
+            dp = frames_backward(prep["p"], prep["mid32"], dmid, edges=edges, precision=_precision(kdt))
             dq, dk, dw, dbeta, dv_local, dg_local = prepare_backward(
                 q_k, k_k, v_kernel, w, beta, gate, seg_start, prep["t_inv"], dq_t, dk_t, dp, do_k, lse,
                 delta, chunk=C, scale=scale,

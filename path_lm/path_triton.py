@@ -291,8 +291,11 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     return dq, dk, dv, (dg_q + dg_k if has_gate else None), dmid
 
 
-def _precision(q):
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+def _precision(q_or_dtype):
+    """The products' input precision for kernels that read this tensor (or dtype): IEEE float32 for float32
+    inputs, TF32 for half precision (whose inputs are rounded to 8-11 bits anyway)."""
+    dtype = q_or_dtype if isinstance(q_or_dtype, torch.dtype) else q_or_dtype.dtype
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1348,11 +1351,12 @@ def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP,
         adj = tl.dot(p_t, adj, input_precision=PREC)
 
 
-def frames_backward(p, f32, df, *, edges=None, kernel_dtype: torch.dtype):
+def frames_backward(p, f32, df, *, edges=None, precision: str):
     """dP [B, H, W * NB, D, D] float32 of the blocks' products p [B, H, W * NB, D, D] (W windows of NB
     blocks) from the gradients df [B, H, W, NB(NB-1)/2, D, D] of their frame changes (f32: the changes
     themselves, float32, same layout) and, with edges = (b_mat, db, da, dpw), of the carries to the windows'
-    edges B_l (b_mat, [B, H, W * NB, D, D]), A_l and of each window's product ([B, H, W, D, D])."""
+    edges B_l (b_mat, [B, H, W * NB, D, D]), A_l and of each window's product ([B, H, W, D, D]).
+    precision: the products' (:func:`_precision` of the kernel dtype)."""
     B, H, n, D, _ = p.shape
     W = df.shape[2]
     NB = n // W
@@ -1362,17 +1366,17 @@ def frames_backward(p, f32, df, *, edges=None, kernel_dtype: torch.dtype):
     starts = NB if edges is not None else NB - 1
     if starts > 0:
         _frames_bwd_kernel[(W, B * H, starts * (D // DC))](
-            p, f32, df, b_mat, db, da, dpw, dp, D=D, DC=DC, NB=NB, HAS_EDGES=edges is not None,
-            PREC="ieee" if kernel_dtype == torch.float32 else "tf32", **_PREP_LAUNCH,
+            p, f32, df, b_mat, db, da, dpw, dp, D=D, DC=DC, NB=NB, HAS_EDGES=edges is not None, PREC=precision,
+            **_PREP_LAUNCH,
         )
     return dp
 
 
-def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int, kernel_dtype: torch.dtype):
+def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int, precision: str):
     """The carries to superblock edges (:func:`_edge_grads_kernel`): from q_t, dq_bot [B, T_pad, HQ, D],
     k_t, dk_top [B, T_pad, H, D] and each chunk's B_l, A_l [B, H, n, D, D], all float32, returns dB, dA
-    [B, H, n, D, D] float32 and adds the edges' share to dq_t, dk_t in place. Products in TF32 when the
-    attention kernels read half precision."""
+    [B, H, n, D, D] float32 and adds the edges' share to dq_t, dk_t in place. precision: the products'
+    (:func:`_precision` of the kernel dtype)."""
     B, T_pad, HQ, D = q_t.shape
     H = k_t.shape[2]
     n = T_pad // chunk
@@ -1380,7 +1384,7 @@ def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int
     da = torch.empty_like(db)
     _edge_grads_kernel[(n, B * H)](
         q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, db, da, T_pad, HQ=HQ, H=H, D=D, C=chunk,
-        PREC="ieee" if kernel_dtype == torch.float32 else "tf32", **_PREP_LAUNCH,
+        PREC=precision, **_PREP_LAUNCH,
     )
     return db, da
 
