@@ -185,6 +185,7 @@ def _bwd_dkv_kernel(
     last = tl.max(tl.load(SEG_END + b * T + cols), axis=0)  # queries at or after `last` cannot see these keys
     s_hi = tl.minimum((last - 1) // X - window * NB + 1, NB)
 
+    # Keys as rows (s^T = k u^T, [BN, BM]): no transposes of computed tiles, fewer registers (v6).
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, DV], tl.float32)
     for hq in range(h * G, h * G + G):
@@ -204,18 +205,18 @@ def _bwd_dkv_kernel(
                 lse = tl.where(lse == float("-inf"), 0.0, lse)
                 delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
                 u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
-                s = tl.dot(u, tl.trans(k), input_precision=PREC)
+                s_t = tl.dot(k, tl.trans(u), input_precision=PREC)
                 if HAS_GATE:
                     g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
-                    s += g_q[:, None] - g_k[None, :]
-                s = tl.where(cols[None, :] >= seg_q[:, None], s * scale_log2, float("-inf"))
-                p = tl.exp2(s - lse[:, None])
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(u.dtype)), u, input_precision=PREC)
+                    s_t += g_q[None, :] - g_k[:, None]
+                s_t = tl.where(cols[:, None] >= seg_q[None, :], s_t * scale_log2, float("-inf"))
+                p_t = tl.exp2(s_t - lse[None, :])
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(u.dtype), u, input_precision=PREC)
                 if HAS_GATE:
-                    dg -= tl.sum(ds, axis=0)
+                    dg -= tl.sum(ds_t, axis=1)
         if HAS_GATE:
             tl.store(DG + (b * T + cols) * HQ + hq, dg * scale)
 
@@ -223,17 +224,37 @@ def _bwd_dkv_kernel(
     tl.store(DV_ + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :], dv)
 
 
-def _launch_config(D: int) -> dict:
-    return {"num_warps": 4 if D <= 64 else 8, "num_stages": 2}
+# Tiles and launch of the attention kernels by (kernel, head dim, level): BM query rows, BN keys per tile,
+# both at most the frame block X ("chunk": X <= 64, the chunks inside a superblock; "superblock": larger).
+# From a sweep on an H100 (docs/kernels.md, v6); smaller head dims (CPU interpreter tests) take 64's.
+ATTENTION_LAUNCH = {
+    ("fwd", 64, "chunk"): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("fwd", 64, "superblock"): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dq", 64, "chunk"): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dq", 64, "superblock"): dict(BM=64, BN=128, num_warps=4, num_stages=2),
+    ("dkv", 64, "chunk"): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dkv", 64, "superblock"): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("fwd", 128, "chunk"): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("fwd", 128, "superblock"): dict(BM=64, BN=64, num_warps=4, num_stages=3),
+    ("dq", 128, "chunk"): dict(BM=64, BN=32, num_warps=4, num_stages=3),
+    ("dq", 128, "superblock"): dict(BM=128, BN=64, num_warps=8, num_stages=3),
+    ("dkv", 128, "chunk"): dict(BM=64, BN=64, num_warps=4, num_stages=2),
+    ("dkv", 128, "superblock"): dict(BM=64, BN=128, num_warps=8, num_stages=2),
+}
 
 
-def _block_sizes(X: int) -> tuple[int, int]:
-    tile = min(64, X)
-    return tile, tile
+def _attention_launch(kernel: str, X: int, D: int, launch: dict | None) -> tuple[int, int, dict]:
+    """(BM, BN, launch keywords) of one attention kernel for frame blocks of X; ``launch`` ({kernel: {BM, BN,
+    num_warps, num_stages}}) overrides the table (tuning)."""
+    level = "chunk" if X <= 64 else "superblock"
+    config = dict(ATTENTION_LAUNCH[(kernel, 64 if D <= 64 else 128, level)])
+    config.update((launch or {}).get(kernel, {}))
+    BM, BN = min(config.pop("BM"), X), min(config.pop("BN"), X)
+    return BM, BN, config
 
 
 def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks_per_window: int, scale: float,
-                   out_dtype=torch.float32):
+                   out_dtype=torch.float32, launch: dict | None = None):
     """Attention of every query to the keys of earlier frame blocks in its window, continuing the softmax of
     the keys another level already covered.
 
@@ -248,23 +269,25 @@ def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks
         block: X, the frame block length; blocks_per_window: NB. T must be a multiple of X * NB.
     Returns:
         o [B, T, HQ, DV] in out_dtype and lse [B, HQ, T] float32 (natural log) over the keys of both.
+    ``launch`` overrides the tiles and launch (see :func:`_attention_launch`).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     NB = blocks_per_window
-    BM, BN = _block_sizes(block)
+    BM, BN, config = _attention_launch("fwd", block, D, launch)
     o_in, lse_in = partial
     o = torch.empty(B, T, HQ, DV, dtype=out_dtype, device=q.device)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     _fwd_kernel[(T // BM, B * HQ)](
         q, k, v, gate, mid, seg_start, o_in, lse_in, o, lse, scale * LOG2E, T,
         HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, BM=BM, BN=BN,
-        HAS_GATE=gate is not None, PREC=_precision(q), **_launch_config(D),
+        HAS_GATE=gate is not None, PREC=_precision(q), **config,
     )
     return o, lse
 
 
-def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, block, blocks_per_window, scale):
+def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, block, blocks_per_window, scale,
+                    launch: dict | None = None):
     """Gradients of the loss through the pairs of :func:`framed_forward`, given the FULL softmax's
     statistics: lse [B, HQ, T] (natural log, over every key of every level) and delta [B, HQ, T] =
     rowsum(do * o) of the final output. do [B, T, HQ, DV] in q's dtype; seg_end [B, T] int32 one past the
@@ -272,7 +295,6 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     NB = blocks_per_window
-    BM, BN = _block_sizes(block)
     has_gate = gate is not None
     dq = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
     dk = torch.empty(B, T, H, D, dtype=torch.float32, device=q.device)
@@ -280,13 +302,17 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     dmid = torch.zeros(mid.shape, dtype=torch.float32, device=q.device)
     dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
     dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
-    common = dict(HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, BM=BM, BN=BN,
-                  HAS_GATE=has_gate, PREC=_precision(q), **_launch_config(D))
+    common = dict(HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, HAS_GATE=has_gate,
+                  PREC=_precision(q))
+    BM, BN, config = _attention_launch("dq", block, D, launch)
     _bwd_dq_kernel[(T // BM, B * HQ)](
-        q, k, v, gate, mid, seg_start, do, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T, **common
+        q, k, v, gate, mid, seg_start, do, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T,
+        BM=BM, BN=BN, **common, **config,
     )
+    BM, BN, config = _attention_launch("dkv", block, D, launch)
     _bwd_dkv_kernel[(T // BN, B * H)](
-        q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, dk, dv, dg_k, scale, scale * LOG2E, T, **common
+        q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, dk, dv, dg_k, scale, scale * LOG2E, T,
+        BM=BM, BN=BN, **common, **config,
     )
     return dq, dk, dv, (dg_q + dg_k if has_gate else None), dmid
 
@@ -850,8 +876,10 @@ def _prep_chunk_kernel(
     Q, K, V, W, BETA, GATE, SEG, SCR, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, LOCAL_ATTENTION: tl.constexpr, PREC: tl.constexpr,
 ):
+    """One program per (chunk, batch x kv head): the chunk's inverse, product and carries; with
+    LOCAL_ATTENTION also the attention inside the chunk (the backward's rerun needs only the rest)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = i_bh // H
@@ -891,11 +919,12 @@ def _prep_chunk_kernel(
     tl.store(KT_K + k_off, k_t.to(KT_K.dtype.element_ty))
 
     # Scores inside the chunk: q_i^T k_j - (tril(Q W^T) diag(beta)) (I + M)^-1 tril(W K^T, -1).
-    wk = tl.dot(t_low, tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(k), input_precision=PREC), 0.0),
-                input_precision=PREC)
-    v = tl.load(V + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]).to(tl.float32)
-    seg = tl.load(SEG + b * T_pad + pos)
-    visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
+    if LOCAL_ATTENTION:
+        wk = tl.dot(t_low, tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(k), input_precision=PREC), 0.0),
+                    input_precision=PREC)
+        v = tl.load(V + ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]).to(tl.float32)
+        seg = tl.load(SEG + b * T_pad + pos)
+        visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
     for hq in range(h * G, h * G + G):
         q = tl.load(Q + ((row0 + oc)[:, None] * HQ + hq) * D + od[None, :], mask=real[:, None], other=0.0)
         q = q.to(tl.float32)
@@ -904,17 +933,18 @@ def _prep_chunk_kernel(
         q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
         tl.store(QT + q_off, q_t)
         tl.store(QT_K + q_off, q_t.to(QT_K.dtype.element_ty))
-        s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, wk, input_precision=PREC)) * scale
-        if HAS_GATE:
-            g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
-            s += g_q[:, None] - g_q[None, :]
-        s = tl.where(visible, s, float("-inf"))  # every query sees itself
-        m = tl.max(s, axis=1)
-        e = tl.exp(s - m[:, None])
-        l = tl.sum(e, axis=1)
-        o = tl.dot(e, v, input_precision=PREC) / l[:, None]
-        tl.store(O_LOC + ((b * T_pad + pos)[:, None] * HQ + hq) * DV + ov[None, :], o)
-        tl.store(LSE_LOC + (b * HQ + hq) * T_pad + pos, m + tl.log(l))
+        if LOCAL_ATTENTION:
+            s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, wk, input_precision=PREC)) * scale
+            if HAS_GATE:
+                g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
+                s += g_q[:, None] - g_q[None, :]
+            s = tl.where(visible, s, float("-inf"))  # every query sees itself
+            m = tl.max(s, axis=1)
+            e = tl.exp(s - m[:, None])
+            l = tl.sum(e, axis=1)
+            o = tl.dot(e, v, input_precision=PREC) / l[:, None]
+            tl.store(O_LOC + ((b * T_pad + pos)[:, None] * HQ + hq) * DV + ov[None, :], o)
+            tl.store(LSE_LOC + (b * HQ + hq) * T_pad + pos, m + tl.log(l))
 
 
 @triton.jit
@@ -1002,7 +1032,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         dtype), q_bot, k_top (carried to their superblock's edges, kernel dtype; k_top32 float32 when keys32),
         mid [B, H, n_sb, NB(NB-1)/2, D, D] chunk frame changes (kernel dtype), p_sb [B, H, n_sb, D, D] float32
         superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
-        each query's own chunk. With ``for_backward`` also what :func:`prepare_backward` and
+        each query's own chunk (None with ``for_backward``). With ``for_backward`` also what :func:`prepare_backward` and
         :func:`edge_grads` read: p [B, H, n, D, D] each chunk's product, q_t32 / k_t32 the carries in float32,
         t_inv [B * H * n, C, C] each chunk's triangular inverse, b_mat / a_mat [B, H, n, D, D] each chunk's
         carry matrices to its superblock's bottom / top (B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1}),
@@ -1022,7 +1052,8 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     q_t32, k_t32 = empty(B, T_pad, HQ, D, dtype=f32), empty(B, T_pad, H, D, dtype=f32)
     out = dict(
         q_t=empty(B, T_pad, HQ, D, dtype=kdt), k_t=empty(B, T_pad, H, D, dtype=kdt),
-        o_local=empty(B, T_pad, HQ, DV, dtype=f32), lse_local=empty(B, HQ, T_pad, dtype=f32),
+        o_local=None if for_backward else empty(B, T_pad, HQ, DV, dtype=f32),
+        lse_local=None if for_backward else empty(B, HQ, T_pad, dtype=f32),
         q_bot=empty(B, T_pad, HQ, D, dtype=kdt), k_top=empty(B, T_pad, H, D, dtype=kdt),
         k_top32=empty(B, T_pad, H, D, dtype=f32) if keys32 else None,
         mid=empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt), p_sb=empty(B, H, n_sb, D, D, dtype=f32),
@@ -1034,7 +1065,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     _prep_chunk_kernel[(n, B * H)](
         q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
-        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
+        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=not for_backward, PREC=prec,
         **(launch or {}).get("chunk", _PREP_LAUNCH),
     )
     DB = min(D, SUPERBLOCK_COLUMNS)
