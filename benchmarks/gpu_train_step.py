@@ -1,6 +1,7 @@
 """Training-step throughput and peak memory: a ~350M PaTH model against transformers' Llama of the same shape.
 
-PaTHForCausalLM (hidden 1024, 24 layers, 16 heads x 64, vocab 32000, forget gate on, attn_backend "fla")
+PaTHForCausalLM (hidden 1024, 24 layers, 16 heads x 64, vocab 32000, forget gate on; one row per attention
+backend in --backends: "triton" (path-lm's kernels), "fla")
 vs LlamaForCausalLM (SDPA attention, RoPE, same hidden/layers/heads/vocab, intermediate_size equal to the
 PaTH config's, untied embeddings in both). float32 parameters, bf16 autocast, loss from `labels` (the
 models' own cross-entropy), loss.backward(), fused AdamW step, zero_grad(set_to_none). Activation
@@ -8,7 +9,7 @@ checkpointing off. Batch 2 x 4096 tokens (the same random batch every step), a f
 timed steps (CUDA events per step; tokens/s from the median step). Peak memory: max_memory_allocated over
 the timed steps (weights, gradients and AdamW state included).
 
-    python benchmarks/gpu_train_step.py [--batch 2] [--seq 4096] [--steps 8] [--out-dir DIR] [--tiny]
+    python benchmarks/gpu_train_step.py [--batch 2] [--seq 4096] [--steps 8] [--backends triton fla] [--out-dir DIR] [--tiny]
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from path_lm import PaTHConfig, PaTHForCausalLM
 
 
-def build_configs(args, backend):
-    path_cfg = PaTHConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
-        use_forget_gate=True, attn_backend=backend, tie_word_embeddings=False, use_cache=False,
-    )
+def build_configs(args, backends):
+    path_cfgs = {
+        f"PaTH ({backend})": PaTHConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
+            use_forget_gate=True, attn_backend=backend, tie_word_embeddings=False, use_cache=False,
+        )
+        for backend in backends
+    }
+    path_cfg = next(iter(path_cfgs.values()))
     llama_cfg = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=path_cfg.intermediate_size,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         hidden_act="silu", rms_norm_eps=path_cfg.norm_eps, max_position_embeddings=max(args.seq, 4096),
         tie_word_embeddings=path_cfg.tie_word_embeddings, use_cache=False, attn_implementation="sdpa",
     )
-    return {"PaTH": (PaTHForCausalLM, path_cfg), "Llama": (LlamaForCausalLM, llama_cfg)}
+    return {**{name: (PaTHForCausalLM, cfg) for name, cfg in path_cfgs.items()}, "Llama": (LlamaForCausalLM, llama_cfg)}
 
 
 def train_steps(model_cls, config, args, device):
@@ -83,23 +88,26 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--models", nargs="+", default=["PaTH", "Llama"], choices=["PaTH", "Llama"])
+    parser.add_argument("--backends", nargs="+", default=["triton", "fla"], choices=["triton", "fla", "torch", "auto"],
+                        help="PaTH attention backends, one row each (the CPU and --tiny runs use torch)")
     C.add_common_args(parser, "gpu_train_step")
     args = parser.parse_args()
     device = C.pick_device(args)
-    backend = "fla" if device.type == "cuda" and not args.tiny else "torch"
+    backends = args.backends if device.type == "cuda" and not args.tiny else ["torch"]
     if args.tiny:
         args.hidden, args.layers, args.heads, args.vocab, args.seq, args.warmup, args.steps = 128, 2, 2, 256, 128, 1, 2
-    configs = build_configs(args, backend)
+    configs = build_configs(args, backends)
+    names = [name for name in configs if name.split(" ")[0] in args.models]
     meta = {**C.environment(device), "batch": args.batch, "seq": args.seq, "hidden": args.hidden,
             "layers": args.layers, "heads": args.heads, "vocab": args.vocab,
-            "intermediate_size": configs["PaTH"][1].intermediate_size, "path_attn_backend": backend,
+            "intermediate_size": configs["Llama"][1].intermediate_size, "path_attn_backends": backends,
             "precision": "float32 params, bf16 autocast, " + ("fused AdamW" if device.type == "cuda" else "AdamW"),
             "gradient_checkpointing": False,
             "warmup_steps": args.warmup, "timed_steps": args.steps,
             "sdpa_dtype_under_autocast": autocast_sdpa_dtype(device), "tiny": args.tiny}
 
     results = {}
-    for name in args.models:
+    for name in names:
         model_cls, config = configs[name]
         try:
             r = train_steps(model_cls, config, args, device)
@@ -127,7 +135,7 @@ def main():
           f"fla {meta['fla']}; {meta['date']}")
     print(f"# batch {args.batch} x {args.seq}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab "
           f"{args.vocab}, intermediate {meta['intermediate_size']}; {meta['precision']}; no activation checkpointing; "
-          f"PaTH backend {backend}; median of {args.steps} steps after {args.warmup} warm-up; SDPA input dtype under "
+          f"PaTH backends {', '.join(backends)}; median of {args.steps} steps after {args.warmup} warm-up; SDPA input dtype under "
           f"autocast: {meta['sdpa_dtype_under_autocast']}\n")
     headers = ["model", "params", "step ms", "tokens/s", "vs Llama", "peak GiB", "loss first", "loss last"]
     print(C.markdown_table(headers, rows))

@@ -1017,7 +1017,15 @@ def _prep_superblock_kernel(
 
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
-SUPERBLOCK_COLUMNS = 64  # columns per program of the superblock kernel (D x D float32 operands: shared memory)
+
+
+# Launch of the kernels that walk chains of D x D products (the superblock kernel, the chains' backward), by
+# head dim: ``columns`` of the result per program (D x D float32 operands bound shared memory), warps, stages.
+CHAIN_LAUNCH = {64: dict(columns=64, num_warps=4, num_stages=1), 128: dict(columns=128, num_warps=8, num_stages=1)}
+
+
+def _chain_launch(D: int) -> dict:
+    return dict(CHAIN_LAUNCH[64 if D <= 64 else 128])
 
 
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
@@ -1068,11 +1076,11 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=not for_backward, PREC=prec,
         **(launch or {}).get("chunk", _PREP_LAUNCH),
     )
-    DB = min(D, SUPERBLOCK_COLUMNS)
+    sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))
+    DB = min(D, sb_launch.pop("columns"))
     _prep_superblock_kernel[(n_sb, B * H, (NB + 1) * (D // DB))](
         p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], b_mat, a_mat, mid32, T_pad,
-        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, PREC=prec,
-        **(launch or {}).get("superblock", _PREP_LAUNCH),
+        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, PREC=prec, **sb_launch,
     )
     if for_backward:
         out.update(p=p, q_t32=q_t32, k_t32=k_t32, t_inv=scratch, b_mat=b_mat, a_mat=a_mat, mid32=mid32)
@@ -1382,23 +1390,25 @@ def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP,
         adj = tl.dot(p_t, adj, input_precision=PREC)
 
 
-def frames_backward(p, f32, df, *, edges=None, precision: str):
+def frames_backward(p, f32, df, *, edges=None, precision: str, launch: dict | None = None):
     """dP [B, H, W * NB, D, D] float32 of the blocks' products p [B, H, W * NB, D, D] (W windows of NB
     blocks) from the gradients df [B, H, W, NB(NB-1)/2, D, D] of their frame changes (f32: the changes
     themselves, float32, same layout) and, with edges = (b_mat, db, da, dpw), of the carries to the windows'
     edges B_l (b_mat, [B, H, W * NB, D, D]), A_l and of each window's product ([B, H, W, D, D]).
-    precision: the products' (:func:`_precision` of the kernel dtype)."""
+    precision: the products' (:func:`_precision` of the kernel dtype). ``launch`` overrides
+    :func:`_chain_launch` (tuning)."""
     B, H, n, D, _ = p.shape
     W = df.shape[2]
     NB = n // W
     dp = torch.zeros_like(p, dtype=torch.float32)
     b_mat, db, da, dpw = edges if edges is not None else (None,) * 4
-    DC = min(D, SUPERBLOCK_COLUMNS)
+    config = dict(_chain_launch(D), **(launch or {}))
+    DC = min(D, config.pop("columns"))
     starts = NB if edges is not None else NB - 1
     if starts > 0:
         _frames_bwd_kernel[(W, B * H, starts * (D // DC))](
             p, f32, df, b_mat, db, da, dpw, dp, D=D, DC=DC, NB=NB, HAS_EDGES=edges is not None, PREC=precision,
-            **_PREP_LAUNCH,
+            **config,
         )
     return dp
 

@@ -112,17 +112,19 @@ def test_inputs_past_32_bit_offsets_are_refused():
         path_attention_triton(q, k, v, w, beta[..., 0], g[..., 0])
 
 
-def test_superblock_kernel_by_column_blocks(monkeypatch):
-    """Head dims above 64 split the superblock kernel's D x D products over programs by columns; forced
-    here at D = 32 with blocks of 16 columns."""
+def test_chain_kernels_by_column_blocks(monkeypatch):
+    """Head dims above 64 split the D x D chains (the superblock kernel, the chains' backward) over programs
+    by columns; forced here at D = 32 with blocks of 16 columns."""
     from path_lm import path_triton
 
-    monkeypatch.setattr(path_triton, "SUPERBLOCK_COLUMNS", 16)
+    monkeypatch.setattr(path_triton, "_chain_launch", lambda D: dict(columns=16, num_warps=4, num_stages=1))
     inputs = make_inputs(1, 80, 2, 1, 32, seed=6)
     (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, chunk_size=16, chunks_per_superblock=2)
     assert rel_err(o, o_ref) < 1e-5
     q, k, v, w, beta, g = cast
     assert rel_err(keys.cpu(), transformed_keys_reference(k.cpu(), w.cpu(), beta.cpu())) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
 
 
 def test_packed_and_padded_segments_match_float64_references():
