@@ -36,12 +36,12 @@ except ImportError as err:
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "NP"])  # NB varies with the length at the superblock level
 def _fwd_kernel(
     Q, K, V, GATE, MID, SEG, O_IN, LSE_IN, O, LSE,
     scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -96,12 +96,12 @@ def _fwd_kernel(
     tl.store(LSE + (b * HQ + hq) * T + rows, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "NP"])  # NB varies with the length at the superblock level
 def _bwd_dq_kernel(
     Q, K, V, GATE, MID, SEG, DO, LSE, DELTA, DQ, DG, DMID,
     scale, scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_m = tl.program_id(0)
@@ -160,12 +160,12 @@ def _bwd_dq_kernel(
         tl.store(DG + (b * T + rows) * HQ + hq, dg * scale)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "NP"])  # NB varies with the length at the superblock level
 def _bwd_dkv_kernel(
     Q, K, V, GATE, MID, SEG, SEG_END, DO, LSE, DELTA, DK, DV_, DG,
     scale, scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    X: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -1335,10 +1335,9 @@ def _chunk_bwd_inverse_kernel(
     tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
 
 
-@triton.jit
-def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP,
-                       D: tl.constexpr, DC: tl.constexpr, NB: tl.constexpr, HAS_EDGES: tl.constexpr,
-                       PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["NB"])  # NB varies with the length at the superblock level
+def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP, NB,
+                       D: tl.constexpr, DC: tl.constexpr, HAS_EDGES: tl.constexpr, PREC: tl.constexpr):
     """Gradients of the blocks' products P_0 .. P_{NB-1} of one window (per batch x kv head) from those of
     the products built from them: the frame changes F[s, t] = P_{s-1} ... P_{t+1} (0 <= t < s < NB) and, with
     HAS_EDGES, the carries to the window's edges B_l = F[l, -1], A_l = F[NB, l] and the window's product
@@ -1354,8 +1353,11 @@ def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP,
     else:
         t = tl.program_id(2) // n_cols
     i_d = tl.program_id(2) % n_cols
-    NP: tl.constexpr = NB * (NB - 1) // 2
-    S_MAX: tl.constexpr = NB if HAS_EDGES else NB - 1
+    NP = NB * (NB - 1) // 2
+    if HAS_EDGES:
+        S_MAX = NB
+    else:
+        S_MAX = NB - 1
     n_w = tl.num_programs(0)
     od = tl.arange(0, D)
     ob = i_d * DC + tl.arange(0, DC)
@@ -1407,7 +1409,7 @@ def frames_backward(p, f32, df, *, edges=None, precision: str, launch: dict | No
     starts = NB if edges is not None else NB - 1
     if starts > 0:
         _frames_bwd_kernel[(W, B * H, starts * (D // DC))](
-            p, f32, df, b_mat, db, da, dpw, dp, D=D, DC=DC, NB=NB, HAS_EDGES=edges is not None, PREC=precision,
+            p, f32, df, b_mat, db, da, dpw, dp, NB, D=D, DC=DC, HAS_EDGES=edges is not None, PREC=precision,
             **config,
         )
     return dp
