@@ -739,10 +739,11 @@ AUTO_TRITON_MIN_LENGTH = 8192
 
 def _auto_order(q: torch.Tensor) -> list:
     """The kernels 'auto' tries, fastest first (measured on an H100, docs/benchmarks.md): at head dim 64
-    path-lm's kernel from AUTO_TRITON_MIN_LENGTH tokens on. Without gradients its forward is 1.7-3.0x faster
+    path-lm's kernel from AUTO_TRITON_MIN_LENGTH tokens on. Without gradients its forward is 1.3-3.0x faster
     than fla's as an op, but a whole model's prefill was host-bound and slower below 8k (0.46x at 1k, 0.77x
-    at 4k; 2.4x faster at 16k); forward+backward 1.55x faster than fla's at 8k and 1.93x at 16k (1.17x at
-    4k, 0.85x at 2k). fla's kernel is faster at head dim 128 and for shorter sequences."""
+    at 4k; 2.4x faster at 16k); forward+backward 1.67x faster than fla's at 8k and 2.10x at 16k (1.23x at
+    4k as an op but even in a whole model's training step, 0.88x at 2k). fla's kernel is faster at head dim
+    128 and for shorter sequences."""
     if q.shape[-1] == 64 and q.shape[1] >= AUTO_TRITON_MIN_LENGTH:
         return ["triton", "fla"]
     return list(KERNELS)
