@@ -127,6 +127,24 @@ def test_chain_kernels_by_column_blocks(monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("query_tile, key_tile", [(16, 32), (32, 16)])
+def test_unequal_query_and_key_tiles(monkeypatch, query_tile, key_tile):
+    """The launch table may give an attention kernel more keys than queries per tile or the reverse (the
+    superblock level's dq at head dim 64, its dkv at 128); forced here for every kernel and level, with
+    frame blocks of 16 and 64 so that both tiles divide every block, packed documents and the gate on."""
+    from path_lm import path_triton
+
+    table = {key: dict(config, BM=query_tile, BN=key_tile) for key, config in path_triton.ATTENTION_LAUNCH.items()}
+    monkeypatch.setattr(path_triton, "ATTENTION_LAUNCH", table)
+    inputs = make_inputs(2, 200, 4, 2, 16, seed=9)
+    segment_ids = torch.zeros(2, 200, dtype=torch.long)
+    segment_ids[1, 70:] = 1
+    (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, segment_ids, chunk_size=16, chunks_per_superblock=4)
+    assert rel_err(o, o_ref) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+
+
 def test_packed_and_padded_segments_match_float64_references():
     inputs = make_inputs(2, 90, 4, 2, 16, seed=3)
     segment_ids = torch.zeros(2, 90, dtype=torch.long)
