@@ -1045,7 +1045,8 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         t_inv [B * H * n, C, C] each chunk's triangular inverse, b_mat / a_mat [B, H, n, D, D] each chunk's
         carry matrices to its superblock's bottom / top (B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1}),
         mid32 the chunk frame changes, all float32.
-    ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps / num_stages (tuning).
+    ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps / num_stages and the
+    superblock kernel's ``columns`` (:func:`_chain_launch`; tuning).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
