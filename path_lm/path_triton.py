@@ -1345,7 +1345,7 @@ def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP, NB,
     F[NB, -1]. One program per (window, batch x kv head, chain start t, DC columns): for each t, F[s, t] =
     P_{s-1} F[s-1, t] backwards from the last s, with the adjoint G_s = dF[s, t] + P_s^T G_{s+1} and
     dP_{s-1} += G_s F[s-1, t]^T (atomic: the chains of every t meet in dP). The adjoint is separable by
-    columns, so head dim 128 runs as two column blocks."""
+    columns: a program may take a block of them (CHAIN_LAUNCH)."""
     i_w = tl.program_id(0)
     i_bh = tl.program_id(1)
     n_cols: tl.constexpr = D // DC
