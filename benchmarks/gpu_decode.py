@@ -47,6 +47,7 @@ def build_configs(args):
     path_cfg = PaTHConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
         use_forget_gate=True, tie_word_embeddings=False, attn_backend=args.path_backend,
+        cache_key_dtype=args.path_key_dtype,
     )
     llama_cfg = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=path_cfg.intermediate_size,
@@ -74,15 +75,18 @@ def step_bytes(name, model, config, batch, context) -> int:
     if name == "Llama":
         per_token = 2 * kv_dim * 2
     else:
+        mixed = config.cache_key_dtype == "mixed"  # bf16 keys, the window's in a float32 ring
         key_bytes = 4 if config.cache_key_dtype == "float32" else 2
         per_token = kv_dim * 2 + config.num_heads * 4 + 1  # values, cumulative gates, padding mask
-        if frames_pay_off(batch, config.num_kv_heads, context):
+        if mixed or frames_pay_off(batch, config.num_kv_heads, context):
             # The decoding kernel reads every key once and rewrites the last window of them; every window
             # steps it rewrites all of them (amortized: 2 / window of a read + write); its frames (a D x D
-            # float32 matrix per kv head) are read and written once per step.
+            # float32 matrix per kv head) are read and written once per step. "mixed": the window is read
+            # and written in float32 and its rounded copy written.
             per_token += kv_dim * key_bytes * (1 + 2 / FRAME_WINDOW)
             head_dim = config.hidden_size // config.num_heads
-            per_token += 2 * FRAME_WINDOW * kv_dim * key_bytes / context
+            window_bytes = (2 * 4 + 2) if mixed else 2 * key_bytes
+            per_token += FRAME_WINDOW * kv_dim * window_bytes / context
             weights += config.num_hidden_layers * batch * config.num_kv_heads * head_dim**2 * 4 * 2
         else:  # small caches: every key read and written back each step
             per_token += 2 * kv_dim * key_bytes
@@ -148,6 +152,8 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--path-backend", default="auto")
+    parser.add_argument("--path-key-dtype", default="float32", choices=["float32", "mixed", "model"],
+                        help="PaTH's cache_key_dtype")
     C.add_common_args(parser, "gpu_decode")
     args = parser.parse_args()
     device = C.pick_device(args)

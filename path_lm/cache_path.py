@@ -13,6 +13,11 @@ On CUDA the fused decoding kernel keeps most keys in place between steps once th
 per token; older ones stay in an earlier frame, carried by a D x D matrix per head (``frames``), and are
 rewritten once every ``FRAME_WINDOW`` tokens. :meth:`PaTHCacheLayer.carry_framed_keys`
 brings every key to the last position; :meth:`PaTHCacheLayer.keys_view` calls it.
+
+With ``cache_key_dtype="mixed"`` and the decoding kernel, keys are stored in the model's dtype and frames
+are kept at every cache size: framed keys are then rounded once per ``FRAME_WINDOW`` tokens (at the fold)
+instead of at every token, and the window's keys, rewritten every token, are kept exactly in a float32
+ring (``key_ring``) beside their rounded copies in ``keys``.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class PaTHCacheLayer(CacheLayerMixin):
         self.gates: torch.Tensor | None = None
         self.conv_state: torch.Tensor | None = None
         self.frames: torch.Tensor | None = None
+        self.key_ring: torch.Tensor | None = None
         self.frame_window = FRAME_WINDOW
         self._frames_used = False
         self.input_weight: torch.Tensor | None = None
@@ -91,13 +97,13 @@ class PaTHCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.gates = self.conv_state = self.frames = None
+        self.keys = self.values = self.gates = self.conv_state = self.frames = self.key_ring = None
         self.input_weight = self.input_bias = None
         self._frames_used = False
         self.is_initialized = False
         self.length = 0
 
-    _batch_tensors = ("keys", "values", "gates", "conv_state", "frames")
+    _batch_tensors = ("keys", "values", "gates", "conv_state", "frames", "key_ring")
 
     def _map_batch(self, fn) -> None:
         for name in self._batch_tensors:
@@ -126,10 +132,30 @@ class PaTHCacheLayer(CacheLayerMixin):
         return self.keys.shape[0] if self.keys is not None else -1
 
     # -- what PaTHAttention reads and writes --------------------------------------------------------------
-    def _resolve_key_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        if self.key_dtype == "model":
+    def _resolve_key_dtype(self, model_dtype: torch.dtype, decoding_kernel: bool) -> torch.dtype:
+        if self.key_dtype == "model" or (self.key_dtype == "mixed" and decoding_kernel):
             return model_dtype
-        return {"float32": torch.float32, "float64": torch.float64}[self.key_dtype]
+        return {"float32": torch.float32, "float64": torch.float64, "mixed": torch.float32}[self.key_dtype]
+
+    def _new_ring(self, keys: torch.Tensor, decoding_kernel: bool) -> torch.Tensor | None:
+        """The float32 ring of window keys for ``cache_key_dtype="mixed"`` (None in every other case)."""
+        if self.key_dtype != "mixed" or not decoding_kernel:
+            return None
+        B, _, H, D = keys.shape
+        return keys.new_zeros(B, H, 2 * self.frame_window, D, dtype=torch.float32)
+
+    def _fill_ring(self, start: int, new_keys: torch.Tensor) -> None:
+        """After keys were written other than by the decoding kernel (up to position ``length``): copy the
+        window's keys, [window * floor((length - 1) / window), length), into the ring, exactly where this
+        write gave them (new_keys [B, T, H, D], positions from ``start``), else as stored."""
+        length, size = self.length, self.key_ring.shape[2]
+        first = self.frame_window * ((length - 1) // self.frame_window)
+        positions = torch.arange(first, length, device=self.keys.device)
+        window = self.keys[:, :, first:length].to(torch.float32)
+        exact = positions >= start
+        if exact.any():
+            window[:, :, exact] = new_keys[:, positions[exact] - start].transpose(1, 2).to(torch.float32)
+        self.key_ring[:, :, positions % size] = window
 
     def get_conv_state(self) -> torch.Tensor | None:
         """The last ``conv_size - 1`` inputs of the short convolution, [B, K-1, kv_dim] (None when empty)."""
@@ -149,17 +175,21 @@ class PaTHCacheLayer(CacheLayerMixin):
         """(weight, bias) kept by :meth:`keep_input_projection`, or None."""
         return None if self.input_weight is None else (self.input_weight, self.input_bias)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):
+    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None, *,
+               decoding_kernel: bool = False):
         """Write T new positions: keys [B, T, H, D] (already transformed to the newest position), values
         [B, T, H, Dv], gates [B, T, HQ] cumulative, key_mask [B, T] (False at padding; kept by the static
-        cache only, the dynamic cache reads the caller's attention mask). Returns views over the whole
-        cache: keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L] or None."""
+        cache only, the dynamic cache reads the caller's attention mask). ``decoding_kernel``: whether the
+        decoding steps will run path-lm's kernel (read at the first write, for ``cache_key_dtype="mixed"``).
+        Returns views over the whole cache: keys [B, H, L, D], values [B, H, L, Dv], gates [B, HQ, L] or
+        None."""
         B, T, H, D = keys.shape
         start = self.length
         end = start + T
         if self.keys is None:
             self.is_initialized = True
-            self._key_dtype = self._resolve_key_dtype(values.dtype)
+            self._key_dtype = self._resolve_key_dtype(values.dtype, decoding_kernel)
+            self.key_ring = self._new_ring(keys, decoding_kernel)
         self.keys = _grow(self.keys, start, end, lambda c: keys.new_zeros(B, H, c, D, dtype=self._key_dtype))
         self.values = _grow(self.values, start, end, lambda c: values.new_zeros(B, H, c, values.shape[-1]))
         self.keys[:, :, start:end] = keys.transpose(1, 2)
@@ -170,6 +200,8 @@ class PaTHCacheLayer(CacheLayerMixin):
             )
             self.gates[:, :, start:end] = gates.transpose(1, 2)
         self.length = end
+        if self.key_ring is not None:
+            self._fill_ring(start, keys)
         keys_now = self.keys[:, :, :end]  # as stored: framed keys are not carried here
         return keys_now, self.values_view(), self.gates_view() if gates is not None else None
 
@@ -192,7 +224,7 @@ class PaTHCacheLayer(CacheLayerMixin):
         cache is large enough (:func:`frames_pay_off`; None before: every key is rewritten per step)."""
         if self.frames is None:
             B, H, _, D = self.keys.shape
-            if not frames_pay_off(B, H, self.length):
+            if self.key_ring is None and not frames_pay_off(B, H, self.length):
                 return None
             self.frames = _identity_frames(B, H, D, self.keys.device)
         self._frames_used = True
@@ -237,7 +269,8 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     def transform_keys(self, transform: torch.Tensor) -> None:
         """Carry every cached key through a block of new tokens: keys <- keys @ transform^T, with
-        transform [B, H, D, D] the product of the block's Householder matrices."""
+        transform [B, H, D, D] the product of the block's Householder matrices (a ring's window keys are
+        refilled from the result by the next :meth:`append`)."""
         keys = self.keys_view()
         keys.copy_(keys.to(transform.dtype) @ transform.transpose(-1, -2))
 
@@ -269,7 +302,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
 
     is_compileable = True
     is_static = True
-    _batch_tensors = ("keys", "values", "gates", "conv_state", "key_mask", "frames")
+    _batch_tensors = ("keys", "values", "gates", "conv_state", "key_mask", "frames", "key_ring")
 
     def __init__(self, max_cache_len: int, key_dtype: str = "float32", **kwargs):
         self.max_cache_len = int(max_cache_len)
@@ -348,20 +381,23 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         else:
             self.conv_state.copy_(state)
 
-    def _allocate(self, keys, values, gates) -> None:
+    def _allocate(self, keys, values, gates, decoding_kernel: bool) -> None:
         B, _, H, D = keys.shape
         L = self.max_cache_len
-        self._key_dtype = self._resolve_key_dtype(values.dtype)
+        self._key_dtype = self._resolve_key_dtype(values.dtype, decoding_kernel)
         self.keys = _mark_static(keys.new_zeros(B, H, L, D, dtype=self._key_dtype))
+        ring = self._new_ring(keys, decoding_kernel)
+        self.key_ring = _mark_static(ring) if ring is not None else None
         self.values = _mark_static(values.new_zeros(B, H, L, values.shape[-1]))
         self.gates = _mark_static(gates.new_zeros(B, gates.shape[-1], L)) if gates is not None else None
         self.key_mask = _mark_static(torch.ones(B, L, dtype=torch.bool, device=keys.device))
         self.position = _mark_static(torch.zeros((), dtype=torch.long, device=keys.device))
-        if keys.is_cuda and frames_pay_off(B, H, L):  # for the decoding kernel, at a fixed address
+        if ring is not None or (keys.is_cuda and frames_pay_off(B, H, L)):  # for the decoding kernel, fixed address
             self.frames = _mark_static(_identity_frames(B, H, D, keys.device))
         self.is_initialized = True
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None):
+    def append(self, keys: torch.Tensor, values: torch.Tensor, gates: torch.Tensor | None, key_mask=None, *,
+               decoding_kernel: bool = False):
         B, T = keys.shape[:2]
         start = self.length
         if start + T > self.max_cache_len:
@@ -370,7 +406,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
                 f"{T} more were given. Create it with a larger max_cache_len (generate(): max_cache_len=...)"
             )
         if self.keys is None:
-            self._allocate(keys, values, gates)
+            self._allocate(keys, values, gates, decoding_kernel)
         if self.keys.shape[0] != B:
             raise ValueError(
                 f"the static PaTH cache was allocated for batch {self.keys.shape[0]}, got batch {B}; "
@@ -379,7 +415,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
         if self.key_mask is not None:
             self.key_mask[:, start : start + T] = True if key_mask is None else key_mask
         self.filled = True
-        return super().append(keys, values, gates)
+        return super().append(keys, values, gates, decoding_kernel=decoding_kernel)
 
 
 class PaTHCache(Cache):

@@ -9,7 +9,7 @@ from transformers.activations import ACT2FN
 
 ATTN_BACKENDS = ("auto", "torch", "triton", "fla")
 MLP_TYPES = ("gated", "plain")
-CACHE_KEY_DTYPES = ("float32", "float64", "model")
+CACHE_KEY_DTYPES = ("float32", "float64", "model", "mixed")
 # fla's config fields that change the architecture in ways this package does not implement.
 _UNSUPPORTED_FLA_FIELDS = {"attnres_block_size": None, "elementwise_affine": True}
 
@@ -81,8 +81,10 @@ class PaTHConfig(PretrainedConfig):
             else path-lm's own Triton kernel; otherwise the exact PyTorch path), ``"torch"``, ``"triton"``
             or ``"fla"``.
         cache_key_dtype: dtype of the transformed keys in the generation cache: ``"float32"`` (default;
-            keys are rewritten every step, so half-precision storage drifts), ``"float64"``, or
-            ``"model"`` for the model's dtype.
+            keys are rewritten every step, so half-precision storage drifts), ``"float64"``, ``"model"``
+            for the model's dtype, or ``"mixed"`` (experimental): where decoding runs path-lm's CUDA kernel,
+            keys in the model's dtype, rewritten only once every 64 tokens, beside the last 64 to 128 keys
+            in float32 (half the key bytes per step at long contexts); float32 keys elsewhere.
         attn_chunk_size: block length of the exact PyTorch attention.
         beta_max: clip the Householder strength beta = 2 sigmoid(.) to at most this value (the paper clips beta
             away from 2 under bf16 training); ``None`` (default, as fla) leaves it in (0, 2).

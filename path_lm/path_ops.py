@@ -384,7 +384,7 @@ def path_decode_step_static(
         o = decode_attention(
             q[:, 0], keys, values, w0, beta0, layer.position, gates=layer.gates if g is not None else None,
             key_mask=layer.key_mask, frames=layer.decode_frames(), window=layer.frame_window, scale=scale,
-            out_dtype=q.dtype, new_token=new_token,
+            out_dtype=q.dtype, new_token=new_token, ring=layer.key_ring,
         )
         return o.unsqueeze(1)
     slot = layer.position.reshape(1)
@@ -411,6 +411,8 @@ def path_decode_step_static(
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     o = (probs @ values.to(dt)).reshape(B, HQ, -1)
     layer.position.add_(1)
+    if layer.key_ring is not None and not torch.compiler.is_compiling():  # for a later kernel step
+        layer._fill_ring(layer.length, k[:, :0])
     return o.unsqueeze(1).to(q.dtype)
 
 
@@ -435,7 +437,7 @@ def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=No
         q[:, 0], cache.keys[:, :, filled], cache.values[:, :, filled], w[:, 0].to(dt), beta[:, 0].to(dt), n,
         gates=cache.gates[:, :, filled] if g is not None else None, key_mask=key_mask, frames=cache.decode_frames(),
         window=cache.frame_window, scale=q.shape[-1] ** -0.5 if scale is None else scale, out_dtype=q.dtype,
-        new_token=new_token, max_splits=math.ceil((n + 1) / EAGER_KEYS_PER_SPLIT),
+        new_token=new_token, max_splits=math.ceil((n + 1) / EAGER_KEYS_PER_SPLIT), ring=cache.key_ring,
     )
     cache.length = n + 1
     return o.unsqueeze(1)
@@ -848,7 +850,8 @@ def path_attention(
         if kernel == "torch":
             return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
         return _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
-    if past_len and T == 1 and segment_ids is None and decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend):
+    decoding_kernel = decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
+    if past_len and T == 1 and segment_ids is None and decoding_kernel:
         return _decode_step_in_place(q, k, v, w, beta, g, cache, key_mask=key_mask, scale=scale)
     gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
     if past_len == 0:
@@ -859,7 +862,7 @@ def path_attention(
             keys = state.keys
         else:
             o, keys = _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, output_keys=True)
-        cache.append(keys, v, gate, key_mask)
+        cache.append(keys, v, gate, key_mask, decoding_kernel=decoding_kernel)
         return o
     if T == 1 and segment_ids is None:
         cache.carry_framed_keys()

@@ -391,12 +391,12 @@ def _decode_fold_kernel(
 
 @triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L"])
 def _decode_kernel(
-    Q, K, V, W, BETA, GATE, MASK, N, FR, OP, MP, LP, KN, VN, GN, MN,
+    Q, K, V, W, BETA, GATE, MASK, N, FR, RING, OP, MP, LP, KN, VN, GN, MN,
     sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
-    NEW_MASK: tl.constexpr, FINAL: tl.constexpr,
+    NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
     Writes the split's unnormalized output, running max and sum of exponentials.
@@ -415,7 +415,11 @@ def _decode_kernel(
     the program whose split holds slot n stores them, and every program takes them from the inputs.
 
     FINAL (one split): the program writes the normalized output to OP ([B, HQ, DV], OP's dtype) instead of
-    partials, and no merge runs."""
+    partials, and no merge runs.
+
+    HAS_RING (with frames and WRITE_NEW): the window's exact keys live in RING [B, H, 2 * WINDOW, D] float32
+    at slot % (2 * WINDOW); the window tiles read and update them there and store a rounded copy in K, whose
+    dtype may then be half precision (framed keys are rounded once per fold instead of once per step)."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
     n_split = tl.num_programs(0)
     od = tl.arange(0, D)
@@ -489,10 +493,17 @@ def _decode_kernel(
             s = _group_scores(q_old, k, USE_DOT)
         else:
             in_window = cols < n
+            if HAS_RING:  # the exact keys of the window (the slots in K hold their rounded copies)
+                r_ptr = RING + (i_bh.to(tl.int64) * (2 * WINDOW) + cols % (2 * WINDOW))[:, None] * D + od[None, :]
+                k = tl.load(r_ptr, mask=(in_window & valid)[:, None], other=0.0)
+                if new_here:
+                    k = tl.where(is_new[:, None], k_new[None, :], k)
             kw = tl.sum(k * w[None, :], axis=1)
             k = k - (beta * tl.where(in_window, kw, 0.0))[:, None] * w[None, :]
             written = (in_window | is_new) if WRITE_NEW else in_window
             tl.store(k_ptr, k.to(K.dtype.element_ty), mask=written[:, None])
+            if HAS_RING:
+                tl.store(r_ptr, k, mask=written[:, None])
             s = _group_scores(q, k, USE_DOT)
         if HAS_GATE:
             g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
@@ -533,6 +544,8 @@ def _decode_kernel(
         o = acc / l_i[:, None]  # (every key masked: 0 / 0, as the merge)
         tl.store(OP + (i_bh * G + og)[:, None] * DV + ov[None, :], o.to(OP.dtype.element_ty), mask=g_ok[:, None])
     else:
+        if WRITE_NEW and N_ON_DEVICE:  # a slot past the buffer (a full static cache): NaN through the merge
+            acc = tl.where(n >= L, float("nan"), acc)
         part = i_bh * n_split + i_s
         tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
         tl.store(MP + part * GP + og, m_i)
@@ -548,16 +561,15 @@ def _decode_merge_kernel(
     O [B, HQ, DV] (in O's dtype), rows h * G ... h * G + G - 1. CH splits per load, so that the loads of a
     chunk are independent (a loop of one split at a time waits on each load in turn).
 
-    ADVANCE (slot n on the device): program 0 moves it to n + 1, once every program of the step has read
-    it. A slot past the buffer (n >= L: a full static cache in a compiled step, where the host cannot check)
-    gives NaN outputs rather than an attention that silently misses the token."""
+    ADVANCE (slot n on the device): program 0 moves it to n + 1 (the decoding kernel, a launch before, has
+    read it), and only program 0 reads it here: another program could see it advanced. A slot past the
+    buffer (n >= L: a full static cache in a compiled step, where the host cannot check) reaches here as
+    NaN partials from the decoding kernel, so the outputs are NaN rather than an attention that silently
+    misses the token."""
     i_bh = tl.program_id(0)
-    full = False
     if ADVANCE:
-        n = tl.load(N)
-        full = n >= L
         if i_bh == 0:
-            tl.store(N, tl.minimum(n + 1, L))
+            tl.store(N, tl.minimum(tl.load(N) + 1, L))
     og = tl.arange(0, GP)
     ov = tl.arange(0, DV)
     oc = tl.arange(0, CH)
@@ -580,8 +592,6 @@ def _decode_merge_kernel(
                        mask=valid[:, :, None], other=0.0)  # [CH, GP, DV]
         num += tl.sum(weight[:, :, None] * part, 0)
     o = num / den[:, None]
-    if ADVANCE:
-        o = tl.where(full, float("nan"), o)
     tl.store(O + (i_bh * G + og)[:, None] * DV + ov[None, :], o.to(O.dtype.element_ty), mask=(og < G)[:, None])
 
 
@@ -613,7 +623,7 @@ def _decode_launch(D: int, DV: int, G: int, keys: int) -> tuple[int, int, int]:
 
 def decode_attention(
     q, keys, values, w, beta, n, *, gates=None, key_mask=None, frames=None, window: int = 64, scale: float,
-    out_dtype=torch.float32, launch=None, new_token=None, max_splits: int | None = None,
+    out_dtype=torch.float32, launch=None, new_token=None, max_splits: int | None = None, ring=None,
 ):
     """One decoding step of PaTH attention, fused: the new token's Householder update of the cached keys,
     the scores and the weighted values, split over the sequence (flash-decoding) and merged.
@@ -642,6 +652,10 @@ def decode_attention(
         max_splits: at most this many programs per (row, kv head) along the sequence. With one (and n an
             int) the kernel writes the output itself and no merge runs: one launch fewer, for steps whose
             cost is the host's launches rather than the GPU's work (eager decoding of short caches).
+        ring: with frames and new_token, a float32 [B, H, 2 * window, D] buffer holding the exact keys of
+            the window (slots ``window * floor((n - 1) / window)`` to n - 1) at slot % (2 * window): the step
+            updates them there and writes rounded copies into keys, which may then be half precision (the
+            framed keys are rounded once per fold). The caller fills it whenever keys were written otherwise.
     Returns:
         o [B, HQ, DV] in out_dtype.
     """
@@ -659,6 +673,12 @@ def decode_attention(
             raise ValueError(f"frames must be a contiguous float32 [B, 2, H, D, D] buffer, got {tuple(frames.shape)}")
         if window % BN or window & (window - 1):
             raise ValueError(f"window ({window}) must be a power of two and a multiple of the key tile ({BN})")
+    has_ring = ring is not None
+    if has_ring:
+        if not has_frames or new_token is None:
+            raise ValueError("a ring of window keys needs frames and new_token (the kernel writes the new slot)")
+        if ring.shape != (B, H, 2 * window, D) or ring.dtype != torch.float32 or not ring.is_contiguous():
+            raise ValueError(f"ring must be a contiguous float32 [B, H, 2 * window, D] buffer, got {tuple(ring.shape)}")
     tiles = triton.cdiv(L, BN)
     # enough programs to fill the GPU several times over (each walks its split serially)
     n_split = max(1, min(tiles, triton.cdiv(per_sm * _sm_count(q.device), B * H), max_splits or tiles))
@@ -704,13 +724,13 @@ def decode_attention(
         )
     _decode_kernel[(n_split, B * H)](
         q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
-        o_part, m_part, l_part, k_new, v_new, g_new, mask_new,
+        ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new, mask_new,
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
         key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n, L,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
-        NEW_MASK=new_mask, FINAL=final, num_warps=warps,
+        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, num_warps=warps,
     )
     if final:
         return o

@@ -269,14 +269,16 @@ def test_compiled_static_generate_matches_uncompiled_float32():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("key_dtype", ["float32", "mixed"])
 @pytest.mark.parametrize("cache_implementation", ["static", None], ids=["compiled_static", "dynamic"])
-def test_decoding_bf16_drift_bounded(cache_implementation):
+def test_decoding_bf16_drift_bounded(cache_implementation, key_dtype):
     """bf16, 200 decoding steps (compiled on a static cache, or eager on the dynamic cache: the step inputs'
     kernel and the kernel-written slots) with the forget gates biased towards 1 (old keys keep weight): the
     last step's logits differ from a float64 forward of the same weights by at most 2x the bf16 full
-    forward's own error (the bound of the CPU drift test)."""
+    forward's own error (the bound of the CPU drift test). "mixed": bf16 keys rewritten once per 64 steps,
+    the window's keys in float32 (three folds in 200 steps)."""
     torch.compiler.reset()  # a fresh compile: inductor has failed on graphs cached by an earlier test
-    model, reference = _decoding_pair(torch.bfloat16)
+    model, reference = _decoding_pair(torch.bfloat16, cache_key_dtype=key_dtype)
     for block in model.model.layers:
         block.attn.g_proj.bias.data.fill_(4.0)
     reference.load_state_dict(model.state_dict())
@@ -288,7 +290,11 @@ def test_decoding_bf16_drift_bounded(cache_implementation):
     exact = ref64(context, use_cache=False).logits[:, -1]
     full_err = (model(context, use_cache=False).logits[:, -1].double() - exact).abs().max().item()
     step_err = (out.logits[-1].double() - exact).abs().max().item()
-    print(f"\nbf16, 200 {cache_implementation or 'dynamic'} steps: max |logit error| full forward {full_err:.4g}, "
-          f"decoding {step_err:.4g}")
+    print(f"\nbf16, 200 {cache_implementation or 'dynamic'} steps, {key_dtype} keys: max |logit error| full forward "
+          f"{full_err:.4g}, decoding {step_err:.4g}")
     assert full_err > 0
     assert step_err <= 2 * full_err + 0.01
+    if key_dtype == "mixed":  # bf16 keys beside the float32 ring, on the decoding kernel's cache
+        prefill = model(ids, use_cache=True)
+        layer = (getattr(prefill, "cache", None) or prefill.past_key_values).layers[0]
+        assert layer.keys.dtype == torch.bfloat16 and layer.key_ring is not None and layer.frames is not None

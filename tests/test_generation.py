@@ -650,6 +650,24 @@ def test_bf16_step_decoding_drift_bounded(record_property):
     assert kerr < 1e-4
 
 
+@torch.no_grad()
+def test_mixed_key_dtype_without_the_decoding_kernel_keeps_float32_keys():
+    """cache_key_dtype="mixed" rounds keys to the model dtype only where the decoding kernel keeps them in
+    frames (CUDA); elsewhere every key is rewritten per step, so the cache keeps float32 keys and no ring,
+    and generation equals the default's token for token."""
+    model_bf16 = make_model(seed=4, dtype=torch.bfloat16)
+    ids = random_ids(2, 12, seed=71)
+    expected = model_bf16.generate(ids, max_new_tokens=8, do_sample=False)
+    model_bf16.config.cache_key_dtype = "mixed"
+    try:
+        out = model_bf16(ids, use_cache=True)
+        layer = cache_of(out).layers[0]
+        assert layer.keys.dtype == torch.float32 and layer.key_ring is None
+        assert torch.equal(model_bf16.generate(ids, max_new_tokens=8, do_sample=False), expected)
+    finally:
+        model_bf16.config.cache_key_dtype = "float32"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 8. Cache buffers: in place, growing in blocks
 # ---------------------------------------------------------------------------------------------------------

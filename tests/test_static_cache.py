@@ -313,15 +313,18 @@ def test_decode_kernel_matches_explicit_formula(case):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("key_dtype", ["float32", "mixed"])
 @pytest.mark.parametrize("long_cache", [True, False], ids=["frames", "short_cache"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic_step", "static_step"])
-def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatch):
+def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, key_dtype, monkeypatch):
     """The decoding steps of both caches give the same outputs and cache with the kernel and with torch
     ops, over 40 steps that cross a window of lazily carried keys (cache.FRAME_WINDOW), and a continuation
     by several tokens afterwards (which carries the framed keys first). A cache of at most
     FRAMES_MIN_KEYS keys keeps no frames (every key rewritten per step). On the dynamic cache the kernel
     writes the new slot itself, its buffers grow mid-way, and the step runs as one program per head (short
-    cache) or as splits and a merge (long cache)."""
+    cache) or as splits and a merge (long cache). cache_key_dtype="mixed" (float32 model here, so no
+    rounding): the kernel's cache keeps frames at every size and the window's keys in its ring, filled from
+    the prompt and again after the continuation."""
     pytest.importorskip("triton")
     monkeypatch.setattr(cache_path, "FRAMES_MIN_KEYS", 0 if long_cache else 10**6)
     monkeypatch.setattr(cache_path, "GROWTH_BLOCK", 16)  # the dynamic cache grows mid-way
@@ -345,10 +348,14 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
     on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
     results = []
     for use_kernel in (False, True):
-        layer = PaTHStaticCacheLayer(96) if static else PaTHCache(num_hidden_layers=1).layers[0]
+        layer = (PaTHStaticCacheLayer(96, key_dtype) if static
+                 else PaTHCache(num_hidden_layers=1, cache_key_dtype=key_dtype).layers[0])
         mask = torch.ones(B, L, dtype=torch.bool, device=KERNEL_DEVICE)
         mask[0, :5] = False
-        layer.append(on(prompt_keys), on(prompt_values), on(prompt_gates), mask if static else None)
+        layer.append(on(prompt_keys), on(prompt_values), on(prompt_gates), mask if static else None,
+                     decoding_kernel=use_kernel)
+        ring = key_dtype == "mixed" and use_kernel
+        assert (layer.key_ring is not None) == ring
         outputs = []
         for step, (q, k, v, w, beta, g) in enumerate(step_inputs):
             q, k, v, w, beta, g = (on(x) for x in (q, k, v, w, beta, g))
@@ -365,7 +372,7 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
                 mask = torch.cat([mask, token_mask], 1)
                 outputs.append(path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=mask))
         if use_kernel or not long_cache:  # (a static cache on CUDA allocates them with its buffers)
-            assert (layer.frames is not None) == (use_kernel and long_cache), "frames only on long caches"
+            assert (layer.frames is not None) == (use_kernel and (long_cache or ring)), "frames only on long caches"
         carried = layer.keys_view().clone()
         # continuation by three tokens through path_attention (PyTorch ops), which reads the carried keys
         from path_lm.path_ops import path_attention
@@ -378,6 +385,11 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, monkeypatc
             assert torch.equal(layer.key_mask[:, : L + steps], full_mask[:, : L + steps])
         o_more = path_attention(on(more[0]), on(more[1]), on(more[2]), on(more_w), on(more_beta), on(more_g),
                                 key_mask=full_mask, cache=layer, backend="torch")
+        if ring:  # refilled from the continuation: the next window's keys, as the cache holds them
+            n = layer.get_seq_length()
+            first = layer.frame_window * ((n - 1) // layer.frame_window)
+            in_ring = layer.key_ring[:, :, torch.arange(first, n) % layer.key_ring.shape[2]]
+            torch.testing.assert_close(in_ring, layer.keys_view()[:, :, first:n].float())
         results.append((torch.cat(outputs, 1), carried, *stored, layer.keys_view().clone(), o_more, layer.get_seq_length()))
     names = ("outputs", "carried keys", "values", "gates", "keys after continuation", "continuation")
     for name, a, b in zip(names, *results):
@@ -476,6 +488,14 @@ def test_full_static_cache_steps_refused_or_nan():
     with pytest.raises(ValueError, match="past the key buffer"):  # a host-side slot is checked on the host
         decode_attention(step[0][:, 0], layer.keys, layer.values, w[:, 0], beta[:, 0], L, gates=layer.gates,
                          scale=0.25, new_token=(step[1][:, 0], step[2][:, 0], g[:, 0], None))
+    # The last free slot is no overflow, for every head: the merge advances the slot after the step, and no
+    # program may read it advanced (the interpreter runs programs in order, so program 0 writes first).
+    last = PaTHStaticCacheLayer(L)
+    last.append(on(torch.randn(B, L - 1, H, D)), on(torch.randn(B, L - 1, H, D)), on(-torch.rand(B, L - 1, H).cumsum(1)))
+    o = decode_attention(step[0][:, 0], last.keys, last.values, w[:, 0], beta[:, 0], last.position,
+                         gates=last.gates, key_mask=last.key_mask, scale=0.25,
+                         new_token=(step[1][:, 0], step[2][:, 0], g[:, 0], None))
+    assert torch.isfinite(o).all() and int(last.position) == L
 
 
 @pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
@@ -522,6 +542,80 @@ def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ, slot_on_devic
     torch.testing.assert_close(carried[:, :, :L], exact, atol=1e-5, rtol=1e-5)
     stale = keys[:, :, :framed].cpu().double()
     assert (stale - exact[:, :, :framed]).abs().max() > 0.1, "framed keys should not be rewritten between folds"
+
+
+@pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
+@pytest.mark.parametrize("slot_on_device", [True, False], ids=["slot_on_device", "slot_on_host"])
+def test_decode_kernel_ring_keeps_the_window_exact(HQ, slot_on_device):
+    """cache_key_dtype="mixed": bf16 keys with frames and a float32 ring of the window's keys, the kernel
+    writing the new slot, over three windows of 16 against float64 keys rewritten at every step. The ring
+    holds the window's keys to float32 accuracy at every step, the bf16 buffer their rounded copies; framed
+    keys are rounded once per fold, so after three folds every key is within a few bf16 roundings of the
+    exact one, several times closer than bf16 keys rewritten at every step (run beside it)."""
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_attention
+
+    B, H, D, DV, P, steps, window = 2, 2, 32, 16, 21, 40, 16
+    L = P + steps
+    gen = torch.Generator().manual_seed(HQ + 10)
+    exact = torch.zeros(B, H, L, D, dtype=torch.float64)
+    exact[:, :, :P] = torch.randn(B, H, P, D, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, H, L, DV, generator=gen).bfloat16()
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
+    keys = on(exact.bfloat16())  # the prompt's keys, rounded once
+    every_step = keys.clone()  # bf16 keys rewritten at every step, no frames: the comparison
+    frames = on(torch.eye(D).expand(B, 2, H, D, D).contiguous())
+    ring = on(torch.zeros(B, H, 2 * window, D))
+    first = window * ((P - 1) // window)  # the window of the first step, [first, P), exact in the ring
+    ring[:, :, torch.arange(first, P) % (2 * window)] = on(exact[:, :, first:P].float())
+    for n in range(P, L):
+        q = torch.randn(B, HQ, D, generator=gen).bfloat16()
+        k_new = torch.randn(B, H, D, generator=gen).bfloat16()
+        w = F.normalize(torch.randn(B, H, D, generator=gen), dim=-1)
+        beta = 2 * torch.rand(B, H, generator=gen)
+        exact[:, :, n] = k_new.double()
+        o_ref, exact = decode_reference(q, exact, values, w, beta, n, None, None, D**-0.5)
+        o = decode_attention(
+            on(q), keys, on(values), on(w), on(beta), torch.tensor(n, device=KERNEL_DEVICE) if slot_on_device else n,
+            frames=frames, window=window, scale=D**-0.5, launch=(16, 2, 2), ring=ring,
+            new_token=(on(k_new), on(values[:, :, n]), None, None),
+        )
+        decode_attention(on(q), every_step, on(values), on(w), on(beta), n, scale=D**-0.5, launch=(16, 2, 2),
+                         new_token=(on(k_new), on(values[:, :, n]), None, None))
+        torch.testing.assert_close(o.cpu().double(), o_ref, atol=0.03, rtol=0.03, msg=f"step at slot {n}")
+        start = window * (n // window)  # the next step's window: [start, n]
+        in_ring = ring[:, :, torch.arange(start, n + 1) % (2 * window)].cpu().double()
+        torch.testing.assert_close(in_ring, exact[:, :, start : n + 1], atol=1e-5, rtol=1e-5, msg=f"ring at slot {n}")
+        torch.testing.assert_close(keys[:, :, start : n + 1].cpu().double(), in_ring, atol=0.02, rtol=2**-7)
+    framed = window * ((L - 1) // window)
+    carried = keys.cpu().double().clone()
+    carried[:, :, :framed] = carried[:, :, :framed] @ frames[:, L % 2].cpu().double().transpose(-1, -2)
+
+    def err(k):
+        return ((k[:, :, :L] - exact).norm() / exact.norm()).item()
+
+    assert err(carried) < 0.02
+    assert err(carried) < err(every_step.cpu().double()) / 2, (err(carried), err(every_step.cpu().double()))
+
+
+def test_decode_kernel_ring_needs_frames_and_the_new_token():
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_attention
+
+    B, H, D, L = 1, 1, 16, 40
+    args = (torch.randn(B, H, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D), F.normalize(torch.randn(B, H, D), dim=-1),
+            torch.rand(B, H), 20)
+    args = tuple(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    ring = torch.zeros(B, H, 32, D, device=KERNEL_DEVICE)
+    frames = torch.eye(D, device=KERNEL_DEVICE).expand(B, 2, H, D, D).contiguous()
+    new = (args[1][:, :, 0], args[2][:, :, 0], None, None)
+    with pytest.raises(ValueError, match="needs frames and new_token"):
+        decode_attention(*args, scale=0.25, window=16, ring=ring, new_token=new)
+    with pytest.raises(ValueError, match="needs frames and new_token"):
+        decode_attention(*args, scale=0.25, window=16, ring=ring, frames=frames, launch=(16, 2, 2))
+    with pytest.raises(ValueError, match="ring must be"):
+        decode_attention(*args, scale=0.25, window=16, ring=ring[:, :, :16], frames=frames, new_token=new,
+                         launch=(16, 2, 2))
 
 
 def test_key_rounding_benchmark_carries_framed_keys_correctly():
