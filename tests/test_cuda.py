@@ -7,6 +7,7 @@ Skipped without CUDA (fla's cases also without fla). Run on a GPU machine with
 import pytest
 import torch
 import torch.nn.functional as F
+from test_generation import CACHE_KW
 
 from path_lm import PaTHCache, PaTHConfig, PaTHForCausalLM
 from path_lm.path_ops import path_attention_fla, path_attention_torch, resolve_backend
@@ -296,5 +297,5 @@ def test_decoding_bf16_drift_bounded(cache_implementation, key_dtype):
     assert step_err <= 2 * full_err + 0.01
     if key_dtype == "mixed":  # bf16 keys beside the float32 ring, on the decoding kernel's cache
         prefill = model(ids, use_cache=True)
-        layer = (getattr(prefill, "cache", None) or prefill.past_key_values).layers[0]
+        layer = getattr(prefill, CACHE_KW).layers[0]
         assert layer.keys.dtype == torch.bfloat16 and layer.key_ring is not None and layer.frames is not None
