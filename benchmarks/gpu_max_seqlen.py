@@ -6,7 +6,8 @@ forget gate on (w, beta, g float32), gradients of every input. T doubles from 8k
 memory (torch.cuda.OutOfMemoryError, caught), up to --max-t (512k). The time is quadratic in T, so a
 length whose predicted time (4x the previous one) exceeds --max-step-s is not tried: such a backend ends
 with "time limit", not "OOM". Reported per T: peak memory (max_memory_allocated, inputs and gradients
-included) and the time of one fwd+bwd call, input creation included (after a warm-up at 1k).
+included) and the time of one fwd+bwd call, input creation included (after warm-up calls at 1k and at the
+first length).
 `--impls fla triton sdpa torch`: path-lm's Triton kernel (`triton`) and the exact PyTorch path (`torch`,
 O(T^2) memory) too.
 
@@ -51,8 +52,9 @@ def fwd_bwd(impl, T, H, D, device):
 def sweep(impl, args, device):
     C.free(device)
     steps, stop, T, last_s = [], "max T reached", args.start_t, None
-    try:
-        fwd_bwd(impl, min(1024, args.start_t), args.heads, args.dim, device)  # compile / warm up
+    try:  # compile / warm up (also at the first measured length, whose time predicts the next lengths')
+        fwd_bwd(impl, min(1024, args.start_t), args.heads, args.dim, device)
+        fwd_bwd(impl, args.start_t, args.heads, args.dim, device)
     except Exception as err:
         stop, T = f"{C.failure(err)} in the warm-up", 2 * args.max_t
     while T <= args.max_t:
