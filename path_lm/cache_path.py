@@ -144,16 +144,18 @@ class PaTHCacheLayer(CacheLayerMixin):
         B, _, H, D = keys.shape
         return keys.new_zeros(B, H, 2 * self.frame_window, D, dtype=torch.float32)
 
-    def _fill_ring(self, start: int, new_keys: torch.Tensor) -> None:
+    def fill_key_ring(self, new_keys: torch.Tensor | None = None, start: int = 0) -> None:
         """After keys were written other than by the decoding kernel (up to position ``length``): copy the
-        window's keys, [window * floor((length - 1) / window), length), into the ring, exactly where this
-        write gave them (new_keys [B, T, H, D], positions from ``start``), else as stored."""
+        window's keys, [window * floor((length - 1) / window), length), into the ring (if the layer has
+        one), exactly where new_keys [B, T, H, D] (positions from ``start``) gave them, else as stored."""
+        if self.key_ring is None:
+            return
         length, size = self.length, self.key_ring.shape[2]
         first = self.frame_window * ((length - 1) // self.frame_window)
         positions = torch.arange(first, length, device=self.keys.device)
         window = self.keys[:, :, first:length].to(torch.float32)
         exact = positions >= start
-        if exact.any():
+        if new_keys is not None and exact.any():
             window[:, :, exact] = new_keys[:, positions[exact] - start].transpose(1, 2).to(torch.float32)
         self.key_ring[:, :, positions % size] = window
 
@@ -200,8 +202,7 @@ class PaTHCacheLayer(CacheLayerMixin):
             )
             self.gates[:, :, start:end] = gates.transpose(1, 2)
         self.length = end
-        if self.key_ring is not None:
-            self._fill_ring(start, keys)
+        self.fill_key_ring(keys, start)
         keys_now = self.keys[:, :, :end]  # as stored: framed keys are not carried here
         return keys_now, self.values_view(), self.gates_view() if gates is not None else None
 

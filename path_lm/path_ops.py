@@ -411,8 +411,8 @@ def path_decode_step_static(
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     o = (probs @ values.to(dt)).reshape(B, HQ, -1)
     layer.position.add_(1)
-    if layer.key_ring is not None and not torch.compiler.is_compiling():  # for a later kernel step
-        layer._fill_ring(layer.length, k[:, :0])
+    if not torch.compiler.is_compiling():  # (a mixed-dtype cache: for a later kernel step)
+        layer.fill_key_ring()
     return o.unsqueeze(1).to(q.dtype)
 
 
@@ -867,7 +867,9 @@ def path_attention(
     if T == 1 and segment_ids is None:
         cache.carry_framed_keys()
         keys, values, gates = cache.append(k, v, gate)  # raw new key; views over the whole cache, as stored
-        return path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale)
+        o = path_decode_step(q, keys, values, w, beta, gate=gates, key_mask=key_mask, scale=scale)
+        cache.fill_key_ring()  # (a mixed-dtype cache: the step rewrote the window's keys)
+        return o
     past = PaTHPast(
         keys=cache.keys_view().transpose(1, 2),
         values=cache.values_view().transpose(1, 2),

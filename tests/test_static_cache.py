@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from test_generation import CACHE_KW, PAD, cache_of, make_model, random_ids
 
 from path_lm import PaTHCache, PaTHStaticCache, PaTHStaticCacheLayer, cache_path, path_ops
-from path_lm.path_ops import _decode_step_in_place, path_decode_step, path_decode_step_static
+from path_lm.path_ops import _decode_step_in_place, path_attention, path_decode_step, path_decode_step_static
 
 # The kernel tests run on the GPU when there is one, else in Triton's CPU interpreter (conftest.py).
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -361,8 +361,13 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, key_dtype,
             q, k, v, w, beta, g = (on(x) for x in (q, k, v, w, beta, g))
             token_mask = torch.ones(B, 1, dtype=torch.bool, device=KERNEL_DEVICE)
             token_mask[1] = step != PADDED_STEP  # row 1 gets one padding token mid-way
+            switched = ring and step % 7 == 3  # a PyTorch step between kernel steps refills the ring
             if static:
-                outputs.append(path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=token_mask, use_kernel=use_kernel))
+                outputs.append(path_decode_step_static(q, k, v, w, beta, g, layer, token_mask=token_mask,
+                                                       use_kernel=use_kernel and not switched))
+            elif switched:
+                mask = torch.cat([mask, token_mask], 1)
+                outputs.append(path_attention(q, k, v, w, beta, g, key_mask=mask, cache=layer, backend="torch"))
             elif use_kernel:  # the kernel writes the new slot (and grows the buffers past their first block)
                 mask = torch.cat([mask, token_mask], 1)
                 outputs.append(_decode_step_in_place(q, k, v, w, beta, g, layer, key_mask=mask))
@@ -375,7 +380,6 @@ def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, key_dtype,
             assert (layer.frames is not None) == (use_kernel and (long_cache or ring)), "frames only on long caches"
         carried = layer.keys_view().clone()
         # continuation by three tokens through path_attention (PyTorch ops), which reads the carried keys
-        from path_lm.path_ops import path_attention
 
         full_mask = torch.ones(B, L + steps + 3, dtype=torch.bool, device=KERNEL_DEVICE)
         full_mask[0, :5] = False
