@@ -548,8 +548,8 @@ def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ, slot_on_devic
     assert (stale - exact[:, :, :framed]).abs().max() > 0.1, "framed keys should not be rewritten between folds"
 
 
-@pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
-@pytest.mark.parametrize("slot_on_device", [True, False], ids=["slot_on_device", "slot_on_host"])
+@pytest.mark.parametrize("HQ, slot_on_device", [(2, True), (4, False)],
+                         ids=["one_query_head-slot_on_device", "gqa-slot_on_host"])
 def test_decode_kernel_ring_keeps_the_window_exact(HQ, slot_on_device):
     """cache_key_dtype="mixed": bf16 keys with frames and a float32 ring of the window's keys, the kernel
     writing the new slot, over three windows of 16 against float64 keys rewritten at every step. The ring
