@@ -892,6 +892,52 @@ def _unit_lower_inverse(W, BETA, row0, T, OUT, H: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
+def _chunk_program(T, T_pad, H: tl.constexpr, C: tl.constexpr):
+    """Program (chunk, batch x kv head) of the preparation's backward kernels: (batch b, kv head h, the
+    chunk's positions, which of them are inside the sequence, the chunk's first row in the [B * T] layout of
+    the inputs, its index in per-chunk buffers [B * H * n, ...])."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    pos = i_c * C + tl.arange(0, C)
+    return b, h, pos, pos < T, b * T + i_c * C, (i_bh * (T_pad // C) + i_c).to(tl.int64)
+
+
+@triton.jit
+def _chunk_rows(X, row0, h, real, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr):
+    """The chunk's rows [C, D] of head h of an input [B, T, H, D], in float32 (zero past the sequence)."""
+    rows = row0 + tl.arange(0, C)
+    return tl.load(X + (rows[:, None] * H + h) * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_w_k(W, K, row0, h, real, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr):
+    """:func:`_chunk_rows` of w and k (one offset computation for both)."""
+    off = ((row0 + tl.arange(0, C))[:, None] * H + h) * D + tl.arange(0, D)[None, :]
+    w = tl.load(W + off, mask=real[:, None], other=0.0).to(tl.float32)
+    return w, tl.load(K + off, mask=real[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_beta(BETA, row0, h, real, H: tl.constexpr, C: tl.constexpr):
+    """The chunk's beta [C] of head h (input [B, T, H]), in float32 (zero past the sequence)."""
+    return tl.load(BETA + (row0 + tl.arange(0, C)) * H + h, mask=real, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_inverse(TINV, chunk, C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The chunk's unit lower triangular inverse Ti = (I + M)^-1 [C, C] (or Ti^T); only blocks of 16 on or
+    below the diagonal were written, the rest is zero."""
+    oc = tl.arange(0, C)
+    if TRANSPOSED:
+        return tl.load(TINV + chunk * (C * C) + oc[:, None] + oc[None, :] * C,
+                       mask=(oc[:, None] // 16) <= (oc[None, :] // 16), other=0.0)
+    return tl.load(TINV + chunk * (C * C) + oc[:, None] * C + oc[None, :],
+                   mask=(oc[:, None] // 16) >= (oc[None, :] // 16), other=0.0)
+
+
+@triton.jit
 def _prep_chunk_kernel(
     Q, K, V, W, BETA, GATE, SEG, SCR, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
     scale, T, T_pad,
@@ -1147,25 +1193,17 @@ def _chunk_bwd_setup_kernel(K, W, BETA, TINV, DP, U, WK, DU, DBW, T, T_pad,
                             H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     """Per chunk: U = Ti W and Ti L (L = tril(W K^T, -1)) for :func:`_chunk_bwd_queries_kernel`, and the
     gradients of U and Bw = diag(beta) W through the chunk's product P = I - Bw^T U: -Bw dP, -U dP^T."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // H
-    h = i_bh % H
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
-    real = i_c * C + oc < T
-    row0 = b * T + i_c * C
-    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
-    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-    below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
-    t_low = tl.load(TINV + chunk * (C * C) + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
+    w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
+    t_low = _chunk_inverse(TINV, chunk, C, False)
     cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
     l_wk = tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
     tl.store(WK + chunk * (C * C) + oc[:, None] * C + oc[None, :], tl.dot(t_low, l_wk, input_precision=PREC))
     u = tl.dot(t_low, w, input_precision=PREC)
     tl.store(U + cd, u)
-    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
     dp = tl.load(DP + chunk * D * D + od[:, None] * D + od[None, :])
     tl.store(DU + cd, -tl.dot(w * beta[:, None], dp, input_precision=PREC))
     tl.store(DBW + cd, -tl.dot(u, tl.trans(dp), input_precision=PREC))
@@ -1184,22 +1222,14 @@ def _chunk_bwd_queries_kernel(
     diag(beta)) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative gate's gradient, and
     partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes. The chunk's tiles are
     loaded inside the loop (an invariant operand would hold shared memory for the whole loop)."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // H
-    h = i_bh % H
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     G: tl.constexpr = HQ // H
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
     ov = tl.arange(0, DV)
-    pos = i_c * C + oc
-    real = pos < T
-    row0 = b * T + i_c * C
-    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
     cd = oc[:, None] * D + od[None, :]
     cc = oc[:, None] * C + oc[None, :]
-    in_off = ((row0 + oc)[:, None] * H + h) * D + od[None, :]
-    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
     seg = tl.load(SEG + b * T_pad + pos)
     visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
     v_off = ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]
@@ -1211,8 +1241,7 @@ def _chunk_bwd_queries_kernel(
     dbeta = tl.zeros([C], tl.float32)
     dv = tl.zeros([C, DV], tl.float32)
     for hq in range(h * G, h * G + G):
-        w = tl.load(W + in_off, mask=real[:, None], other=0.0).to(tl.float32)
-        k = tl.load(K + in_off, mask=real[:, None], other=0.0).to(tl.float32)
+        w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
         q = tl.load(Q + ((row0 + oc)[:, None] * HQ + hq) * D + od[None, :], mask=real[:, None], other=0.0)
         q = q.to(tl.float32)
         r = tl.dot(q, tl.trans(w), input_precision=PREC)
@@ -1266,27 +1295,17 @@ def _chunk_bwd_keys_kernel(
     scores' Ti L (L = tril(W K^T, -1)), leaving dTi in DWK (over d(Ti L)); then the keys' carry
     K - KW Ti^T Bw (KW = triu(K W^T, 1), Bw = diag(beta) W), adding to dTi and to Bw's gradient in DBW,
     for :func:`_chunk_bwd_inverse_kernel`."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // H
-    h = i_bh % H
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
-    pos = i_c * C + oc
-    real = pos < T
-    row0 = b * T + i_c * C
-    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
     cc = chunk * (C * C) + oc[:, None] * C + oc[None, :]
     cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
     lower = oc[:, None] > oc[None, :]
     upper = oc[:, None] < oc[None, :]
-    in_off = ((row0 + oc)[:, None] * H + h) * D + od[None, :]
     k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-    above_blocks = (oc[:, None] // 16) <= (oc[None, :] // 16)
-    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
-    w = tl.load(W + in_off, mask=real[:, None], other=0.0).to(tl.float32)
-    k = tl.load(K + in_off, mask=real[:, None], other=0.0).to(tl.float32)
-    t_low_t = tl.load(TINV + chunk * (C * C) + oc[:, None] + oc[None, :] * C, mask=above_blocks, other=0.0)  # Ti^T
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
+    t_low_t = _chunk_inverse(TINV, chunk, C, True)
     dk = tl.load(DK + k_off)
     dw = tl.load(DW + k_off)
     if SCORES:
@@ -1324,23 +1343,15 @@ def _chunk_bwd_inverse_kernel(
 ):
     """Completes dw and dbeta (in place): U = Ti W, Bw = diag(beta) W, and Ti = (I + M)^-1 through
     dM = -Ti^T dTi Ti^T with M = tril(W W^T, -1) diag(beta)."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // H
-    h = i_bh % H
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
-    pos = i_c * C + oc
-    real = pos < T
-    row0 = b * T + i_c * C
-    chunk = (i_bh * (T_pad // C) + i_c).to(tl.int64)
     cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
     k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
     lower = oc[:, None] > oc[None, :]
-    above_blocks = (oc[:, None] // 16) <= (oc[None, :] // 16)
-    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
-    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-    t_low_t = tl.load(TINV + chunk * (C * C) + oc[:, None] + oc[None, :] * C, mask=above_blocks, other=0.0)  # Ti^T
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    w = _chunk_rows(W, row0, h, real, H, D, C)
+    t_low_t = _chunk_inverse(TINV, chunk, C, True)
     du = tl.load(DU + cd)
     dti = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :]) + tl.dot(du, tl.trans(w), input_precision=PREC)
     dw = tl.load(DW + k_off) + tl.dot(t_low_t, du, input_precision=PREC)
