@@ -4,8 +4,9 @@ static caches compiled (generate()'s own torch.compile + CUDA graphs), beside th
 Both models bf16, hidden 768, 12 layers, 12 heads x 64, vocab 32000, intermediate 2048 by default (~134M
 with untied embeddings); random prompts of --contexts tokens at --batches rows, no padding.
 
-- modes: "dynamic" = generate() with the default cache (PaTH: PaTHCache with float32 transformed keys; Llama:
-  DynamicCache); "static" = generate(cache_implementation="static", max_cache_len=context + new tokens),
+- modes: "dynamic" = generate() with the default cache (PaTH: PaTHCache, transformed keys in
+  --path-key-dtype, "auto" by default: bf16 with a float32 window ("mixed") where frames pay off, else float32;
+  Llama: DynamicCache); "static" = generate(cache_implementation="static", max_cache_len=context + new tokens),
   which transformers compiles (mode "reduce-overhead": CUDA graphs) on CUDA; PaTH then decodes through a
   PaTHStaticCache. PaTH's decoding steps run path-lm's fused Triton kernel in both modes; its prefill runs
   the model's attn_backend ("auto": fla when installed, else path-lm's kernel).
@@ -18,7 +19,7 @@ with untied embeddings); random prompts of --contexts tokens at --batches rows, 
   (PaTHStaticCache / transformers' StaticCache), CUDA events around the loop.
 - floor: bytes one decoding step must move over the measured copy bandwidth (a large device-to-device
   copy, read + write). Bytes: every weight except the input embedding (one row of it is read); Llama reads
-  K and V (bf16); PaTH reads its transformed keys (float32) once, rewrites the last window of them (and all
+  K and V (bf16); PaTH reads its transformed keys (float32, or bf16 when "mixed") once, rewrites the last window of them (and all
   of them once per window, amortized) and reads and writes its frames, or, for caches too small for frames
   (``cache_path.frames_pay_off``), reads and rewrites every key; plus the values (bf16), the cumulative
   gates (float32 per query head) and the padding mask, at the context length.
@@ -44,18 +45,30 @@ CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ el
 
 
 def build_configs(args):
-    path_cfg = PaTHConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
-        use_forget_gate=True, tie_word_embeddings=False, attn_backend=args.path_backend,
-        cache_key_dtype=args.path_key_dtype,
-    )
+    """One PaTH model per --path-key-dtype ("PaTH" alone, "PaTH (mixed)" etc. when several), then Llama, in
+    the order of --models."""
+    path_cfgs = {
+        "PaTH" if len(args.path_key_dtype) == 1 else f"PaTH ({key_dtype})": PaTHConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
+            use_forget_gate=True, tie_word_embeddings=False, attn_backend=args.path_backend,
+            cache_key_dtype=key_dtype,
+        )
+        for key_dtype in args.path_key_dtype
+    }
+    path_cfg = next(iter(path_cfgs.values()))
     llama_cfg = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=path_cfg.intermediate_size,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         hidden_act="silu", rms_norm_eps=path_cfg.norm_eps, tie_word_embeddings=False,
         max_position_embeddings=max(args.contexts) + args.n1, attn_implementation="sdpa",
     )
-    return {"PaTH": (PaTHForCausalLM, path_cfg), "Llama": (LlamaForCausalLM, llama_cfg)}
+    configs = {}
+    for name in args.models:
+        if name == "PaTH":
+            configs.update({path_name: (PaTHForCausalLM, cfg) for path_name, cfg in path_cfgs.items()})
+        else:
+            configs["Llama"] = (LlamaForCausalLM, llama_cfg)
+    return configs
 
 
 def copy_bandwidth(device) -> float:
@@ -75,8 +88,11 @@ def step_bytes(name, model, config, batch, context) -> int:
     if name == "Llama":
         per_token = 2 * kv_dim * 2
     else:
-        mixed = config.cache_key_dtype == "mixed"  # bf16 keys, the window's in a float32 ring
-        key_bytes = 4 if config.cache_key_dtype == "float32" else 2
+        key_dtype = config.cache_key_dtype
+        if key_dtype == "auto":  # as cache_path resolves it for a bf16 model on the decoding kernel
+            key_dtype = "mixed" if frames_pay_off(batch, config.num_kv_heads, context) else "float32"
+        mixed = key_dtype == "mixed"  # bf16 keys, the window's in a float32 ring
+        key_bytes = 4 if key_dtype == "float32" else 2
         per_token = kv_dim * 2 + config.num_heads * 4 + 1  # values, cumulative gates, padding mask
         if mixed or frames_pay_off(batch, config.num_kv_heads, context):
             # The decoding kernel reads every key once and rewrites the last window of them; every window
@@ -152,8 +168,8 @@ def main():
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--path-backend", default="auto")
-    parser.add_argument("--path-key-dtype", default="float32", choices=["float32", "mixed", "model"],
-                        help="PaTH's cache_key_dtype")
+    parser.add_argument("--path-key-dtype", nargs="+", default=["auto"], choices=["auto", "float32", "mixed", "model"],
+                        help="PaTH's cache_key_dtype (one PaTH model per value)")
     C.add_common_args(parser, "gpu_decode")
     args = parser.parse_args()
     device = C.pick_device(args)
@@ -167,14 +183,13 @@ def main():
     meta = {**C.environment(device), "dtype": "bfloat16", "hidden": args.hidden, "layers": args.layers,
             "heads": args.heads, "vocab": args.vocab, "n0": args.n0, "n1": args.n1,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "path_attn_backend": args.path_backend,
-            "path_cache_key_dtype": configs["PaTH"][1].cache_key_dtype, "tiny": args.tiny}
+            "path_cache_key_dtype": args.path_key_dtype, "tiny": args.tiny}
     print(f"# copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
 
     # Both models stay loaded and take turns case by case, so that a change of the host's speed during the run
     # (these eager steps are bound by Python and launches) touches both alike.
     models = {}
-    for name in args.models:
-        model_cls, config = configs[name]
+    for name, (model_cls, config) in configs.items():
         models[name] = C.bf16_model(model_cls, config, device)
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -204,7 +219,7 @@ def main():
                     del ids
     del models
     C.free(device)
-    rows.sort(key=lambda r: args.models.index(r["model"]))  # the table lists one model, then the other
+    rows.sort(key=lambda r: list(configs).index(r["model"]))  # the table lists one model, then the next
     path = C.write_json(args, "gpu_decode", {"meta": meta, "rows": rows})
 
     llama = {(r["mode"], r["context"], r["batch"]): r for r in rows if r["model"] == "Llama" and "error" not in r}

@@ -2,9 +2,9 @@
 
 PaTH keys are position dependent in a cumulative way: each new token's Householder transform rewrites
 every cached key (``k <- k - beta (k . w) w``). The cache therefore keeps, per layer, the keys already
-carried up to the last cached position (in ``cache_key_dtype``, float32 by default, because the
-repeated rank-one updates drift when rounded to half precision), the raw values, the cumulative forget
-gate of every position, and the last ``conv_size - 1`` inputs of the short convolution.
+carried up to the last cached position (in ``cache_key_dtype``: float32 unless "mixed" applies, because
+the repeated rank-one updates drift when rounded to half precision at every step), the raw values, the
+cumulative forget gate of every position, and the last ``conv_size - 1`` inputs of the short convolution.
 
 Buffers grow in blocks, so decoding writes one slot per token in place instead of copying the cache.
 
@@ -17,7 +17,9 @@ brings every key to the last position; :meth:`PaTHCacheLayer.keys_view` calls it
 With ``cache_key_dtype="mixed"`` and the decoding kernel, keys are stored in the model's dtype and frames
 are kept at every cache size: framed keys are then rounded once per ``FRAME_WINDOW`` tokens (at the fold)
 instead of at every token, and the window's keys, rewritten every token, are kept exactly in a float32
-ring (``key_ring``) beside their rounded copies in ``keys``.
+ring (``key_ring``) beside their rounded copies in ``keys``. ``"auto"`` (the default) picks "mixed" at the
+first write for half-precision models on the decoding kernel whose cache is large enough for frames
+(:func:`frames_pay_off` at the written length, or ``max_cache_len`` of a static cache), else "float32".
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class PaTHCacheLayer(CacheLayerMixin):
     is_croppable = False
     is_static = False
 
-    def __init__(self, key_dtype: str = "float32", **kwargs):
+    def __init__(self, key_dtype: str = "auto", **kwargs):
         super().__init__()
+        self.requested_key_dtype = key_dtype  # "auto" is resolved into key_dtype at the first write
         self.key_dtype = key_dtype
         self.gates: torch.Tensor | None = None
         self.conv_state: torch.Tensor | None = None
@@ -98,6 +101,7 @@ class PaTHCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.gates = self.conv_state = self.frames = self.key_ring = None
+        self.key_dtype = self.requested_key_dtype
         self.input_weight = self.input_bias = None
         self._frames_used = False
         self.is_initialized = False
@@ -132,7 +136,14 @@ class PaTHCacheLayer(CacheLayerMixin):
         return self.keys.shape[0] if self.keys is not None else -1
 
     # -- what PaTHAttention reads and writes --------------------------------------------------------------
-    def _resolve_key_dtype(self, model_dtype: torch.dtype, decoding_kernel: bool) -> torch.dtype:
+    def _resolve_key_dtype(self, keys: torch.Tensor, model_dtype: torch.dtype, decoding_kernel: bool,
+                           size: int) -> torch.dtype:
+        """The stored keys' dtype, at the first write of keys [B, T, H, D]; ``"auto"`` becomes "mixed" or
+        "float32" here (``size``: the positions the cache holds, for the frame rule)."""
+        if self.key_dtype == "auto":
+            B, _, H, _ = keys.shape
+            half = model_dtype in (torch.bfloat16, torch.float16)
+            self.key_dtype = "mixed" if decoding_kernel and half and frames_pay_off(B, H, size) else "float32"
         if self.key_dtype == "model" or (self.key_dtype == "mixed" and decoding_kernel):
             return model_dtype
         return {"float32": torch.float32, "float64": torch.float64, "mixed": torch.float32}[self.key_dtype]
@@ -190,7 +201,7 @@ class PaTHCacheLayer(CacheLayerMixin):
         end = start + T
         if self.keys is None:
             self.is_initialized = True
-            self._key_dtype = self._resolve_key_dtype(values.dtype, decoding_kernel)
+            self._key_dtype = self._resolve_key_dtype(keys, values.dtype, decoding_kernel, end)
             self.key_ring = self._new_ring(keys, decoding_kernel)
         self.keys = _grow(self.keys, start, end, lambda c: keys.new_zeros(B, H, c, D, dtype=self._key_dtype))
         self.values = _grow(self.values, start, end, lambda c: values.new_zeros(B, H, c, values.shape[-1]))
@@ -305,7 +316,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
     is_static = True
     _batch_tensors = ("keys", "values", "gates", "conv_state", "key_mask", "frames", "key_ring")
 
-    def __init__(self, max_cache_len: int, key_dtype: str = "float32", **kwargs):
+    def __init__(self, max_cache_len: int, key_dtype: str = "auto", **kwargs):
         self.max_cache_len = int(max_cache_len)
         self.position: torch.Tensor | None = None
         self.key_mask: torch.Tensor | None = None
@@ -385,7 +396,7 @@ class PaTHStaticCacheLayer(PaTHCacheLayer):
     def _allocate(self, keys, values, gates, decoding_kernel: bool) -> None:
         B, _, H, D = keys.shape
         L = self.max_cache_len
-        self._key_dtype = self._resolve_key_dtype(values.dtype, decoding_kernel)
+        self._key_dtype = self._resolve_key_dtype(keys, values.dtype, decoding_kernel, L)
         self.keys = _mark_static(keys.new_zeros(B, H, L, D, dtype=self._key_dtype))
         ring = self._new_ring(keys, decoding_kernel)
         self.key_ring = _mark_static(ring) if ring is not None else None
@@ -434,10 +445,10 @@ class PaTHCache(Cache):
     def __init__(self, config=None, num_hidden_layers: int | None = None, cache_key_dtype: str | None = None):
         if config is not None:
             num_hidden_layers = config.num_hidden_layers if num_hidden_layers is None else num_hidden_layers
-            cache_key_dtype = cache_key_dtype or getattr(config, "cache_key_dtype", "float32")
+            cache_key_dtype = cache_key_dtype or getattr(config, "cache_key_dtype", "auto")
         if num_hidden_layers is None:
             raise ValueError(f"{type(self).__name__} needs the model config or num_hidden_layers")
-        super().__init__(layers=[self._new_layer(cache_key_dtype or "float32") for _ in range(num_hidden_layers)])
+        super().__init__(layers=[self._new_layer(cache_key_dtype or "auto") for _ in range(num_hidden_layers)])
 
     def _new_layer(self, key_dtype: str) -> PaTHCacheLayer:
         return PaTHCacheLayer(key_dtype)

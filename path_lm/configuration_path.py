@@ -9,7 +9,7 @@ from transformers.activations import ACT2FN
 
 ATTN_BACKENDS = ("auto", "torch", "triton", "fla")
 MLP_TYPES = ("gated", "plain")
-CACHE_KEY_DTYPES = ("float32", "float64", "model", "mixed")
+CACHE_KEY_DTYPES = ("auto", "float32", "float64", "model", "mixed")
 # fla's config fields that change the architecture in ways this package does not implement.
 _UNSUPPORTED_FLA_FIELDS = {"attnres_block_size": None, "elementwise_affine": True}
 
@@ -80,11 +80,14 @@ class PaTHConfig(PretrainedConfig):
         attn_backend: ``"auto"`` (on CUDA, head dim 64/128, bf16/fp16: fla's Triton kernel when installed,
             else path-lm's own Triton kernel; otherwise the exact PyTorch path), ``"torch"``, ``"triton"``
             or ``"fla"``.
-        cache_key_dtype: dtype of the transformed keys in the generation cache: ``"float32"`` (default;
-            keys are rewritten every step, so half-precision storage drifts), ``"float64"``, ``"model"``
-            for the model's dtype, or ``"mixed"`` (experimental): where decoding runs path-lm's CUDA kernel,
-            keys in the model's dtype, rewritten only once every 64 tokens, beside the last 64 to 128 keys
-            in float32 (half the key bytes per step at long contexts); float32 keys elsewhere.
+        cache_key_dtype: dtype of the transformed keys in the generation cache: ``"float32"`` (keys are
+            rewritten every step, so half-precision storage drifts), ``"float64"``, ``"model"`` for the
+            model's dtype, ``"mixed"``: where decoding runs path-lm's CUDA kernel, keys in the model's
+            dtype, rewritten only once every 64 tokens, beside the last 64 to 128 keys in float32 (half the
+            key bytes per step at long contexts); float32 keys elsewhere. ``"auto"`` (default): ``"mixed"``
+            for a bf16/fp16 model decoding with the CUDA kernel on a cache large enough for the kernel's
+            frames (batch x kv heads x length over 2^17 at the first write: the prompt's length, or
+            ``max_cache_len`` of a static cache), else ``"float32"``.
         attn_chunk_size: block length of the exact PyTorch attention.
         beta_max: clip the Householder strength beta = 2 sigmoid(.) to at most this value (the paper clips beta
             away from 2 under bf16 training); ``None`` (default, as fla) leaves it in (0, 2).
@@ -131,7 +134,7 @@ class PaTHConfig(PretrainedConfig):
         conv_size: int = 3,
         conv_bias: bool = False,
         attn_backend: str = "auto",
-        cache_key_dtype: str = "float32",
+        cache_key_dtype: str = "auto",
         attn_chunk_size: int = 64,
         beta_max: float | None = None,
         mlp_type: str = "gated",

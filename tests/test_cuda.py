@@ -296,6 +296,7 @@ def test_decoding_bf16_drift_bounded(cache_implementation, key_dtype):
     assert full_err > 0
     assert step_err <= 2 * full_err + 0.01
     if key_dtype == "mixed":  # bf16 keys beside the float32 ring, on the decoding kernel's cache
-        prefill = model(ids, use_cache=True)
-        layer = getattr(prefill, CACHE_KW).layers[0]
+        cache = getattr(model(ids, use_cache=True), CACHE_KW)
+        model(ids[:, -1:], use_cache=True, **{CACHE_KW: cache})  # one decoding step: the frames exist from then on
+        layer = cache.layers[0]
         assert layer.keys.dtype == torch.bfloat16 and layer.key_ring is not None and layer.frames is not None

@@ -20,7 +20,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from path_lm import PaTHCache, PaTHCacheLayer, PaTHConfig, PaTHForCausalLM
+from path_lm import PaTHCache, PaTHCacheLayer, PaTHConfig, PaTHForCausalLM, PaTHStaticCache, cache_path
 
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -594,7 +594,7 @@ def _bf16_step_decode(model_bf16, ids, prompt_len, key_dtype):
         for t in range(prompt_len, ids.shape[1]):
             out = model_bf16(ids[:, t : t + 1], use_cache=True, **{CACHE_KW: cache})
     finally:
-        model_bf16.config.cache_key_dtype = "float32"
+        model_bf16.config.cache_key_dtype = "auto"
     assert cache.get_seq_length() == ids.shape[1]
     expected = torch.float32 if key_dtype == "float32" else torch.bfloat16
     assert cache.layers[0].keys.dtype == expected
@@ -614,7 +614,7 @@ def test_bf16_step_decoding_drift_bounded(record_property):
     model_bf16 = make_model(seed=3, dtype=torch.bfloat16)
     for block in model_bf16.model.layers:
         block.attn.g_proj.bias.data.fill_(4.0)
-    assert model_bf16.config.cache_key_dtype == "float32"
+    assert model_bf16.config.cache_key_dtype == "auto"  # float32 keys on a CPU
     ref64 = copy.deepcopy(model_bf16).double()  # the same (bf16-rounded) weights, computed in float64
     P, steps = 16, 200
     ids = random_ids(1, P + steps, seed=70)
@@ -665,7 +665,41 @@ def test_mixed_key_dtype_without_the_decoding_kernel_keeps_float32_keys():
         assert layer.keys.dtype == torch.float32 and layer.key_ring is None
         assert torch.equal(model_bf16.generate(ids, max_new_tokens=8, do_sample=False), expected)
     finally:
-        model_bf16.config.cache_key_dtype = "float32"
+        model_bf16.config.cache_key_dtype = "auto"
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_auto_key_dtype_is_mixed_only_for_half_precision_kernel_caches_with_frames(static, monkeypatch):
+    """cache_key_dtype="auto" (the default) decides at the first write: "mixed" (keys in the model dtype, a
+    float32 ring) for a bf16/fp16 model on the decoding kernel whose cache is over FRAMES_MIN_KEYS keys
+    (batch x kv heads x the written length, or max_cache_len when static), else "float32"; a dynamic
+    cache decides again after reset()."""
+    monkeypatch.setattr(cache_path, "FRAMES_MIN_KEYS", 2 * 3 * 40)
+    B, H, D = 2, 3, 8
+
+    def first_write(length, dtype, kernel, layer=None):
+        if layer is None:
+            layer = (PaTHCache(num_hidden_layers=1) if not static
+                     else PaTHStaticCache(num_hidden_layers=1, max_cache_len=length)).layers[0]
+        assert layer.key_dtype == "auto"
+        T = length if not static else 4
+        keys, values = torch.randn(B, T, H, D, dtype=dtype), torch.randn(B, T, H, D, dtype=dtype)
+        layer.append(keys, values, None, decoding_kernel=kernel)
+        return layer
+
+    for length, dtype, kernel, chosen in [
+        (41, torch.bfloat16, True, "mixed"), (41, torch.float16, True, "mixed"),
+        (40, torch.bfloat16, True, "float32"),  # small cache: every key rewritten per step, no frames
+        (41, torch.bfloat16, False, "float32"),  # PyTorch steps
+        (41, torch.float32, True, "float32"),
+    ]:
+        layer = first_write(length, dtype, kernel)
+        assert layer.key_dtype == chosen, (length, dtype, kernel)
+        assert layer.keys.dtype == (dtype if chosen == "mixed" else torch.float32)
+        assert (layer.key_ring is not None) == (chosen == "mixed")
+    if not static:
+        layer.reset()
+        assert first_write(41, torch.bfloat16, True, layer).key_dtype == "mixed"
 
 
 # ---------------------------------------------------------------------------------------------------------
