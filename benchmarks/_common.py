@@ -137,6 +137,20 @@ def time_calls_ms(fn, device: torch.device, repeats: int, stop_after_ms: float |
     return times
 
 
+def profile_table(fn, device: torch.device, rows: int = 25) -> str:
+    """torch.profiler's table of one call of fn() (after the caller's warm-up), sorted by device time:
+    self CUDA time per kernel on a GPU, self CPU time per op on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 def fmt(x, spec: str = ".2f", missing: str = "-") -> str:
     if x is None:
         return missing

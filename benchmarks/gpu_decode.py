@@ -16,7 +16,8 @@ with untied embeddings); random prompts of --contexts tokens at --batches rows, 
 - step ms (static mode, --step-batches): the compiled decoding step alone, without generate()'s per-token
   work (logits processing, stopping checks, appending the token): the callable generate() compiled
   (``model.get_compiled_call``), called in a loop of --step-count greedy steps on a prefilled static cache
-  (PaTHStaticCache / transformers' StaticCache), CUDA events around the loop.
+  (PaTHStaticCache / transformers' StaticCache), CUDA events around the loop. --profile prints
+  torch.profiler's table (time per kernel) of 8 more of those steps per case.
 - floor: bytes one decoding step must move over the measured copy bandwidth (a large device-to-device
   copy, read + write). Bytes: every weight except the input embedding (one row of it is read); Llama reads
   K and V (bf16); PaTH reads its transformed keys (float32, or bf16 when "mixed") once, rewrites the last window of them (and all
@@ -148,8 +149,12 @@ def compiled_step_ms(model, ids, max_cache_len, args, device) -> float:
             token = out.logits[:, -1:].argmax(-1)
 
     run(3)  # warm-up: recompiles or re-records if this call differs from generate()'s
-    count = min(args.step_count, max_cache_len - ids.shape[1] - 3)
-    return C.time_calls_ms(lambda: run(count), device, repeats=1)[0] / count
+    count = min(args.step_count, max_cache_len - ids.shape[1] - 3 - 8 * args.profile)
+    ms = C.time_calls_ms(lambda: run(count), device, repeats=1)[0] / count
+    if args.profile:
+        print(f"# profile of 8 compiled steps, {type(model).__name__} {tuple(ids.shape)}\n" + C.profile_table(lambda: run(8), device),
+              flush=True)
+    return ms
 
 
 def main():
@@ -163,6 +168,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per length (the fastest counts)")
     parser.add_argument("--step-batches", type=int, nargs="*", default=[1], help="batches timed as compiled steps")
     parser.add_argument("--step-count", type=int, default=48)
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled steps")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)

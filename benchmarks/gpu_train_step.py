@@ -9,7 +9,9 @@ checkpointing off. Batch 2 x 4096 tokens (the same random batch every step), a f
 timed steps (CUDA events per step; tokens/s from the median step). Peak memory: max_memory_allocated over
 the timed steps (weights, gradients and AdamW state included).
 
-    python benchmarks/gpu_train_step.py [--batch 2] [--seq 4096] [--steps 8] [--backends triton fla] [--out-dir DIR] [--tiny]
+--profile prints torch.profiler's table (time per kernel) of one more step per model after the timed ones.
+
+    python benchmarks/gpu_train_step.py [--batch 2] [--seq 4096] [--steps 8] [--backends triton fla] [--profile] [--out-dir DIR] [--tiny]
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def train_steps(model_cls, config, args, device):
     losses_timed = []
     times = C.time_calls_ms(lambda: losses_timed.append(step()), device, repeats=args.steps)
     losses += [x.item() for x in losses_timed]
+    if args.profile:
+        print(f"# profile of one step, {type(model).__name__} ({getattr(config, 'attn_backend', 'sdpa')})\n"
+              + C.profile_table(step, device), flush=True)
     return {"params": params, "step_ms": times, "peak_gib": C.peak_gib(device), "first_loss": losses[0],
             "last_loss": losses[-1]}
 
@@ -90,6 +95,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=["PaTH", "Llama"], choices=["PaTH", "Llama"])
     parser.add_argument("--backends", nargs="+", default=["triton", "fla"], choices=["triton", "fla", "torch", "auto"],
                         help="PaTH attention backends, one row each (the CPU and --tiny runs use torch)")
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of one step per model")
     C.add_common_args(parser, "gpu_train_step")
     args = parser.parse_args()
     device = C.pick_device(args)
