@@ -457,31 +457,6 @@ def decode_inputs(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
-def _pair_products(p: torch.Tensor) -> torch.Tensor:
-    """Frame changes F[s, t] = P_{s-1} ... P_{t+1} of every block pair s > t of each window.
-
-    p [..., NB, D, D] -> [..., NB * (NB - 1) // 2, D, D], pairs packed row by row ((1,0), (2,0), (2,1), ...).
-    Built one diagonal s - t at a time (F[s, s-1] = I, F[s, t] = F[s, t+1] P_{t+1}).
-    """
-    NB, D = p.shape[-3], p.shape[-1]
-    eye = torch.eye(D, dtype=p.dtype, device=p.device)
-    diagonal = eye.expand(*p.shape[:-3], NB - 1, D, D)  # entry t: F[t + 1, t]
-    diagonals = [diagonal]
-    for s in range(2, NB):
-        diagonal = diagonal[..., 1:, :, :] @ p[..., 1 : NB - s + 1, :, :]  # entry t: F[t + s, t]
-        diagonals.append(diagonal)
-    return torch.cat(diagonals, dim=-3).index_select(-3, _packed_pair_index(NB, p.device))
-
-
-def _packed_pair_index(NB: int, device: torch.device) -> torch.Tensor:
-    """Where pair (s, t) of :func:`_pair_products`'s diagonal order sits, in packed row-by-row order. Built
-    on the device (a host list copied per call would make the host wait for the GPU): diagonal d = s - t
-    starts after the NB - 1, NB - 2, ... pairs of the diagonals before it."""
-    s, t = torch.tril_indices(NB, NB, -1, device=device)  # row by row: (1, 0), (2, 0), (2, 1), ...
-    d = s - t
-    return (d - 1) * NB - (d - 1) * d // 2 + t
-
-
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     starts = torch.zeros(B, T_pad, dtype=torch.bool, device=device)
@@ -530,7 +505,7 @@ class _PaTHTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):
-        from .path_triton import framed_forward, prepare_forward  # lazy: triton is optional
+        from .path_triton import _precision, frame_changes, framed_forward, prepare_forward  # lazy: triton is optional
 
         B, T, HQ, _ = q.shape
         H = k.shape[2]
@@ -546,7 +521,7 @@ class _PaTHTriton(torch.autograd.Function):
             n_sb = T_pad // (C * NB)
             levels = []
             if n_sb > 1:
-                mid = _pair_products(prep["p_sb"].unsqueeze(2)).to(kdt).contiguous()
+                mid = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt))
                 levels.append((prep["q_bot"], prep["k_top"], mid, C * NB, n_sb))
             if NB > 1:
                 levels.append((prep["q_t"], prep["k_t"], prep["mid"], C, NB))
@@ -571,7 +546,9 @@ class _PaTHTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkeys):
-        from .path_triton import _precision, edge_grads, framed_backward, frames_backward, prepare_backward, prepare_forward
+        from .path_triton import (
+            _precision, edge_grads, frame_changes, framed_backward, frames_backward, prepare_backward, prepare_forward,
+        )
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
         scale, C, NB, kdt = ctx.args
@@ -602,9 +579,9 @@ class _PaTHTriton(torch.autograd.Function):
                 dmid = torch.zeros_like(prep["mid32"])
             edges = None
             if n_sb > 1:
-                mid_sb = _pair_products(prep["p_sb"].unsqueeze(2))
+                mid_sb_k, mid_sb = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True)
                 dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
-                    prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb.to(kdt).contiguous(),
+                    prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb_k,
                     block=C * NB, blocks_per_window=n_sb, **kernel_args,
                 )
                 dvs.append(dv_sb), dgates.append(dg_sb)

@@ -1094,6 +1094,53 @@ def _chain_launch(D: int) -> dict:
     return dict(CHAIN_LAUNCH[64 if D <= 64 else 128])
 
 
+@triton.jit(do_not_specialize=["NB"])
+def _frame_changes_kernel(P, MID, MID32, NB, D: tl.constexpr, DB: tl.constexpr, WRITE32: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Program (chain start t, batch x head, DB columns): the frame changes F[s, t] = P_{s-1} ... P_{t+1}
+    (s = t + 1 ... NB - 1; F[t + 1, t] = I) of one window of NB blocks, packed row by row at
+    s (s - 1) / 2 + t, in MID's dtype (and float32 in MID32 with WRITE32)."""
+    t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    od = tl.arange(0, D)
+    ob = tl.program_id(2) * DB + tl.arange(0, DB)
+    full = od[:, None] * D + od[None, :]
+    cols = od[:, None] * D + ob[None, :]
+    p_base = (i_bh * NB).to(tl.int64) * D * D
+    mid_base = (i_bh * (NB * (NB - 1) // 2)).to(tl.int64) * D * D
+    f = tl.where(od[:, None] == ob[None, :], 1.0, 0.0)
+    off = mid_base + ((t + 1) * t // 2 + t) * D * D + cols
+    tl.store(MID + off, f.to(MID.dtype.element_ty))
+    if WRITE32:
+        tl.store(MID32 + off, f)
+    for s in range(t + 2, NB):
+        f = tl.dot(tl.load(P + p_base + (s - 1) * D * D + full), f, input_precision=PREC)
+        off = mid_base + (s * (s - 1) // 2 + t) * D * D + cols
+        tl.store(MID + off, f.to(MID.dtype.element_ty))
+        if WRITE32:
+            tl.store(MID32 + off, f)
+
+
+def frame_changes(p, *, out_dtype, precision: str, float32_copy: bool = False, launch: dict | None = None):
+    """Frame changes F[s, t] = P_{s-1} ... P_{t+1} of every block pair s > t of one window, in one launch.
+
+    p [B, H, NB, D, D] float32 (the blocks' products) -> [B, H, 1, NB (NB - 1) / 2, D, D] in out_dtype, pairs
+    packed row by row ((1, 0), (2, 0), (2, 1), ...), the layout :func:`framed_forward` reads; with
+    ``float32_copy`` a (that, float32 copy) pair. precision: the products' (:func:`_precision`). ``launch``
+    overrides :func:`_chain_launch` (tuning)."""
+    B, H, NB, D, _ = p.shape
+    p = p.contiguous()
+    mid = torch.empty(B, H, 1, NB * (NB - 1) // 2, D, D, dtype=out_dtype, device=p.device)
+    mid32 = torch.empty(mid.shape, dtype=torch.float32, device=p.device) if float32_copy else None
+    config = dict(_chain_launch(D), **(launch or {}))
+    DB = min(D, config.pop("columns"))
+    if NB > 1:
+        _frame_changes_kernel[(NB - 1, B * H, D // DB)](
+            p, mid, mid32 if float32_copy else mid, NB, D=D, DB=DB, WRITE32=float32_copy, PREC=precision, **config,
+        )
+    return (mid, mid32) if float32_copy else mid
+
+
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
                     keys32: bool, for_backward: bool = False, launch: dict | None = None):
     """The forward pass's preparation in two kernels (not differentiable: the backward reruns it with

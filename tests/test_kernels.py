@@ -127,6 +127,36 @@ def test_chain_kernels_by_column_blocks(monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("NB, columns", [(2, 32), (6, 32), (5, 16)])
+def test_frame_changes_match_explicit_products(monkeypatch, NB, columns):
+    """path_triton.frame_changes (the superblock level's frame changes, one chain per program) against the
+    products P_{s-1} ... P_{t+1} of every pair s > t formed one by one in float64, in the packed row-by-row
+    order; the half-precision copy is the float32 one rounded."""
+    from path_lm import path_triton
+
+    monkeypatch.setattr(path_triton, "_chain_launch", lambda D: dict(columns=columns, num_warps=4, num_stages=1))
+    B, H, D = 2, 3, 32
+    gen = torch.Generator().manual_seed(11)
+    p = torch.linalg.qr(torch.randn(B, H, NB, D, D, generator=gen, dtype=torch.float64))[0]  # products of reflections
+    p = p + 0.05 * torch.randn(B, H, NB, D, D, generator=gen, dtype=torch.float64)  # and not orthogonal
+    half, full = path_triton.frame_changes(p.float().to(DEVICE), out_dtype=torch.bfloat16, precision="ieee",
+                                           float32_copy=True)
+    assert half.shape == full.shape == (B, H, 1, NB * (NB - 1) // 2, D, D) and half.dtype == torch.bfloat16
+    index = 0
+    for s in range(1, NB):
+        for t in range(s):
+            expected = torch.eye(D, dtype=torch.float64).expand(B, H, D, D)
+            for j in range(t + 1, s):  # F[s, t] = P_{s-1} ... P_{t+1}: later blocks on the left
+                expected = p[:, :, j] @ expected
+            assert rel_err(full[:, :, 0, index].cpu(), expected) < 1e-5, (s, t)
+            index += 1
+    if CUDA:
+        assert torch.equal(half, full.to(torch.bfloat16))
+    else:  # Triton's interpreter rounds to bf16 otherwise than the GPU (within one bf16 step)
+        assert ((half.float() - full).abs() <= 2**-7 * full.abs()).all()
+    assert torch.equal(path_triton.frame_changes(p.float().to(DEVICE), out_dtype=torch.float32, precision="ieee"), full)
+
+
 @pytest.mark.parametrize("query_tile, key_tile", [(16, 32), (32, 16)])
 def test_unequal_query_and_key_tiles(monkeypatch, query_tile, key_tile):
     """The launch table may give an attention kernel more keys than queries per tile or the reverse (the
