@@ -193,6 +193,20 @@ def test_packed_and_padded_segments_match_float64_references():
     assert rel_err(keys[1:, 21:].cpu(), transformed_keys_reference(k, w, beta)) < 1e-5
 
 
+@pytest.mark.parametrize("B, T, T_pad", [(2, 100, 128), (1, 128, 128), (3, 1, 512)])
+def test_segment_bounds_without_segment_ids_equal_one_segment_per_row(B, T, T_pad):
+    """The kernels' segment bounds without segment_ids (a shortcut) equal those of one explicit segment per
+    row: start 0 and end T for real positions, the padding its own segment [T, T_pad)."""
+    from path_lm.path_ops import _segment_bounds
+
+    shortcut = _segment_bounds(None, B, T, T_pad, DEVICE)
+    general = _segment_bounds(torch.zeros(B, T, dtype=torch.long, device=DEVICE), B, T, T_pad, DEVICE)
+    for a, b in zip(shortcut, general):
+        assert a.dtype == torch.int32 and a.is_contiguous() and torch.equal(a, b)
+    assert shortcut[0][:, :T].eq(0).all() and shortcut[1][:, :T].eq(T).all()
+    assert shortcut[0][:, T:].eq(T).all() and shortcut[1][:, T:].eq(T_pad).all()
+
+
 def test_forward_without_gradients_runs_in_slices_of_rows(monkeypatch):
     """Without gradients the op runs on slices of rows (bounded temporaries for large prefills): outputs and
     carried keys equal the whole batch's, packed documents and padding included; with gradients it does not
