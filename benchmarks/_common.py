@@ -137,6 +137,22 @@ def time_calls_ms(fn, device: torch.device, repeats: int, stop_after_ms: float |
     return times
 
 
+def host_ms(fn, device: torch.device, repeats: int = 5) -> float:
+    """Median milliseconds until fn() returns, the device idle at each call: the host's share of the call
+    (Python, argument checks, kernel launches), since on a GPU the kernels run on after the call returns.
+    A call whose GPU time exceeds this can keep the GPU busy; one below it leaves the GPU waiting."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def profile_table(fn, device: torch.device, rows: int = 25) -> str:
     """torch.profiler's table of one call of fn() (after the caller's warm-up), sorted by device time:
     self CUDA time per kernel on a GPU, self CPU time per op on a CPU."""

@@ -4,7 +4,9 @@ PaTH: path-lm's Triton kernel (`path_attention_triton`), fla's (`path_attention_
 T <= --torch-max-t, the exact PyTorch path (`path_attention_torch`). Baseline: `scaled_dot_product_attention(is_causal=True)` restricted to the
 flash backend, layout [B, H, T, D]. bf16 q/k/v, forget gate on (w, beta, g in float32 as the model feeds
 them), B * T = 16k tokens, T = 2k/4k/8k/16k, 16 heads x 64 and 8 heads x 128. Backward takes gradients of
-every input. Median of triton.testing.do_bench.
+every input. Median of triton.testing.do_bench. "host ms": median time until the call returns with the GPU
+idle at the call (Python and launches; the GPU runs on after it): where it exceeds the GPU time, the call
+is bound by the host.
 
 TFLOP/s use the causal attention count for BOTH ops (so they compare): fwd = 4 * B * H * T^2 * D / 2,
 fwd+bwd = 3.5 x fwd. PaTH does more arithmetic than that (about 2x); its TFLOP/s are attention-equivalent.
@@ -39,7 +41,7 @@ def make_inputs(B, T, H, D, device, dtype=torch.bfloat16):
 
 
 def measure(fwd, inputs, device, args):
-    """(fwd ms, fwd+bwd ms); 'OOM' (or the error) where a call failed."""
+    """(fwd ms, fwd+bwd ms, fwd host ms, fwd+bwd host ms); 'OOM' (or the error) where a call failed."""
     out = fwd()
     grad_out = torch.randn_like(out)
     del out
@@ -51,14 +53,16 @@ def measure(fwd, inputs, device, args):
     def fwd_bwd():
         torch.autograd.grad(fwd(), inputs, grad_out)
 
-    results = []
+    results, host = [], []
     for fn in (fwd_only, fwd_bwd):
         try:
             results.append(C.bench_ms(fn, device, args.warmup_ms, args.rep_ms))
+            host.append(C.host_ms(fn, device))
         except Exception as err:
             results.append(C.failure(err))
+            host.append(None)
         C.free(device)  # outside `except`: the traceback would keep the failed call's tensors alive
-    return results
+    return results + host
 
 
 def run(args, device):
@@ -77,11 +81,13 @@ def run(args, device):
             base = None
             for name, fwd, inputs in impls:
                 try:
-                    fwd_ms, fb_ms = measure(fwd, inputs, device, args)
+                    fwd_ms, fb_ms, fwd_host, fb_host = measure(fwd, inputs, device, args)
                 except Exception as err:  # the first call failed
                     fwd_ms = fb_ms = C.failure(err)
+                    fwd_host = fb_host = None
                 C.free(device)
-                row = {"heads": H, "dim": D, "B": B, "T": T, "impl": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms}
+                row = {"heads": H, "dim": D, "B": B, "T": T, "impl": name, "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms,
+                       "fwd_host_ms": fwd_host, "fwd_bwd_host_ms": fb_host}
                 for key, count in (("fwd", flops), ("fwd_bwd", 3.5 * flops)):
                     ms = row[f"{key}_ms"]
                     row[f"{key}_tflops"] = count / (ms * 1e-3) / 1e12 if isinstance(ms, float) else None
@@ -94,7 +100,8 @@ def run(args, device):
                     for key in ("fwd", "fwd_bwd"):
                         both = isinstance(ours[f"{key}_ms"], float) and isinstance(row[f"{key}_ms"], float)
                         ours[f"{key}_fla_speedup"] = row[f"{key}_ms"] / ours[f"{key}_ms"] if both else None
-                print(f"# {name} H{H}xD{D} B{B} T{T}: fwd {C.fmt(fwd_ms)} ms, fwd+bwd {C.fmt(fb_ms)} ms", flush=True)
+                print(f"# {name} H{H}xD{D} B{B} T{T}: fwd {C.fmt(fwd_ms)} ms, fwd+bwd {C.fmt(fb_ms)} ms (host "
+                      f"{C.fmt(fwd_host)} / {C.fmt(fb_host)} ms)", flush=True)
             del path, sdpa, impls, fwd, inputs
             C.free(device)
     return rows
@@ -131,11 +138,12 @@ def main():
     table = [[f"{r['heads']}x{r['dim']}", f"{r['B']}x{r['T']}", r["impl"],
               C.fmt(r["fwd_ms"], ".3f"), C.fmt(r["fwd_tflops"], ".0f"), C.ratio(r["fwd_vs_sdpa"], ".1f"),
               C.fmt(r["fwd_bwd_ms"], ".3f"), C.fmt(r["fwd_bwd_tflops"], ".0f"), C.ratio(r["fwd_bwd_vs_sdpa"], ".1f"),
-              C.ratio(r.get("fwd_fla_speedup"), ".1f"), C.ratio(r.get("fwd_bwd_fla_speedup"), ".1f")]
+              C.ratio(r.get("fwd_fla_speedup"), ".1f"), C.ratio(r.get("fwd_bwd_fla_speedup"), ".1f"),
+              f"{C.fmt(r['fwd_host_ms'])} / {C.fmt(r['fwd_bwd_host_ms'])}"]
              for r in rows]
     print(C.markdown_table(["heads x dim", "B x T", "op", "fwd ms", "fwd TFLOP/s", "fwd / SDPA",
                             "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd / SDPA",
-                            "fla / path-lm fwd", "fla / path-lm fwd+bwd"], table))
+                            "fla / path-lm fwd", "fla / path-lm fwd+bwd", "host ms fwd / fwd+bwd"], table))
 
 
 if __name__ == "__main__":
