@@ -1014,6 +1014,24 @@ def _prep_chunk_kernel(
 
 
 @triton.jit
+def _frame_chain(P, p_base, MID, MID32, mid_base, t, NB, eye_cols, full, cols, D: tl.constexpr,
+                 WRITE32: tl.constexpr, PREC: tl.constexpr):
+    """The frame changes F[s, t] = P_{s-1} ... P_{t+1} of one window's chain from block t (s = t + 1 ... NB - 1,
+    F[t + 1, t] = I), these columns (``cols`` of a D x D matrix, ``eye_cols`` the identity's): the blocks'
+    products at P + p_base, the changes packed row by row at MID + mid_base + (s (s - 1) / 2 + t) D^2 in MID's
+    dtype, and in float32 at MID32 with WRITE32."""
+    f = eye_cols
+    tl.store(MID + mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+    if WRITE32:
+        tl.store(MID32 + mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f)
+    for s in range(t + 2, NB):
+        f = tl.dot(tl.load(P + p_base + (s - 1) * D * D + full), f, input_precision=PREC)
+        tl.store(MID + mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
+        if WRITE32:
+            tl.store(MID32 + mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f)
+
+
+@triton.jit
 def _prep_superblock_kernel(
     P, QT, KT, Q_BOT, K_TOP, K_TOP32, MID, P_SB, B_MAT, A_MAT, MID32, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
@@ -1068,18 +1086,9 @@ def _prep_superblock_kernel(
             if FOR_BACKWARD:
                 tl.store(A_MAT + p_base + l * D * D + ob[:, None] * D + od[None, :], above)
             above = tl.dot(above, tl.load(P + p_base + l * D * D + full), input_precision=PREC)
-    else:  # frame changes F[s, t] = P_{s-1} ... P_{t+1} from chunk t, packed row by row
-        t = task - 2
+    else:  # frame changes from chunk t
         mid_base = ((i_bh * n_sb + i_s) * NP).to(tl.int64) * D * D
-        f = eye_cols
-        tl.store(MID + mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
-        if FOR_BACKWARD:
-            tl.store(MID32 + mid_base + ((t + 1) * t // 2 + t) * D * D + cols, f)
-        for s in range(t + 2, NB):
-            f = tl.dot(tl.load(P + p_base + (s - 1) * D * D + full), f, input_precision=PREC)
-            tl.store(MID + mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f.to(MID.dtype.element_ty))
-            if FOR_BACKWARD:
-                tl.store(MID32 + mid_base + (s * (s - 1) // 2 + t) * D * D + cols, f)
+        _frame_chain(P, p_base, MID, MID32, mid_base, task - 2, NB, eye_cols, full, cols, D, FOR_BACKWARD, PREC)
 
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
@@ -1108,17 +1117,8 @@ def _frame_changes_kernel(P, MID, MID32, NB, D: tl.constexpr, DB: tl.constexpr, 
     cols = od[:, None] * D + ob[None, :]
     p_base = (i_bh * NB).to(tl.int64) * D * D
     mid_base = (i_bh * (NB * (NB - 1) // 2)).to(tl.int64) * D * D
-    f = tl.where(od[:, None] == ob[None, :], 1.0, 0.0)
-    off = mid_base + ((t + 1) * t // 2 + t) * D * D + cols
-    tl.store(MID + off, f.to(MID.dtype.element_ty))
-    if WRITE32:
-        tl.store(MID32 + off, f)
-    for s in range(t + 2, NB):
-        f = tl.dot(tl.load(P + p_base + (s - 1) * D * D + full), f, input_precision=PREC)
-        off = mid_base + (s * (s - 1) // 2 + t) * D * D + cols
-        tl.store(MID + off, f.to(MID.dtype.element_ty))
-        if WRITE32:
-            tl.store(MID32 + off, f)
+    eye_cols = tl.where(od[:, None] == ob[None, :], 1.0, 0.0)
+    _frame_chain(P, p_base, MID, MID32, mid_base, t, NB, eye_cols, full, cols, D, WRITE32, PREC)
 
 
 def frame_changes(p, *, out_dtype, precision: str, float32_copy: bool = False, launch: dict | None = None):
