@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from path_lm import PaTHConfig, PaTHForCausalLM, PaTHStaticCache
-from path_lm.cache_path import FRAME_WINDOW, frames_pay_off
+from path_lm.cache_path import FRAME_WINDOW, frames_pay_off, key_layout
 
 # transformers 5.24 renamed the cache argument from `past_key_values` to `cache`.
 CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -89,9 +89,7 @@ def step_bytes(name, model, config, batch, context) -> int:
     if name == "Llama":
         per_token = 2 * kv_dim * 2
     else:
-        key_dtype = config.cache_key_dtype
-        if key_dtype == "auto":  # as cache_path resolves it for a bf16 model on the decoding kernel
-            key_dtype = "mixed" if frames_pay_off(batch, config.num_kv_heads, context) else "float32"
+        key_dtype = key_layout(config.cache_key_dtype, torch.bfloat16, True, batch, config.num_kv_heads, context)
         mixed = key_dtype == "mixed"  # bf16 keys, the window's in a float32 ring
         key_bytes = 4 if key_dtype == "float32" else 2
         per_token = kv_dim * 2 + config.num_heads * 4 + 1  # values, cumulative gates, padding mask

@@ -40,6 +40,17 @@ def frames_pay_off(batch: int, kv_heads: int, length: int) -> bool:
     return batch * kv_heads * length > FRAMES_MIN_KEYS
 
 
+def key_layout(key_dtype: str, model_dtype: torch.dtype, decoding_kernel: bool, batch: int, kv_heads: int,
+               length: int) -> str:
+    """The layout a cache with ``cache_key_dtype=key_dtype`` takes for this model dtype and cache size:
+    "auto" becomes "mixed" for a bf16/fp16 model on the decoding kernel whose cache keeps frames
+    (:func:`frames_pay_off`), else "float32"; any other value stays."""
+    if key_dtype != "auto":
+        return key_dtype
+    half = model_dtype in (torch.bfloat16, torch.float16)
+    return "mixed" if decoding_kernel and half and frames_pay_off(batch, kv_heads, length) else "float32"
+
+
 def _grow(buffer: torch.Tensor | None, length: int, needed: int, shape_fn) -> torch.Tensor:
     """Return a buffer with room for `needed` positions along dim 2, keeping the first `length`."""
     if buffer is not None and buffer.shape[2] >= needed:
@@ -140,10 +151,7 @@ class PaTHCacheLayer(CacheLayerMixin):
                            size: int) -> torch.dtype:
         """The stored keys' dtype, at the first write of keys [B, T, H, D]; ``"auto"`` becomes "mixed" or
         "float32" here (``size``: the positions the cache holds, for the frame rule)."""
-        if self.key_dtype == "auto":
-            B, _, H, _ = keys.shape
-            half = model_dtype in (torch.bfloat16, torch.float16)
-            self.key_dtype = "mixed" if decoding_kernel and half and frames_pay_off(B, H, size) else "float32"
+        self.key_dtype = key_layout(self.key_dtype, model_dtype, decoding_kernel, keys.shape[0], keys.shape[2], size)
         if self.key_dtype == "model" or (self.key_dtype == "mixed" and decoding_kernel):
             return model_dtype
         return {"float32": torch.float32, "float64": torch.float64, "mixed": torch.float32}[self.key_dtype]
