@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -374,9 +375,12 @@ class PaTHLMTrainer(Trainer):
     optimizes with :class:`MuonWithAdamW` (Muon for :func:`muon_parameter_names`, AdamW at ``args.learning_rate``
     for the rest; ``args.weight_decay`` for both, none on AdamW's norms and biases)."""
 
-    def __init__(self, *args, muon: dict | None = None, **kwargs):
+    def __init__(self, *args, muon: dict | None = None, tokens_per_step: int | None = None, **kwargs):
         self.muon = muon
+        self.throughput = ThroughputMeter(tokens_per_step) if tokens_per_step else None
         super().__init__(*args, **kwargs)
+        if self.throughput is not None:
+            self.add_callback(self.throughput)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.muon is None or self.optimizer is not None:
@@ -402,7 +406,33 @@ class PaTHLMTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "eval_loss" in logs:
             logs["eval_perplexity"] = perplexity(logs["eval_loss"])
+        if "loss" in logs and self.throughput is not None:
+            rate = self.throughput.rate(self.state.global_step)
+            if rate is not None:
+                logs["tokens_per_second"] = rate
         super().log(logs, *args, **kwargs)
+
+
+class ThroughputMeter(TrainerCallback):
+    """Training tokens per second (all processes together, padding included) between two training logs,
+    for ``tokens_per_second`` in the log. Evaluations and checkpoint saves are not counted: the Trainer logs
+    before it evaluates or saves at a step, and the clock restarts after them."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.mark = None  # (global step, time) the current interval started at
+
+    def _restart(self, args, state, control, **kwargs):
+        self.mark = (state.global_step, time.perf_counter())
+
+    on_train_begin = on_evaluate = on_save = _restart
+
+    def rate(self, step: int) -> float | None:
+        now = time.perf_counter()
+        previous, self.mark = self.mark, (step, now)
+        if previous is None or step <= previous[0] or now <= previous[1]:
+            return None
+        return round((step - previous[0]) * self.tokens_per_step / (now - previous[1]), 1)
 
 
 def plot_loss_curve(log_history: list[dict], path) -> None:
@@ -652,6 +682,7 @@ def train(
         processing_class=tok,
         callbacks=[LossCurveCallback()],
         muon={"lr": muon_lr, "momentum": muon_momentum} if optim == "muon" else None,
+        tokens_per_step=batch_size * gradient_accumulation_steps * args.world_size * seq_len,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     # The last evaluation, unless the Trainer just ran it at the final step.
@@ -663,6 +694,10 @@ def train(
 
     history = trainer.state.log_history
     losses = [e["loss"] for e in history if "loss" in e]
+    # Steady throughput: the median over the logging intervals after the first (which holds the warm-up:
+    # kernel compilation, allocator growth); the first one if that is all there is.
+    rates = [e["tokens_per_second"] for e in history if "tokens_per_second" in e]
+    steady = statistics.median(rates[1:] or rates) if rates else None
     global_batch = batch_size * gradient_accumulation_steps * args.world_size
     summary = {
         "data_files": data_files,
@@ -702,6 +737,10 @@ def train(
         "mean_train_loss": result.training_loss,
         "loss_curve": [(e["step"], e["loss"]) for e in history if "loss" in e],
         "eval_curve": [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e],
+        "throughput_curve": [(e["step"], e["tokens_per_second"]) for e in history if "tokens_per_second" in e],
+        "tokens_per_second": steady,
+        "tokens_per_second_per_device": steady / args.world_size if steady else None,
+        "peak_gpu_memory_gib": (torch.cuda.max_memory_allocated() / 2**30 if args.device.type == "cuda" else None),
         "wall_seconds": time.perf_counter() - wall_start,
     }
     if trainer.is_world_process_zero():  # the loss curve is already drawn (LossCurveCallback)
@@ -710,6 +749,8 @@ def train(
     if trainer.is_world_process_zero():
         ppl = summary["eval_perplexity"]
         metrics = f"final train loss {summary['final_loss']:.4f}" + (f", eval perplexity {ppl:.2f}" if ppl else "")
+        if steady:
+            metrics += f", {steady:,.0f} tokens/s"
         print(f"path-lm train: saved {final} ({summary['steps']} steps, {metrics})")
     return summary
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from path_lm import PaTHConfig, PaTHForCausalLM
 from path_lm.cli import main
-from path_lm.training import IGNORE_INDEX, load_documents, pack_documents, train
+from path_lm import training
+from path_lm.training import IGNORE_INDEX, ThroughputMeter, load_documents, pack_documents, train
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dog", "ran", "to", "big", "red", "house", "under",
          "blue", "sky", "over", "green", "hill"]
@@ -65,6 +68,9 @@ def test_train_end_to_end_from_the_command_line(corpus, tmp_path):
     losses = [loss for _, loss in summary["loss_curve"]]
     assert losses[-1] < losses[0] and summary["final_loss"] == losses[-1]
     assert 1 < summary["eval_perplexity"] < 300
+    rates = summary["throughput_curve"]
+    assert [step for step, _ in rates] == [5, 10, 15, 20, 25, 30] and all(rate > 0 for _, rate in rates)
+    assert summary["tokens_per_second"] == pytest.approx(statistics.median(rate for _, rate in rates[1:]))
     assert (model_dir / "loss_curve.png").exists() and (model_dir / "modeling_path.py").exists()
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
@@ -74,6 +80,18 @@ def test_train_end_to_end_from_the_command_line(corpus, tmp_path):
     ids = tokenizer("the cat sat", return_tensors="pt").input_ids
     assert tokenizer.decode(ids[0]) == "the cat sat"
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+
+
+def test_throughput_counts_training_time_only(monkeypatch):
+    clock = iter([0.0, 2.0, 5.0, 9.0, 10.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    meter, state = ThroughputMeter(tokens_per_step=100), SimpleNamespace(global_step=0)
+    meter.on_train_begin(None, state, None)  # t = 0
+    assert meter.rate(4) == 200.0  # t = 2: 4 steps of 100 tokens in 2 s
+    state.global_step = 4
+    meter.on_evaluate(None, state, None)  # t = 5: the 3 s of evaluation are not training time
+    assert meter.rate(8) == 100.0  # t = 9
+    assert meter.rate(8) is None  # t = 10: no step since the last log
 
 
 def test_resume_matches_an_uninterrupted_run(corpus, tmp_path):
