@@ -29,6 +29,7 @@ holds files) raises ``SystemExit`` with a message before anything is written.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -67,6 +68,12 @@ PRESETS = {
 }
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 SPECIAL_TOKEN = "<|endoftext|>"  # bos, eos and pad of the trained tokenizer
+# transformers 5.24 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name
+# is a deprecated alias there); 5.17 has only the old one.
+CHECKPOINTING_FIELD = next(
+    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
+    "gradient_checkpointing",
+)
 MODEL_DIRNAME = "model"
 TOKENIZER_DIRNAME = "tokenizer"
 SUMMARY_NAME = "training_summary.json"
@@ -633,7 +640,7 @@ def train(
             "weight_decay": weight_decay,
             "max_grad_norm": max_grad_norm,
             "bf16": bf16,
-            "activation_checkpointing": gradient_checkpointing,
+            CHECKPOINTING_FIELD: gradient_checkpointing,
             "logging_steps": logging_steps,
             "eval_strategy": "steps" if eval_rows else "no",
             "eval_steps": eval_steps,
