@@ -405,7 +405,17 @@ class PaTHPreTrainedModel(PreTrainedModel):
             "AutoModelForCausalLM": "modeling_path.PaTHForCausalLM",
             "AutoModelForSequenceClassification": "modeling_path.PaTHForSequenceClassification",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # The kernel is a choice of the machine that runs the model, not a property of its weights (as
+        # transformers' attn_implementation): a model that ran on a CUDA-only kernel ("fla", "triton") is saved
+        # with "auto", so the checkpoint also loads and runs on a CPU; pass attn_backend=... to from_pretrained
+        # to pick a kernel there.
+        backend = self.config.attn_backend
+        if backend in ("fla", "triton"):
+            self.config.attn_backend = "auto"
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.attn_backend = backend
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -749,7 +749,8 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
             break
     if backend != "auto" and chosen == "torch":
         raise RuntimeError(
-            f"attn_backend={backend!r} cannot run: {reasons[backend]}. Use attn_backend='auto' or 'torch'."
+            f"attn_backend={backend!r} cannot run: {reasons[backend]}. Use attn_backend='auto' or 'torch' "
+            f"(for a saved model: from_pretrained(..., attn_backend='auto'))."
         )
     why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items() if reason is not None)
     if (chosen, why) not in _announced:

@@ -225,6 +225,23 @@ def test_saved_config_auto_map(tmp_path):
     assert {key: auto_map.get(key) for key in AUTO_CLASSES} == expected, auto_map
 
 
+@pytest.mark.parametrize("backend", ["fla", "triton", "torch"])
+def test_cuda_only_kernel_choice_is_saved_as_auto(tmp_path, backend):
+    """A model trained on a CUDA-only kernel loads and runs on a CPU; the running model keeps its choice."""
+    model = make_model(attn_backend=backend)
+    ids = input_ids()
+    expected = logits_of(make_model(), ids)  # same weights, the default backend
+    model.save_pretrained(tmp_path)
+    assert model.config.attn_backend == backend
+    assert all(layer.attn.attn_backend == backend for layer in model.model.layers)
+    saved = json.loads((tmp_path / "config.json").read_text())["attn_backend"]
+    assert saved == ("torch" if backend == "torch" else "auto")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits_of(loaded, ids), expected)
+    chosen = AutoModelForCausalLM.from_pretrained(tmp_path, attn_backend="torch")
+    assert {layer.attn.attn_backend for layer in chosen.model.layers} == {"torch"}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3, 4. Remote code in a process that cannot import path_lm
 # ---------------------------------------------------------------------------------------------------------
