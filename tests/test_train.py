@@ -1,4 +1,5 @@
-"""``path-lm train``: end to end, resume, torchrun, packing and bad input, on a tiny corpus on the CPU."""
+"""``path-lm train``: end to end, resume, torchrun (DDP) and accelerate (FSDP2), packing and bad input, on a tiny
+corpus on the CPU."""
 
 from __future__ import annotations
 
@@ -126,6 +127,40 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
         assert step_one == step_two and loss_two == pytest.approx(loss_one, rel=1e-4)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", trust_remote_code=True)
     assert not list((tmp_path / "two").glob(".model.tmp*")), "the save's temporary folder was left behind"
+
+
+def test_accelerate_fsdp_two_processes_match_one(corpus, tmp_path):
+    """examples/fsdp_config.yaml's FSDP2 setup (a unit per PaTHBlock, full state dict), on 2 CPU processes."""
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "fsdp_config.yaml").read_text())
+    config.update(num_processes=2, use_cpu=True, mixed_precision="no")  # gloo, float32
+    config_file = tmp_path / "fsdp_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    args = ["train", str(corpus["txt"]), "--vocab-size", "300", "--seq-len", "32", "--learning-rate", "3e-3",
+            "--max-steps", "6", "--save-steps", "6", "--logging-steps", "1", "--eval-fraction", "0", "--cpu",
+            "--no-progress"]
+    main(args + ["--output-dir", str(tmp_path / "one"), "--batch-size", "4"])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m", "path_lm.cli",
+         *args, "--output-dir", str(tmp_path / "two"), "--batch-size", "2"],
+        env=env, check=True, timeout=240,
+    )
+    one = json.loads((tmp_path / "one" / "training_summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert two["training"]["world_size"] == 2 and two["training"]["global_batch_size"] == 4
+    for (step_one, loss_one), (step_two, loss_two) in zip(one["loss_curve"], two["loss_curve"], strict=True):
+        assert step_one == step_two and loss_two == pytest.approx(loss_one, rel=1e-4)
+    # The sharded run's final save is an ordinary full checkpoint with the single run's weights.
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model", trust_remote_code=True)
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", trust_remote_code=True)
+    a, b = single.state_dict(), sharded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    ids = torch.tensor([[5, 17, 42, 7]])
+    assert torch.equal(sharded.generate(ids, max_new_tokens=8, do_sample=False),
+                       single.generate(ids, max_new_tokens=8, do_sample=False))
 
 
 def test_final_save_replaces_a_stale_temporary_folder(tmp_path):
