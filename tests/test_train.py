@@ -16,9 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from path_lm import PaTHConfig, PaTHForCausalLM
+from path_lm import PaTHConfig, PaTHForCausalLM, training
 from path_lm.cli import main
-from path_lm import training
 from path_lm.training import IGNORE_INDEX, ThroughputMeter, load_documents, pack_documents, train
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dog", "ran", "to", "big", "red", "house", "under",
@@ -109,15 +108,17 @@ def test_resume_matches_an_uninterrupted_run(corpus, tmp_path):
     assert resumed[2 * n] == pytest.approx(full[2 * n], rel=1e-5)
 
 
-def test_torchrun_two_processes_match_one(corpus, tmp_path):
+def train_on_two_processes_and_one(corpus, tmp_path, launcher: list[str]) -> None:
+    """``path-lm train`` in this process (batch 4) and under ``python -m LAUNCHER ...`` with 2 CPU processes
+    (batch 2 each, gloo): the same global batch gives the same loss at every step."""
     args = ["train", str(corpus["txt"]), "--vocab-size", "300", "--seq-len", "32", "--learning-rate", "3e-3",
             "--max-steps", "8", "--save-steps", "8", "--logging-steps", "1", "--eval-fraction", "0", "--cpu",
             "--no-progress"]
     main(args + ["--output-dir", str(tmp_path / "one"), "--batch-size", "4"])
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "path_lm.cli", *args, "--output-dir", str(tmp_path / "two"), "--batch-size", "2"],
+        [sys.executable, "-m", *launcher, "-m", "path_lm.cli", *args, "--output-dir", str(tmp_path / "two"),
+         "--batch-size", "2"],
         env=env, check=True, timeout=240,
     )
     one = json.loads((tmp_path / "one" / "training_summary.json").read_text())
@@ -125,8 +126,12 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
     assert two["training"]["world_size"] == 2 and two["training"]["global_batch_size"] == 4
     for (step_one, loss_one), (step_two, loss_two) in zip(one["loss_curve"], two["loss_curve"], strict=True):
         assert step_one == step_two and loss_two == pytest.approx(loss_one, rel=1e-4)
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", trust_remote_code=True)
     assert not list((tmp_path / "two").glob(".model.tmp*")), "the save's temporary folder was left behind"
+
+
+def test_torchrun_two_processes_match_one(corpus, tmp_path):
+    train_on_two_processes_and_one(corpus, tmp_path, ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", trust_remote_code=True)
 
 
 def test_accelerate_fsdp_two_processes_match_one(corpus, tmp_path):
@@ -136,21 +141,7 @@ def test_accelerate_fsdp_two_processes_match_one(corpus, tmp_path):
     config.update(num_processes=2, use_cpu=True, mixed_precision="no")  # gloo, float32
     config_file = tmp_path / "fsdp_cpu.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    args = ["train", str(corpus["txt"]), "--vocab-size", "300", "--seq-len", "32", "--learning-rate", "3e-3",
-            "--max-steps", "6", "--save-steps", "6", "--logging-steps", "1", "--eval-fraction", "0", "--cpu",
-            "--no-progress"]
-    main(args + ["--output-dir", str(tmp_path / "one"), "--batch-size", "4"])
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m", "path_lm.cli",
-         *args, "--output-dir", str(tmp_path / "two"), "--batch-size", "2"],
-        env=env, check=True, timeout=240,
-    )
-    one = json.loads((tmp_path / "one" / "training_summary.json").read_text())
-    two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
-    assert two["training"]["world_size"] == 2 and two["training"]["global_batch_size"] == 4
-    for (step_one, loss_one), (step_two, loss_two) in zip(one["loss_curve"], two["loss_curve"], strict=True):
-        assert step_one == step_two and loss_two == pytest.approx(loss_one, rel=1e-4)
+    train_on_two_processes_and_one(corpus, tmp_path, ["accelerate.commands.launch", "--config_file", str(config_file)])
     # The sharded run's final save is an ordinary full checkpoint with the single run's weights.
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "model", trust_remote_code=True)
     sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "model", trust_remote_code=True)
