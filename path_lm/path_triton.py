@@ -644,7 +644,8 @@ def decode_attention(
             call :func:`carry_framed_keys` before reading the keys with anything else.
         window: the in-place window of ``frames`` (a power of two, at least the tile of keys).
         out_dtype: the output's dtype (the merge kernel rounds to it).
-        launch: (keys per tile, warps, programs per SM), overriding :func:`_decode_launch` (for tuning).
+        launch: (keys per tile, warps, programs per SM), overriding :func:`_decode_launch` (for tuning); a
+            fourth element caps the decoding kernel's registers per thread (Triton's ``maxnreg``).
         new_token: (key [B, H, D], value [B, H, DV], log gate [B, HQ] float32 or None, padding flag [B]
             bool or None): the kernel writes slot n itself (raw key, value, gates[n - 1] + log gate, flag)
             instead of reading it, and, with n a device tensor, advances n by one after the step (a compiled
@@ -666,7 +667,8 @@ def decode_attention(
         raise ValueError("decode_attention needs key and value rows contiguous along the head dimension")
     use_dot = G > 1
     GP = max(16, triton.next_power_of_2(G)) if use_dot else 1
-    BN, warps, per_sm = launch if launch is not None else _decode_launch(D, DV, G, B * H * L)
+    BN, warps, per_sm, *cap = launch if launch is not None else _decode_launch(D, DV, G, B * H * L)
+    registers = {"maxnreg": cap[0]} if cap and cap[0] else {}
     has_frames = frames is not None
     if has_frames:
         if frames.shape != (B, 2, H, D, D) or frames.dtype != torch.float32 or not frames.is_contiguous():
@@ -730,7 +732,7 @@ def decode_attention(
         key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n, L,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
-        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, num_warps=warps,
+        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, num_warps=warps, **registers,
     )
     if final:
         return o

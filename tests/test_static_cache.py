@@ -270,6 +270,9 @@ KERNEL_CASES = [
          launch=(16, 2, 2), out=torch.bfloat16),
     dict(B=1, HQ=8, H=2, D=64, DV=64, L=90, n=64, gate=True, mask=False, key_dtype=torch.bfloat16,
          launch=(32, 4, 1), out=torch.bfloat16),
+    # registers per thread capped (Triton's maxnreg, for launch sweeps)
+    dict(B=2, HQ=2, H=2, D=32, DV=32, L=120, n=100, gate=True, mask=True, key_dtype=torch.float32,
+         launch=(16, 2, 2, 128)),
 ]
 
 
