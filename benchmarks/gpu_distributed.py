@@ -22,6 +22,9 @@ NVSHMEM_DISABLE_NVLS=1) are set for every launched process unless already set.
     python benchmarks/gpu_distributed.py --gpus 2 [--launchers single ddp fsdp] [--preset 350m] [--steps 300]
         [--global-batch 16] [--seq-len 2048] [--attn-backend fla] [--out-dir DIR]
     python benchmarks/gpu_distributed.py --tiny   # CPU logic check: tiny model, 2 gloo processes
+
+To split the runs over several calls (each run's corpus and tokenizer are made again, identically): first
+`--launchers single [--repeat-single] --json A.json`, then `--launchers ddp fsdp --reference A.json`.
 """
 
 from __future__ import annotations
@@ -142,6 +145,9 @@ def main():
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--run-timeout", type=float, default=3600, help="seconds per training run")
+    parser.add_argument("--reference", default=None,
+                        help="JSON of an earlier call whose one-process run(s) are the reference (to split the "
+                             "runs over calls: first --launchers single, then --launchers ddp fsdp --reference)")
     C.add_common_args(parser, "gpu_distributed")
     args = parser.parse_args()
     if args.tiny:
@@ -170,30 +176,38 @@ def main():
     config_file = out_dir / "config.json"
     config.to_json_file(config_file)
 
+    results = []
     plan = [("1 GPU" if args.device == "cuda" else "1 process", "single", 1)] * (2 if args.repeat_single else 1)
+    if args.reference:  # the one-process runs of an earlier call (the same arguments otherwise)
+        results = [r for r in json.loads(Path(args.reference).read_text())["runs"] if r["launcher"] == "single"]
+        if not results:
+            raise SystemExit(f"{args.reference} holds no one-process run")
+        plan = []
+        log(f"# reference: the one-process run(s) of {args.reference}")
+    elif "single" not in args.launchers:
+        raise SystemExit("--launchers needs single (the reference the others are compared with), or --reference")
     plan += [(f"{x.upper()} x {gpus}", x, gpus) for x in args.launchers if x != "single"]
-    if "single" not in args.launchers:
-        raise SystemExit("--launchers needs single: it is the reference the others are compared with")
-    results, tokenizer = [], None
+    documents = corpus.read_text().split("\n\n")
+    prompts = [" ".join(doc.split()[:24]) for doc in documents[-args.prompts:]]
+    tokenizer = None  # the first run trains it (deterministically, so a later call trains the same one)
     for i, (name, launcher, processes) in enumerate(plan):
         run_dir = out_dir / f"run{i}-{launcher}-{processes}"
         summary = run_training(name, launcher, processes, args, corpus, config_file, tokenizer, run_dir, log)
         tokenizer = tokenizer or run_dir / "tokenizer"
-        results.append(dict(name=name, launcher=launcher, processes=processes, dir=str(run_dir), summary=summary))
+        cpu = greedy_tokens(run_dir / "model", prompts, args.new_tokens, "cpu")
+        gpu = greedy_tokens(run_dir / "model", prompts, args.new_tokens, "cuda") if args.device == "cuda" else cpu
+        results.append(dict(name=name, launcher=launcher, processes=processes, dir=str(run_dir), summary=summary,
+                            greedy_cpu=cpu, greedy_gpu=gpu))
         log(f"# {name}: final loss {summary['final_loss']:.4f}, {C.fmt(summary['tokens_per_second'], ',.0f')} tokens/s,"
             f" {summary['launcher_seconds']:.0f} s")
 
-    documents = corpus.read_text().split("\n\n")
-    prompts = [" ".join(doc.split()[:24]) for doc in documents[-args.prompts:]]
     reference = results[0]["summary"]
     rows = []
     for result in results:
         s = result["summary"]
         gap_max, gap_mean = curve_gap(s["loss_curve"], reference["loss_curve"])
-        model_dir = Path(result["dir"]) / "model"
-        cpu = greedy_tokens(model_dir, prompts, args.new_tokens, "cpu")
-        gpu = greedy_tokens(model_dir, prompts, args.new_tokens, "cuda") if args.device == "cuda" else cpu
-        result.update(greedy_cpu=cpu, greedy_gpu=gpu, curve_gap=(gap_max, gap_mean))
+        result["curve_gap"] = (gap_max, gap_mean)
+        cpu, gpu = result["greedy_cpu"], result["greedy_gpu"]
         same = sum(a == b for a, b in zip(cpu, gpu))
         rate = s["tokens_per_second"]
         scaling = rate / (result["processes"] * reference["tokens_per_second"]) if rate and reference["tokens_per_second"] else None
@@ -201,7 +215,7 @@ def main():
             result["name"], s["training"]["global_batch_size"], s["steps"], f"{s['loss_curve'][0][1]:.3f}",
             f"{s['final_loss']:.3f}", f"{C.fmt(gap_max, '.4f')} / {C.fmt(gap_mean, '.4f')}", C.fmt(rate, ",.0f"),
             C.fmt(s["tokens_per_second_per_device"], ",.0f"), C.fmt(scaling), C.fmt(s.get("peak_gpu_memory_gib")),
-            f"{same}/{len(prompts)}",
+            f"{same}/{len(cpu)}",
         ])
     log()
     log(f"# {env['device']}; torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
