@@ -154,6 +154,24 @@ def test_accelerate_fsdp_two_processes_match_one(corpus, tmp_path):
                        single.generate(ids, max_new_tokens=8, do_sample=False))
 
 
+def test_distributed_benchmark_logic_on_cpu(tmp_path):
+    """benchmarks/gpu_distributed.py --tiny (one process, then 2 gloo processes in a second call against the
+    first call's JSON): the script that will run on several GPUs, kept working until a machine has them."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_distributed.py"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    subprocess.run([sys.executable, str(script), "--tiny", "--launchers", "single", "--out-dir", str(tmp_path / "a"),
+                    "--json", str(first)], env=env, check=True, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(script), "--tiny", "--launchers", "ddp", "--reference", str(first), "--out-dir",
+                    str(tmp_path / "b"), "--json", str(second)], env=env, check=True, timeout=300, capture_output=True)
+    runs = json.loads(second.read_text())["runs"]
+    assert [(r["launcher"], r["processes"]) for r in runs] == [("single", 1), ("ddp", 2)]
+    one, two = (r["summary"] for r in runs)
+    assert two["training"]["world_size"] == 2 and two["training"]["global_batch_size"] == one["training"]["global_batch_size"]
+    assert runs[1]["curve_gap"][0] < 1e-3 and len(two["loss_curve"]) == len(one["loss_curve"]) > 1
+    assert [len(tokens) for tokens in runs[1]["greedy_cpu"]] == [8] * 4  # 4 prompts x --new-tokens of --tiny
+
+
 def test_final_save_replaces_a_stale_temporary_folder(tmp_path):
     """An interrupted earlier save left its temporary folder: the next save starts it afresh, and the model
     folder holds only what this save wrote."""
