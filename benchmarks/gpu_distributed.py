@@ -90,7 +90,7 @@ def run_training(name, launcher, processes, args, corpus, config_file, tokenizer
     ]
     command += ["--tokenizer", str(tokenizer)] if tokenizer else ["--vocab-size", str(args.vocab_size)]
     command += ["--cpu"] if args.device == "cpu" else ["--bf16"]
-    env = dict(os.environ, **{k: os.environ.get(k, v) for k, v in MULTICAST_OFF.items()})
+    env = {**MULTICAST_OFF, **os.environ}  # the switches unless the environment sets them
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(C.REPO), env.get("PYTHONPATH")]))
     if args.device == "cpu":
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

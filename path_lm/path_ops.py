@@ -469,8 +469,7 @@ def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int
     starts[:, 0] = True
     if T < T_pad:
         starts[:, T] = True
-    if segment_ids is not None:
-        starts[:, 1:T] |= segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts[:, 1:T] |= segment_ids[:, 1:] != segment_ids[:, :-1]
     pos = torch.arange(T_pad, device=device).expand(B, T_pad)
     seg_start = torch.where(starts, pos, 0).cummax(1).values
     next_start = torch.where(starts, pos, T_pad)[:, 1:].flip(1).cummin(1).values.flip(1)
