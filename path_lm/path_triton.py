@@ -389,6 +389,29 @@ def _decode_fold_kernel(
                 tl.store(rows + oe[None, :], k_blk.to(K.dtype.element_ty))
 
 
+@triton.jit
+def _decode_tile(s, v, cols, valid, m_i, l_i, acc, g_rows, g_q, g_ok, MASK, b, sm_b, scale, HAS_GATE: tl.constexpr,
+                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr):
+    """One tile of cached keys into the online softmax: scores s [GP, BN] (before the gate and the scale),
+    values v [BN, DV]; returns the new (max, sum of exponentials, unnormalized output)."""
+    if HAS_GATE:
+        s = s + (g_q[:, None] - tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0))
+    s = (s * scale).to(tl.float32)  # torch.compile passes Python floats as float64
+    ok = valid
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b.to(tl.int64) * sm_b + cols, mask=valid, other=0) != 0)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    if USE_DOT:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
+
+
 @triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L"])
 def _decode_kernel(
     Q, K, V, W, BETA, GATE, MASK, N, FR, RING, OP, MP, LP, KN, VN, GN, MN,
@@ -434,8 +457,9 @@ def _decode_kernel(
     beta = tl.load(BETA + i_bh).to(tl.float32)
     k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    g_rows = GATE + b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h
+    g_q = tl.zeros([GP], tl.float32)
     if HAS_GATE:
-        g_rows = GATE + b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h
         if WRITE_NEW:
             g_q = tl.load(g_rows + tl.maximum(n - 1, 0), mask=g_ok, other=0.0)
             g_q += tl.load(GN + b * (H * G) + hq, mask=g_ok, other=0.0)
@@ -478,67 +502,59 @@ def _decode_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, DV], tl.float32)
     start = i_s * split_len
-    stop = tl.minimum(tl.minimum(start + split_len, n + 1), L)  # (n >= L: a full static cache, see merge)
-    for off in range(start, stop, BN):
+    stop = tl.minimum(start + split_len, L)
+    cached = tl.minimum(stop, n)  # this split's cached slots end here (n can be L: a full static cache)
+    # Framed keys: whole tiles (s_old is a multiple of the tile and below n), only read.
+    for off in range(start, tl.minimum(cached, s_old), BN):
         cols = off + on
-        valid = cols < stop
-        is_new = (cols == n) & valid  # (n can be L: a full cache, nothing written)
-        new_here = (off <= n) & (n < off + BN)  # only the tile holding slot n takes the new token
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * D + od[None, :]).to(tl.float32)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :])
+        m_i, l_i, acc = _decode_tile(_group_scores(q_old, k, USE_DOT), v, cols, cols < cached, m_i, l_i, acc, g_rows,
+                                     g_q, g_ok, MASK, b, sm_b, scale, HAS_GATE, HAS_MASK, USE_DOT)
+    # The window: each key gets the new token's update and is written back (to the ring and, rounded, to K).
+    for off in range(tl.maximum(start, s_old), cached, BN):
+        cols = off + on
+        valid = cols < cached
         k_ptr = k_base + cols.to(tl.int64)[:, None] * D + od[None, :]
-        k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-        if WRITE_NEW:
-            if new_here:
-                k = tl.where(is_new[:, None], k_new[None, :], k)
-        if off < s_old:  # framed keys (whole tiles: s_old is a multiple of the tile): read, never written
-            s = _group_scores(q_old, k, USE_DOT)
+        if HAS_RING:  # the exact keys of the window (the slots in K hold their rounded copies)
+            r_ptr = RING + (i_bh.to(tl.int64) * (2 * WINDOW) + cols % (2 * WINDOW))[:, None] * D + od[None, :]
+            k = tl.load(r_ptr, mask=valid[:, None], other=0.0)
         else:
-            in_window = cols < n
-            if HAS_RING:  # the exact keys of the window (the slots in K hold their rounded copies)
-                r_ptr = RING + (i_bh.to(tl.int64) * (2 * WINDOW) + cols % (2 * WINDOW))[:, None] * D + od[None, :]
-                k = tl.load(r_ptr, mask=(in_window & valid)[:, None], other=0.0)
-                if new_here:
-                    k = tl.where(is_new[:, None], k_new[None, :], k)
-            kw = tl.sum(k * w[None, :], axis=1)
-            k = k - (beta * tl.where(in_window, kw, 0.0))[:, None] * w[None, :]
-            written = (in_window | is_new) if WRITE_NEW else in_window
-            tl.store(k_ptr, k.to(K.dtype.element_ty), mask=written[:, None])
+            k = tl.load(k_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+        k = k - (beta * tl.sum(k * w[None, :], axis=1))[:, None] * w[None, :]
+        tl.store(k_ptr, k.to(K.dtype.element_ty), mask=valid[:, None])
+        if HAS_RING:
+            tl.store(r_ptr, k, mask=valid[:, None])
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :], mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _decode_tile(_group_scores(q, k, USE_DOT), v, cols, valid, m_i, l_i, acc, g_rows, g_q, g_ok,
+                                     MASK, b, sm_b, scale, HAS_GATE, HAS_MASK, USE_DOT)
+    # The new token (slot n, raw key, gate difference 0), if this split holds it.
+    if (start <= n) & (n < stop):
+        k_slot = k_base + n.to(tl.int64) * D + od
+        v_slot = v_base + n.to(tl.int64) * DV + ov
+        if WRITE_NEW:
+            tl.store(k_slot, k_new.to(K.dtype.element_ty))
+            tl.store(v_slot, v_new)
             if HAS_RING:
-                tl.store(r_ptr, k, mask=written[:, None])
-            s = _group_scores(q, k, USE_DOT)
-        if HAS_GATE:
-            g_k = tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0)
-            if WRITE_NEW:
-                if new_here:
-                    g_k = tl.where(is_new[None, :], g_q[:, None], g_k)
-                    tl.store(g_rows[:, None] + cols[None, :], g_k, mask=g_ok[:, None] & is_new[None, :])
-            s = s + (g_q[:, None] - g_k)
-        s = (s * scale).to(tl.float32)  # torch.compile passes Python floats as float64
-        ok = valid
-        if HAS_MASK:
-            m_ptr = MASK + b.to(tl.int64) * sm_b + cols
-            flags = tl.load(m_ptr, mask=valid, other=0) != 0
+                tl.store(RING + (i_bh.to(tl.int64) * (2 * WINDOW) + n % (2 * WINDOW)) * D + od, k_new)
+            if HAS_GATE:
+                tl.store(g_rows + n, g_q, mask=g_ok)
             if NEW_MASK:
-                if new_here:
-                    flags = tl.where(is_new, mask_new, flags)
-                    tl.store(m_ptr, flags.to(MASK.dtype.element_ty), mask=is_new)
-            ok = ok & flags
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptr = v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :]
-        v = tl.load(v_ptr, mask=valid[:, None], other=0.0)
-        if WRITE_NEW:
-            if new_here:
-                v = tl.where(is_new[:, None], v_new[None, :], v)
-                tl.store(v_ptr, v, mask=is_new[:, None])
-        if USE_DOT:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                tl.store(MASK + b.to(tl.int64) * sm_b + n, mask_new.to(MASK.dtype.element_ty))
         else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
+            k_new = tl.load(k_slot).to(tl.float32)
+            v_new = tl.load(v_slot)
+        s_new = (tl.sum(q * k_new[None, :], axis=1) * scale).to(tl.float32)
+        if NEW_MASK:
+            s_new = tl.where(mask_new, s_new, float("-inf"))
+        elif HAS_MASK:
+            s_new = tl.where(tl.load(MASK + b.to(tl.int64) * sm_b + n) != 0, s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s_new - m_safe)
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
     if FINAL:
         o = acc / l_i[:, None]  # (every key masked: 0 / 0, as the merge)
@@ -606,18 +622,20 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device.index]
 
 
-# Caches of at least this many keys (batch x kv heads x slots) take one warp per program: many small
-# programs keep more loads in flight than fewer wide ones (docs/kernels.md, decoding run 6).
-DECODE_WIDE_KEYS = 2**19
-
-
 def _decode_launch(D: int, DV: int, G: int, keys: int) -> tuple[int, int, int]:
-    """(keys per tile, warps, programs per SM) of the decoding kernel, measured on an H100 and an H200
-    (docs/kernels.md): at head dim 64 tiles of 64 keys, 2 warps and 8 programs per SM, or 1 warp and 16 for
-    caches of DECODE_WIDE_KEYS keys or more; at 128 tiles of 32 keys (the tile stays in registers), 4 warps
-    and 8, or 1 warp and 16 for caches past the frames' threshold (2^17 keys)."""
+    """(keys per tile, warps, programs per SM) of the decoding kernel for a cache of `keys` keys (batch x kv
+    heads x slots), from sweeps on an H100 and an H200 (docs/kernels.md, decoding runs 6 and 8): one warp per
+    program and many programs keep the most loads in flight, except for the smallest caches, whose calls are
+    too short for it to matter. Head dim 64: 64-key tiles, 2 warps, 8 programs per SM below 2^16 keys; 32-key
+    tiles, 1 warp, 16 per SM up to 2^17; 64-key tiles, 1 warp, 16 per SM up to 2^23; 32-key tiles, 1 warp, 32
+    per SM beyond. Head dim 128: 32-key tiles (the tile stays in registers), 4 warps and 8 programs per SM, or
+    1 warp and 16 past 2^17 keys."""
     if max(D, DV) <= 64:
-        return (64, 1, 16) if keys >= DECODE_WIDE_KEYS else (64, 2, 8)
+        if keys < 2**16:
+            return (64, 2, 8)
+        if keys < 2**17:
+            return (32, 1, 16)
+        return (64, 1, 16) if keys < 2**23 else (32, 1, 32)
     return (32, 1, 16) if keys > 2**17 else (32, 4, 8)
 
 

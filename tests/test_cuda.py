@@ -210,16 +210,27 @@ def test_bf16_training_stays_finite(kernel):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("L", [5000, 40000], ids=["narrow_launch", "wide_launch"])
+LAUNCH_CACHE_SIZES = [2**15, 2**16, 2**18, 2**23]  # one per branch of path_triton._decode_launch
+
+
+@pytest.mark.parametrize("cache_keys", LAUNCH_CACHE_SIZES, ids=lambda k: f"launch_for_2^{k.bit_length() - 1}_keys")
+@pytest.mark.parametrize("HQ", [4, 16], ids=["mha", "gqa"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("key_dtype", [torch.float32, torch.bfloat16])
-def test_decode_kernel_matches_torch_step_at_gpu_sizes(D, key_dtype, L):
-    """GQA, gates, padding; both launch configurations of the kernel (path_triton._decode_launch: a cache of
-    40k slots x 4 rows x 4 kv heads takes one warp per program), with frames too (output only: framed keys
-    stay in their frame)."""
+def test_decode_kernel_matches_torch_step_at_gpu_sizes(D, key_dtype, HQ, cache_keys, monkeypatch):
+    """Gates, padding, with and without grouped query heads; every launch configuration
+    path_triton._decode_launch picks (the one it picks for a cache of `cache_keys` keys, run on a cache of
+    5000 slots), with frames too (output only: framed keys stay in their frame)."""
+    from path_lm import path_triton
+
+    launch = path_triton._decode_launch(D, D, HQ // 4, cache_keys)
+    smaller = LAUNCH_CACHE_SIZES[: LAUNCH_CACHE_SIZES.index(cache_keys)]
+    if any(path_triton._decode_launch(D, D, HQ // 4, k) == launch for k in smaller):
+        pytest.skip(f"launch {launch} is tested with a smaller cache")
+    monkeypatch.setattr(path_triton, "_decode_launch", lambda *shape: launch)
     from path_lm.path_ops import path_decode_step
 
-    B, HQ, H = 4, 16, 4
+    B, H, L = 4, 4, 5000
     gen = torch.Generator(device=DEVICE).manual_seed(D)
     rand = lambda *s: torch.randn(*s, device=DEVICE, generator=gen)  # noqa: E731
     q, v = rand(B, 1, HQ, D).bfloat16(), rand(B, L + 1, H, D).bfloat16()
