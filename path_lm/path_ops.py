@@ -21,7 +21,6 @@ Query head ``hq`` reads key/value head ``hq // (HQ // H)``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -690,25 +689,31 @@ def _offsets_problem(q: torch.Tensor, v: torch.Tensor, padded_to: int = DEFAULT_
     return None
 
 
+# Each import is tried once per process (a failed one is not retried on every layer's call). A dict, not
+# functools.lru_cache: torch.compile warns about every lru_cache-wrapped call it meets in a compiled step.
+_IMPORT_ERRORS: dict[str, str | None] = {}
+
+
 @torch.compiler.assume_constant_result  # compiled steps take the answer, not a trace of the import
-@functools.lru_cache(maxsize=None)
 def _fla_import_error() -> str | None:
-    """Tried once per process: a failed import is not retried on every layer's call."""
-    try:  # inside try: transformers' remote-code import check must not require fla
-        import fla.ops.path_attn.parallel  # noqa: F401
-    except Exception as err:  # ImportError, or triton failing to find a driver
-        return f"fla is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
-    return None
+    if "fla" not in _IMPORT_ERRORS:
+        _IMPORT_ERRORS["fla"] = None
+        try:  # inside try: transformers' remote-code import check must not require fla
+            import fla.ops.path_attn.parallel  # noqa: F401
+        except Exception as err:  # ImportError, or triton failing to find a driver
+            _IMPORT_ERRORS["fla"] = f"fla is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
+    return _IMPORT_ERRORS["fla"]
 
 
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
-    try:  # inside try: transformers' remote-code import check must not require triton
-        from .path_triton import framed_forward  # noqa: F401
-    except Exception as err:
-        return f"triton is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
-    return None
+    if "triton" not in _IMPORT_ERRORS:
+        _IMPORT_ERRORS["triton"] = None
+        try:  # inside try: transformers' remote-code import check must not require triton
+            from .path_triton import framed_forward  # noqa: F401
+        except Exception as err:
+            _IMPORT_ERRORS["triton"] = f"triton is not importable ({type(err).__name__}: {err}); install path-lm[cuda]"
+    return _IMPORT_ERRORS["triton"]
 
 
 # Kernel backends in the order 'auto' prefers them by default (docs/kernels.md): fla's where installed,

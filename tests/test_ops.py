@@ -467,3 +467,24 @@ def test_low_precision_inputs(dtype, tol, chunk_size, gate):
     # The state is kept in float32 whatever the input dtype: float32-level accuracy.
     kerr = rel_err(state.keys, transformed_keys_reference(k, w, beta))
     assert kerr < 1e-5, f"state keys relative error {kerr:.2e}"
+
+
+def test_kernel_availability_checks_compile_without_warnings():
+    """generate(cache_implementation="static") compiles the decoding step, which asks whether the kernels
+    are importable: the answer is a constant to torch.compile, with no warning per compile (an
+    lru_cache-wrapped check made dynamo warn on every compiled generate())."""
+    import warnings
+
+    from path_lm import path_ops
+
+    def step(x):
+        usable = path_ops.decode_kernel_usable(torch.device("cuda"), (64,), "auto")
+        return x + int(usable) + int(path_ops._fla_import_error() is None)
+
+    expected = step(torch.ones(3))
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(step, backend="eager", fullgraph=True)(torch.ones(3))
+    assert torch.equal(out, expected)
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
