@@ -137,6 +137,15 @@ def time_calls_ms(fn, device: torch.device, repeats: int, stop_after_ms: float |
     return times
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write); NaN off CUDA."""
+    if device.type != "cuda":
+        return float("nan")
+    buffers = torch.empty(2, 2**30, dtype=torch.uint8, device=device)
+    ms = bench_ms(lambda: buffers[1].copy_(buffers[0]), device)
+    return 2 * 2**30 / (ms * 1e-3)
+
+
 def host_ms(fn, device: torch.device, repeats: int = 5) -> float:
     """Median milliseconds until fn() returns, the device idle at each call: the host's share of the call
     (Python, argument checks, kernel launches), since on a GPU the kernels run on after the call returns.

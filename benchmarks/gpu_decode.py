@@ -72,15 +72,6 @@ def build_configs(args):
     return configs
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a 1 GiB device-to-device copy (read + write), median of 10."""
-    if device.type != "cuda":
-        return float("nan")
-    buffers = torch.empty(2, 2**30, dtype=torch.uint8, device=device)
-    ms = C.bench_ms(lambda: buffers[1].copy_(buffers[0]), device)
-    return 2 * 2**30 / (ms * 1e-3)
-
-
 def step_bytes(name, model, config, batch, context) -> int:
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
     weights += config.hidden_size * 2  # one embedding row
@@ -183,7 +174,7 @@ def main():
     assert args.n1 > args.n0 >= 1
     args.contexts = sorted(args.contexts)  # generate() keeps the largest static cache length it has seen
     configs = build_configs(args)
-    bandwidth = copy_bandwidth(device)
+    bandwidth = C.copy_bandwidth(device)
     meta = {**C.environment(device), "dtype": "bfloat16", "hidden": args.hidden, "layers": args.layers,
             "heads": args.heads, "vocab": args.vocab, "n0": args.n0, "n1": args.n1,
             "copy_bandwidth_gb_s": bandwidth / 1e9, "path_attn_backend": args.path_backend,
