@@ -47,8 +47,6 @@ def main(argv=None) -> int:
     parser.add_argument("--launches", nargs="*", default=None, help="e.g. 64,1,16 32,2,16,128 (default: a sweep)")
     parser.add_argument("--graph", action="store_true", help="time 10 calls captured in a CUDA graph")
     parser.add_argument("--compare", default=None, help="path of another path_triton.py to time against")
-    parser.add_argument("--half-products", action="store_true",
-                        help="also time decode_attention(half_products=True) (half-precision keys only)")
     args = parser.parse_args(argv)
     device = C.pick_device(args)
     if device.type != "cuda":
@@ -139,12 +137,12 @@ def main(argv=None) -> int:
             if layout == "mixed":
                 state["ring"] = 0.3 * randn(B, H, 2 * cache_path.FRAME_WINDOW, D)
 
-            def step(module, launch, at=None, buffers=state, half=False):
+            def step(module, launch, at=None, buffers=state):
                 n.fill_(slot if at is None else at)
                 return module.decode_attention(
                     q, buffers["keys"], buffers["values"], w, beta, n, gates=buffers["gates"], key_mask=buffers["key_mask"],
                     frames=buffers["frames"], ring=buffers["ring"], window=cache_path.FRAME_WINDOW, scale=D**-0.5,
-                    out_dtype=torch.bfloat16, launch=launch, new_token=new_token, **({"half_products": True} if half else {}))
+                    out_dtype=torch.bfloat16, launch=launch, new_token=new_token)
 
             agree = "-"
             if len(modules) > 1:  # same outputs and caches from both versions, plain step and fold step
@@ -157,17 +155,12 @@ def main(argv=None) -> int:
                     worst = max([worst] + [(a.float() - b.float()).abs().max().item() for a, b in zip(*results)])
                 agree = f"{worst:.1e}"
             default = current._decode_launch(D, D, 1, B * H * L)
-            cases = [(name, module, None, False) for name, module in modules]
-            cases += [("path-lm", current, launch, False) for launch in launches if launch != default]
-            if args.half_products and key_dtype != torch.float32:
-                copies = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()} for _ in range(2)]
-                exact, half = (step(current, None, None, copy, flag).float() for copy, flag in zip(copies, (False, True)))
-                agree = f"{(half - exact).abs().max().item():.1e} (half vs float32 products)"
-                cases += [("path-lm half products", current, launch, True) for launch in [None] + launches]
+            cases = [(name, module, None) for name, module in modules]
+            cases += [("path-lm", current, launch) for launch in launches if launch != default]
             floor_bytes = B * H * L * (D * key_dtype.itemsize * (1 if state["frames"] is not None else 2) + D * 2 + 4)
-            for name, module, launch, half in cases:
+            for name, module, launch in cases:
                 try:
-                    ms = timed(lambda: step(module, launch, half=half))
+                    ms = timed(lambda: step(module, launch))
                 except Exception as err:  # a launch the kernel refuses (window and tile) or runs out of
                     print(f"# {name} {launch}: {C.failure(err)}", flush=True)
                     continue

@@ -391,10 +391,9 @@ def _decode_fold_kernel(
 
 @triton.jit
 def _decode_tile(s, v, cols, valid, m_i, l_i, acc, g_rows, g_q, g_ok, MASK, b, sm_b, scale, HAS_GATE: tl.constexpr,
-                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, HALF_DOT: tl.constexpr = False):
+                 HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr):
     """One tile of cached keys into the online softmax: scores s [GP, BN] (before the gate and the scale),
-    values v [BN, DV]; returns the new (max, sum of exponentials, unnormalized output). HALF_DOT: p . v on
-    tensor cores in v's (half) precision, accumulated in float32."""
+    values v [BN, DV]; returns the new (max, sum of exponentials, unnormalized output)."""
     if HAS_GATE:
         s = s + (g_q[:, None] - tl.load(g_rows[:, None] + cols[None, :], mask=g_ok[:, None] & valid[None, :], other=0.0))
     s = (s * scale).to(tl.float32)  # torch.compile passes Python floats as float64
@@ -406,9 +405,7 @@ def _decode_tile(s, v, cols, valid, m_i, l_i, acc, g_rows, g_q, g_ok, MASK, b, s
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    if HALF_DOT:
-        pv = tl.dot(p.to(v.dtype), v)
-    elif USE_DOT:
+    if USE_DOT:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
@@ -422,7 +419,7 @@ def _decode_kernel(
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
-    NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr, HALF_DOT: tl.constexpr,
+    NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
     Writes the split's unnormalized output, running max and sum of exponentials.
@@ -445,11 +442,7 @@ def _decode_kernel(
 
     HAS_RING (with frames and WRITE_NEW): the window's exact keys live in RING [B, H, 2 * WINDOW, D] float32
     at slot % (2 * WINDOW); the window tiles read and update them there and store a rounded copy in K, whose
-    dtype may then be half precision (framed keys are rounded once per fold instead of once per step).
-
-    HALF_DOT (half-precision keys, GP >= 16): the framed tiles' two products on tensor cores in the keys' and
-    values' precision (the query carried by the frame rounded to it, the probabilities too), accumulated in
-    float32, as FlashAttention does; window tiles and the new token stay in float32."""
+    dtype may then be half precision (framed keys are rounded once per fold instead of once per step)."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
     n_split = tl.num_programs(0)
     od = tl.arange(0, D)
@@ -514,14 +507,10 @@ def _decode_kernel(
     # Framed keys: whole tiles (s_old is a multiple of the tile and below n), only read.
     for off in range(start, tl.minimum(cached, s_old), BN):
         cols = off + on
-        k = tl.load(k_base + cols.to(tl.int64)[:, None] * D + od[None, :])
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * D + od[None, :]).to(tl.float32)
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :])
-        if HALF_DOT:
-            s = tl.dot(q_old.to(k.dtype), tl.trans(k))
-        else:
-            s = _group_scores(q_old, k.to(tl.float32), USE_DOT)
-        m_i, l_i, acc = _decode_tile(s, v, cols, cols < cached, m_i, l_i, acc, g_rows, g_q, g_ok, MASK, b, sm_b, scale,
-                                     HAS_GATE, HAS_MASK, USE_DOT, HALF_DOT)
+        m_i, l_i, acc = _decode_tile(_group_scores(q_old, k, USE_DOT), v, cols, cols < cached, m_i, l_i, acc, g_rows,
+                                     g_q, g_ok, MASK, b, sm_b, scale, HAS_GATE, HAS_MASK, USE_DOT)
     # The window: each key gets the new token's update and is written back (to the ring and, rounded, to K).
     for off in range(tl.maximum(start, s_old), cached, BN):
         cols = off + on
@@ -650,7 +639,6 @@ def _decode_launch(D: int, DV: int, G: int, keys: int) -> tuple[int, int, int]:
 def decode_attention(
     q, keys, values, w, beta, n, *, gates=None, key_mask=None, frames=None, window: int = 64, scale: float,
     out_dtype=torch.float32, launch=None, new_token=None, max_splits: int | None = None, ring=None,
-    half_products: bool = False,
 ):
     """One decoding step of PaTH attention, fused: the new token's Householder update of the cached keys,
     the scores and the weighted values, split over the sequence (flash-decoding) and merged.
@@ -684,8 +672,6 @@ def decode_attention(
             the window (slots ``window * floor((n - 1) / window)`` to n - 1) at slot % (2 * window): the step
             updates them there and writes rounded copies into keys, which may then be half precision (the
             framed keys are rounded once per fold). The caller fills it whenever keys were written otherwise.
-        half_products: with half-precision keys and values, score the framed keys and weight the values on
-            tensor cores in that precision (float32 accumulation), as FlashAttention does.
     Returns:
         o [B, HQ, DV] in out_dtype.
     """
@@ -694,8 +680,7 @@ def decode_attention(
     G = HQ // H
     if keys.stride(-1) != 1 or keys.stride(-2) != D or values.stride(-1) != 1 or values.stride(-2) != DV:
         raise ValueError("decode_attention needs key and value rows contiguous along the head dimension")
-    half_dot = half_products and keys.dtype in (torch.bfloat16, torch.float16) and values.dtype == keys.dtype
-    use_dot = G > 1 or half_dot
+    use_dot = G > 1
     GP = max(16, triton.next_power_of_2(G)) if use_dot else 1
     BN, warps, per_sm, *cap = launch if launch is not None else _decode_launch(D, DV, G, B * H * L)
     registers = {"maxnreg": cap[0]} if cap and cap[0] else {}
@@ -762,7 +747,7 @@ def decode_attention(
         key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n, L,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
-        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, HALF_DOT=half_dot, num_warps=warps, **registers,
+        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, num_warps=warps, **registers,
     )
     if final:
         return o
