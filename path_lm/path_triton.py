@@ -412,14 +412,14 @@ def _decode_tile(s, v, cols, valid, m_i, l_i, acc, g_rows, g_q, g_ok, MASK, b, s
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
 
 
-@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L"])
+@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L", "parts"])
 def _decode_kernel(
-    Q, K, V, W, BETA, GATE, MASK, N, FR, RING, OP, MP, LP, KN, VN, GN, MN,
-    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L,
+    Q, K, V, W, BETA, GATE, MASK, N, FR, RING, OP, MP, LP, KN, VN, GN, MN, QO,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L, parts,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
-    NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr,
+    NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr, FRAMED_ELSEWHERE: tl.constexpr,
 ):
     """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
     Writes the split's unnormalized output, running max and sum of exponentials.
@@ -442,9 +442,12 @@ def _decode_kernel(
 
     HAS_RING (with frames and WRITE_NEW): the window's exact keys live in RING [B, H, 2 * WINDOW, D] float32
     at slot % (2 * WINDOW); the window tiles read and update them there and store a rounded copy in K, whose
-    dtype may then be half precision (framed keys are rounded once per fold instead of once per step)."""
+    dtype may then be half precision (framed keys are rounded once per fold instead of once per step).
+
+    FRAMED_ELSEWHERE (with frames, one program per (row, head)): skip the framed keys, which
+    :func:`_decode_framed_kernel` scores in the next launch, and write the query carried by the frame,
+    M'^T q, to QO [B, HQ, D] float32 for it. Partials go to split index parts - 1 of parts per (row, head)."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
-    n_split = tl.num_programs(0)
     od = tl.arange(0, D)
     ov = tl.arange(0, DV)
     og = tl.arange(0, GP)
@@ -490,6 +493,8 @@ def _decode_kernel(
             else:
                 qm += tl.sum(q_blk[:, :, None] * m_blk[None, :, :], axis=1)
         q_old = tl.where(fold, q, qm - beta * tl.sum(q * w[None, :], axis=1)[:, None] * u[None, :])  # M'^T q
+        if FRAMED_ELSEWHERE:
+            tl.store(QO + (b * (H * G) + hq)[:, None] * D + od[None, :], q_old, mask=g_ok[:, None])
         if i_s == 0:
             m_next = FR + (b.to(tl.int64) * 2 * H + h) * (D * D) + ((n + 1) % 2) * (H * D * D)
             for d0 in tl.static_range(0, D, EB):
@@ -505,7 +510,7 @@ def _decode_kernel(
     stop = tl.minimum(start + split_len, L)
     cached = tl.minimum(stop, n)  # this split's cached slots end here (n can be L: a full static cache)
     # Framed keys: whole tiles (s_old is a multiple of the tile and below n), only read.
-    for off in range(start, tl.minimum(cached, s_old), BN):
+    for off in range(start, tl.minimum(cached, s_old) if not FRAMED_ELSEWHERE else start, BN):
         cols = off + on
         k = tl.load(k_base + cols.to(tl.int64)[:, None] * D + od[None, :]).to(tl.float32)
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :])
@@ -562,10 +567,52 @@ def _decode_kernel(
     else:
         if WRITE_NEW and N_ON_DEVICE:  # a slot past the buffer (a full static cache): NaN through the merge
             acc = tl.where(n >= L, float("nan"), acc)
-        part = i_bh * n_split + i_s
+        part = i_bh * parts + (parts - 1 if FRAMED_ELSEWHERE else i_s)
         tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
         tl.store(MP + part * GP + og, m_i)
         tl.store(LP + part * GP + og, l_i)
+
+
+@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "parts", "L"])
+def _decode_framed_kernel(
+    QO, K, V, GATE, MASK, N, OP, MP, LP, sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, parts, L,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
+    """Program (split, b * H + h): the framed keys [0, s) (s = WINDOW * floor((n - 1) / WINDOW)) of the split,
+    only read, scored against M'^T q from QO, which :func:`_decode_kernel` (FRAMED_ELSEWHERE) wrote a launch
+    before together with the new token's gate at slot n. Nothing else: few registers per program, so that
+    more programs keep loads in flight. Partials at split index i of parts per (row, head)."""
+    i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
+    od = tl.arange(0, D)
+    ov = tl.arange(0, DV)
+    og = tl.arange(0, GP)
+    on = tl.arange(0, BN)
+    g_ok = og < G
+    hq = h * G + og
+    q_old = tl.load(QO + (b * (H * G) + hq)[:, None] * D + od[None, :], mask=g_ok[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
+    g_rows = GATE + b.to(tl.int64) * sg_b + hq.to(tl.int64) * sg_h
+    g_q = tl.zeros([GP], tl.float32)
+    if HAS_GATE:
+        g_q = tl.load(g_rows + tl.minimum(n, L - 1), mask=g_ok, other=0.0)  # (n = L: a full cache, NaN anyway)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DV], tl.float32)
+    start = i_s * split_len
+    s_old = tl.maximum(n - 1, 0) // WINDOW * WINDOW
+    for off in range(start, tl.minimum(start + split_len, s_old), BN):
+        cols = off + on
+        k = tl.load(k_base + cols.to(tl.int64)[:, None] * D + od[None, :]).to(tl.float32)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :])
+        m_i, l_i, acc = _decode_tile(_group_scores(q_old, k, USE_DOT), v, cols, cols < s_old, m_i, l_i, acc, g_rows,
+                                     g_q, g_ok, MASK, b, sm_b, scale, HAS_GATE, HAS_MASK, USE_DOT)
+    part = i_bh * parts + i_s
+    tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
+    tl.store(MP + part * GP + og, m_i)
+    tl.store(LP + part * GP + og, l_i)
 
 
 @triton.jit(do_not_specialize=["n_split", "L"])
@@ -703,13 +750,18 @@ def decode_attention(
     n_split = triton.cdiv(L, split_len)
     has_gate, has_mask, on_device = gates is not None, key_mask is not None, isinstance(n, torch.Tensor)
     final = n_split == 1 and not on_device
+    # With frames, two launches: one program per (row, head) for the window, the new token and the frame, then
+    # the framed keys' splits in a kernel that does nothing else (docs/kernels.md, decoding run 9).
+    framed_elsewhere = has_frames and not final
+    parts = n_split + 1 if framed_elsewhere else n_split
     o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
     if final:
         o_part = m_part = l_part = o
     else:
-        o_part = torch.empty(B * H, n_split, GP, DV, dtype=torch.float32, device=q.device)
-        m_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
-        l_part = torch.empty(B * H, n_split, GP, dtype=torch.float32, device=q.device)
+        o_part = torch.empty(B * H, parts, GP, DV, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(B * H, parts, GP, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(B * H, parts, GP, dtype=torch.float32, device=q.device)
+    q_old = torch.empty(B, HQ, D, dtype=torch.float32, device=q.device) if framed_elsewhere else q
     if has_mask and key_mask.stride(-1) != 1:
         key_mask = key_mask.contiguous()
     q, w, beta = q.contiguous(), w.contiguous(), beta.contiguous()
@@ -739,22 +791,30 @@ def decode_attention(
             # three TF32 products: float32 accuracy on tensor cores (the interpreter multiplies in float32)
             PREC="tf32x3" if keys.is_cuda else "ieee",
         )
-    _decode_kernel[(n_split, B * H)](
+    strides = (keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+               gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0, key_mask.stride(0) if has_mask else 0)
+    _decode_kernel[(1, B * H) if framed_elsewhere else (n_split, B * H)](
         q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
-        ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new, mask_new,
-        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0,
-        key_mask.stride(0) if has_mask else 0, scale, split_len, 0 if on_device else n, L,
+        ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new, mask_new, q_old,
+        *strides, scale, triton.cdiv(L, BN) * BN if framed_elsewhere else split_len, 0 if on_device else n, L, parts,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
-        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, num_warps=warps, **registers,
+        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, FRAMED_ELSEWHERE=framed_elsewhere,
+        **(dict(num_warps=4) if framed_elsewhere else dict(num_warps=warps, **registers)),
     )
+    if framed_elsewhere:
+        _decode_framed_kernel[(n_split, B * H)](
+            q_old, keys, values, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q,
+            o_part, m_part, l_part, *strides, scale, split_len, 0 if on_device else n, parts, L,
+            H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
+            USE_DOT=use_dot, WINDOW=window, num_warps=warps, **registers,
+        )
     if final:
         return o
-    chunk = max(1, min(triton.next_power_of_2(n_split), 4096 // (GP * DV)))  # splits per load, <= 4096 values
+    chunk = max(1, min(triton.next_power_of_2(parts), 4096 // (GP * DV)))  # splits per load, <= 4096 values
     advance = write_new and on_device
     _decode_merge_kernel[(B * H,)](
-        o_part, m_part, l_part, o, n if advance else q, n_split, L, G=G, GP=GP, DV=DV, CH=chunk, ADVANCE=advance,
+        o_part, m_part, l_part, o, n if advance else q, parts, L, G=G, GP=GP, DV=DV, CH=chunk, ADVANCE=advance,
         num_warps=4,
     )
     return o
