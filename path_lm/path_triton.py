@@ -671,15 +671,13 @@ def _sm_count(device: torch.device) -> int:
 
 def _decode_launch(D: int, DV: int, G: int, keys: int) -> tuple[int, int, int]:
     """(keys per tile, warps, programs per SM) of the decoding kernel for a cache of `keys` keys (batch x kv
-    heads x slots), from sweeps on an H100 and an H200 (docs/kernels.md, decoding runs 6 and 8): one warp per
-    program and many programs keep the most loads in flight. Head dim 64: 32-key tiles and 16 programs per SM
-    up to 2^17 keys, 64-key tiles and 16 per SM up to 2^23, 32-key tiles and 32 per SM beyond. Head dim 128:
-    32-key tiles (the tile stays in registers), 4 warps and 8 programs per SM, or 1 warp and 16 past 2^17
-    keys."""
+    heads x slots), from sweeps in CUDA graphs on an H100 (docs/kernels.md, decoding runs 8 and 9): one warp
+    per program and many programs keep the most loads in flight. Head dim 64: 32-key tiles, one warp and 16
+    programs per SM at every size (the framed keys' kernel then takes 126 registers per thread, which lets
+    16 programs share an SM). Head dim 128: 32-key tiles, 4 warps and 8 programs per SM, or 1 warp and 16
+    past 2^17 keys (measured before run 8)."""
     if max(D, DV) <= 64:
-        if keys < 2**17:
-            return (32, 1, 16)
-        return (64, 1, 16) if keys < 2**23 else (32, 1, 32)
+        return (32, 1, 16)
     return (32, 1, 16) if keys > 2**17 else (32, 4, 8)
 
 

@@ -210,7 +210,7 @@ def test_bf16_training_stays_finite(kernel):
 # ---------------------------------------------------------------------------------------------------------
 
 
-LAUNCH_CACHE_SIZES = [2**16, 2**18, 2**23]  # one per branch of path_triton._decode_launch
+LAUNCH_CACHE_SIZES = [2**16, 2**18]  # one per branch of path_triton._decode_launch
 
 
 @pytest.mark.parametrize("cache_keys", LAUNCH_CACHE_SIZES, ids=lambda k: f"launch_for_2^{k.bit_length() - 1}_keys")
