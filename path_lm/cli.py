@@ -6,6 +6,7 @@
     path-lm eval MODEL --data FILE.txt [--seq-len T] [--by-position --max-len L]
     path-lm convert SRC DST [--to path_lm|fla]
     path-lm push FOLDER REPO_ID [--private] [--revision BRANCH] [--commit-message MSG]
+    path-lm benchmark [MODEL | --preset 125m] [--batch 1 8] [--context 1024] [--cache dynamic static] [--train]
 
 To add a subcommand, write ``add_<name>_parser(subparsers)`` that registers its arguments and sets
 ``func`` to a ``cmd_<name>(args)`` that calls the library, then append it to ``SUBCOMMANDS``.
@@ -372,6 +373,81 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_benchmark_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="prefill, decoding and training speed on this machine, beside Llama of the same shape",
+        description="Time MODEL (a checkpoint, or random weights of a --preset shape) on random prompts: "
+        "prefill tokens/s, greedy decoding ms/token and tokens/s with each --cache, and with --train the "
+        "forward and backward tokens/s; unless --no-llama, the same for transformers' LlamaForCausalLM of the "
+        "same width, depth, heads, MLP and vocabulary (random weights), with the ratios.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (or use --preset)")
+    parser.add_argument("--preset", default=None, help="a shape of `path-lm train --preset`, random weights")
+    parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of a --preset model")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--context", type=int, nargs="+", default=[1024], help="prompt lengths")
+    parser.add_argument("--cache", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"])
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=[8, 40], metavar=("N0", "N1"),
+                        help="new tokens of the two timed generate() calls")
+    parser.add_argument("--train", action="store_true", help="also time forward + backward")
+    parser.add_argument("--no-llama", dest="llama", action="store_false", help="skip the Llama comparison")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto: bfloat16 on CUDA (a checkpoint: its own dtype), float32 on CPU")
+    parser.add_argument("--no-trust-remote-code", dest="trust_remote_code", action="store_false",
+                        help="refuse to run the modeling code stored in MODEL (path_lm must then be installed)")
+    parser.set_defaults(func=cmd_benchmark)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .benchmarking import format_table, llama_peer, run_benchmark
+    from .inference import resolve_device, resolve_dtype
+
+    if (args.model is None) == (args.preset is None):
+        raise SystemExit("path-lm benchmark: error: give a MODEL or a --preset, not both")
+    if min(args.batch + args.context) < 1:
+        raise SystemExit("path-lm benchmark: error: --batch and --context must be positive")
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as error:
+        raise SystemExit(f"path-lm benchmark: error: {error}") from error
+    if args.preset is not None:
+        from .configuration_path import PaTHConfig
+        from .modeling_path import PaTHForCausalLM
+        from .training import PRESETS
+
+        if args.preset not in PRESETS:
+            raise SystemExit(f"path-lm benchmark: error: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+        torch.manual_seed(0)
+        model = PaTHForCausalLM(PaTHConfig(vocab_size=args.vocab_size, **PRESETS[args.preset]))
+        model = model.to(device, torch.bfloat16 if dtype == "auto" else dtype).eval()
+    else:
+        args.tokenizer = None
+        model, _ = _load(args, "benchmark")
+    models = {"PaTH": model}
+    if args.llama:
+        torch.manual_seed(0)
+        models["Llama"] = llama_peer(model.config).to(device, model.dtype).eval()
+    print(f"# {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {model.dtype}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; torch {torch.__version__}", flush=True)
+    rows = run_benchmark(models, args.batch, args.context, caches=args.cache, train=args.train,
+                         new_tokens=tuple(args.new_tokens), log=lambda line: print(f"# {line}", flush=True))
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"rows in {args.json}")
+    return 0
+
+
 SUBCOMMANDS = [
     add_quickstart_parser,
     add_train_parser,
@@ -379,6 +455,7 @@ SUBCOMMANDS = [
     add_eval_parser,
     add_convert_parser,
     add_push_parser,
+    add_benchmark_parser,
 ]
 
 

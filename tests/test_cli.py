@@ -1,4 +1,4 @@
-"""The command line for using and sharing a model: ``path-lm generate``, ``eval``, ``convert`` and ``push``.
+"""The command line for using and sharing a model: ``path-lm generate``, ``eval``, ``convert``, ``push`` and ``benchmark``.
 
 Each test calls the library function and ``path_lm.cli.main([...])`` on tiny random models (CPU) with a
 word-level tokenizer built offline. Hub calls are mocked at ``huggingface_hub.HfApi``; fla's model classes
@@ -373,3 +373,74 @@ def test_push_without_summary_and_bad_input(tmp_path, fake_hub):
                             capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "does not exist" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# path-lm benchmark
+# ---------------------------------------------------------------------------------------------------------
+
+PATH_ONLY = ("w_proj", "w_conv1d", "bt_proj", "g_proj", "maybe_q_norm", "maybe_k_norm")
+
+
+def test_llama_peer_has_the_same_shape():
+    """Every parameter the two architectures share (embeddings, q/k/v/o, MLP, norms, head) has the same size:
+    Llama's count equals PaTH's without its PaTH-only projections, with and without tying and GQA."""
+    from path_lm.benchmarking import llama_peer
+
+    for tie, kv_heads in ((False, 2), (True, 4)):
+        model = make_model(50, tie_word_embeddings=tie, num_kv_heads=kv_heads)
+        peer = llama_peer(model.config)
+        shared = sum(p.numel() for n, p in model.named_parameters() if not any(k in n for k in PATH_ONLY))
+        assert sum(p.numel() for p in peer.parameters()) == shared
+        assert peer.config.num_key_value_heads == kv_heads and peer.config.tie_word_embeddings == tie
+
+
+def test_decode_time_per_token_cancels_the_fixed_cost(monkeypatch):
+    """(t(n1) - t(n0)) / (n1 - n0): a generate() costing 30 ms plus 4 ms per new token measures 4 ms/token."""
+    import time
+
+    from path_lm import benchmarking
+
+    model = make_model(50)
+    calls = []
+
+    def fake_generate(ids, max_new_tokens, min_new_tokens, **options):
+        calls.append((ids.shape, max_new_tokens, min_new_tokens, options.get("cache_implementation")))
+        time.sleep(0.030 + 0.004 * max_new_tokens)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    ms = benchmarking.decode_ms_per_token(model, batch=3, context=7, cache="static", new_tokens=(2, 12), repeats=2)
+    assert ms == pytest.approx(4.0, abs=0.8)
+    assert calls[0] == (torch.Size([3, 7]), 2, 2, "static") and {c[1] for c in calls} == {2, 12}
+    with pytest.raises(ValueError, match="cache must be one of"):
+        benchmarking.decode_ms_per_token(model, 1, 4, "paged")
+    with pytest.raises(ValueError, match="increasing"):
+        benchmarking.decode_ms_per_token(model, 1, 4, "dynamic", new_tokens=(5, 5))
+
+
+def test_cli_benchmark_preset_and_checkpoint(checkpoint, tmp_path, capsys):
+    """Random weights of a preset shape, or a checkpoint, against Llama of the same shape: every task for
+    both models, positive speeds, and the ratio column equal to the rows' own speeds."""
+    out = tmp_path / "rows.json"
+    assert main(["benchmark", "--preset", "tiny", "--vocab-size", "64", "--batch", "1", "2", "--context", "8",
+                 "--new-tokens", "1", "3", "--train", "--json", str(out), "--device", "cpu"]) == 0
+    rows = json.loads(out.read_text())
+    tasks = {"prefill", "decode, dynamic cache", "decode, static cache", "train (forward + backward)"}
+    for name in ("PaTH", "Llama"):
+        for batch in (1, 2):
+            assert {r["task"] for r in rows if r["model"] == name and r["batch"] == batch} == tasks
+    assert all(r["value"] > 0 and math.isfinite(r["value"]) for r in rows)
+    for r in rows:
+        if r["model"] == "Llama":
+            path = next(p for p in rows if p["model"] == "PaTH" and (p["batch"], p["task"]) == (r["batch"], r["task"]))
+            speed = lambda row: row.get("tokens_per_second", row["value"])  # noqa: E731
+            assert r["first_vs_this"] == pytest.approx(speed(path) / speed(r))
+    table = capsys.readouterr().out
+    assert "| batch | context | task | PaTH | Llama | PaTH vs Llama (speed) |" in table
+    assert main(["benchmark", str(checkpoint), "--no-llama", "--batch", "1", "--context", "4", "--cache", "dynamic",
+                 "--new-tokens", "1", "2", "--device", "cpu"]) == 0
+    assert "| 1 | 4 | decode, dynamic cache |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="MODEL or a --preset"):
+        main(["benchmark", str(checkpoint), "--preset", "tiny"])
+    with pytest.raises(SystemExit, match="unknown preset"):
+        main(["benchmark", "--preset", "huge"])
