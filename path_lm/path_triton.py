@@ -351,6 +351,22 @@ def _decode_program(N, n_value, H: tl.constexpr, N_ON_DEVICE: tl.constexpr):
 
 
 @triton.jit
+def _decode_ranges(h, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr):
+    """Offsets along the key dim, the value dim, the query rows of kv head h (GP, G of them real) and a tile of
+    BN keys; which rows are real; the query heads of the rows."""
+    og = tl.arange(0, GP)
+    return tl.arange(0, D), tl.arange(0, DV), og, tl.arange(0, BN), og < G, h * G + og
+
+
+@triton.jit
+def _store_partial(OP, MP, LP, part, og, ov, acc, m_i, l_i, GP: tl.constexpr, DV: tl.constexpr):
+    """A split's unnormalized output, running max and sum of exponentials, for the merge kernel."""
+    tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
+    tl.store(MP + part * GP + og, m_i)
+    tl.store(LP + part * GP + og, l_i)
+
+
+@triton.jit
 def _frame_carry_rows(FR_CUR, W, i_bh, beta, u, ob, od, D: tl.constexpr):
     """Rows ob of M' = H_n M = M - beta w (w^T M), from M (frames at FR_CUR) and u = w^T M."""
     m_blk = tl.load(FR_CUR + ob[:, None] * D + od[None, :])
@@ -448,12 +464,7 @@ def _decode_kernel(
     :func:`_decode_framed_kernel` scores in the next launch, and write the query carried by the frame,
     M'^T q, to QO [B, HQ, D] float32 for it. Partials go to split index parts - 1 of parts per (row, head)."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
-    od = tl.arange(0, D)
-    ov = tl.arange(0, DV)
-    og = tl.arange(0, GP)
-    on = tl.arange(0, BN)
-    g_ok = og < G
-    hq = h * G + og
+    od, ov, og, on, g_ok, hq = _decode_ranges(h, G, GP, D, DV, BN)
     q_rows = Q + (b * (H * G) + hq)[:, None] * D
     q = tl.load(q_rows + od[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
     w = tl.load(W + i_bh * D + od).to(tl.float32)
@@ -567,10 +578,7 @@ def _decode_kernel(
     else:
         if WRITE_NEW and N_ON_DEVICE:  # a slot past the buffer (a full static cache): NaN through the merge
             acc = tl.where(n >= L, float("nan"), acc)
-        part = i_bh * parts + (parts - 1 if FRAMED_ELSEWHERE else i_s)
-        tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
-        tl.store(MP + part * GP + og, m_i)
-        tl.store(LP + part * GP + og, l_i)
+        _store_partial(OP, MP, LP, i_bh * parts + (parts - 1 if FRAMED_ELSEWHERE else i_s), og, ov, acc, m_i, l_i, GP, DV)
 
 
 @triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "parts", "L"])
@@ -585,12 +593,7 @@ def _decode_framed_kernel(
     before together with the new token's gate at slot n. Nothing else: few registers per program, so that
     more programs keep loads in flight. Partials at split index i of parts per (row, head)."""
     i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
-    od = tl.arange(0, D)
-    ov = tl.arange(0, DV)
-    og = tl.arange(0, GP)
-    on = tl.arange(0, BN)
-    g_ok = og < G
-    hq = h * G + og
+    od, ov, og, on, g_ok, hq = _decode_ranges(h, G, GP, D, DV, BN)
     q_old = tl.load(QO + (b * (H * G) + hq)[:, None] * D + od[None, :], mask=g_ok[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
     v_base = V + b.to(tl.int64) * sv_b + h.to(tl.int64) * sv_h
@@ -609,10 +612,7 @@ def _decode_framed_kernel(
         v = tl.load(v_base + cols.to(tl.int64)[:, None] * DV + ov[None, :])
         m_i, l_i, acc = _decode_tile(_group_scores(q_old, k, USE_DOT), v, cols, cols < s_old, m_i, l_i, acc, g_rows,
                                      g_q, g_ok, MASK, b, sm_b, scale, HAS_GATE, HAS_MASK, USE_DOT)
-    part = i_bh * parts + i_s
-    tl.store(OP + (part * GP + og)[:, None] * DV + ov[None, :], acc)
-    tl.store(MP + part * GP + og, m_i)
-    tl.store(LP + part * GP + og, l_i)
+    _store_partial(OP, MP, LP, i_bh * parts + i_s, og, ov, acc, m_i, l_i, GP, DV)
 
 
 @triton.jit(do_not_specialize=["n_split", "L"])
