@@ -748,9 +748,10 @@ def decode_attention(
     n_split = triton.cdiv(L, split_len)
     has_gate, has_mask, on_device = gates is not None, key_mask is not None, isinstance(n, torch.Tensor)
     final = n_split == 1 and not on_device
-    # With frames, two launches: one program per (row, head) for the window, the new token and the frame, then
-    # the framed keys' splits in a kernel that does nothing else (docs/kernels.md, decoding run 9).
-    framed_elsewhere = has_frames and not final
+    # With frames and the slot on the device (compiled steps, CUDA graphs), two launches: one program per
+    # (row, head) for the window, the new token and the frame, then the framed keys' splits in a kernel that
+    # does nothing else (docs/kernels.md, decoding run 9). Eager steps, bound by the host's launches, keep one.
+    framed_elsewhere = has_frames and on_device
     parts = n_split + 1 if framed_elsewhere else n_split
     o = torch.empty(B, HQ, DV, dtype=out_dtype, device=q.device)
     if final:
