@@ -35,10 +35,11 @@ import argparse
 
 import _common as C
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import LlamaForCausalLM, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from path_lm import PaTHConfig, PaTHForCausalLM, PaTHStaticCache
+from path_lm.benchmarking import llama_peer_config, time_decoding
 from path_lm.cache_path import FRAME_WINDOW, frames_pay_off, key_layout
 
 # transformers 5.24 renamed the cache argument from `past_key_values` to `cache`.
@@ -57,12 +58,7 @@ def build_configs(args):
         for key_dtype in args.path_key_dtype
     }
     path_cfg = next(iter(path_cfgs.values()))
-    llama_cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=path_cfg.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        hidden_act="silu", rms_norm_eps=path_cfg.norm_eps, tie_word_embeddings=False,
-        max_position_embeddings=max(args.contexts) + args.n1, attn_implementation="sdpa",
-    )
+    llama_cfg = llama_peer_config(path_cfg, attn_implementation="sdpa")
     configs = {}
     for name in args.models:
         if name == "PaTH":
@@ -101,20 +97,8 @@ def step_bytes(name, model, config, batch, context) -> int:
 
 def run_case(model, ids, mode, args, device):
     B, L = ids.shape
-    options = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
-    if mode == "static":
-        options.update(cache_implementation="static", max_cache_len=L + args.n1)
-
-    def generate(n):
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **options)
-        assert out.shape == (B, L + n), out.shape
-
-    generate(args.n0)  # warm-up: compiles and records the graphs in static mode
-    t0 = min(C.time_calls_ms(lambda: generate(args.n0), device, repeats=args.repeats))
-    t1 = min(C.time_calls_ms(lambda: generate(args.n1), device, repeats=args.repeats))
-    ms = (t1 - t0) / (args.n1 - args.n0)
-    result = {"ms_per_token": ms, "tokens_per_s": B / (ms * 1e-3), "generate_ms_n0": t0, "generate_ms_n1": t1,
-              "peak_gib": C.peak_gib(device)}
+    result = time_decoding(model, ids, mode, (args.n0, args.n1), args.repeats)
+    result.update(tokens_per_s=B / (result["ms_per_token"] * 1e-3), peak_gib=C.peak_gib(device))
     if mode == "static" and B in args.step_batches and device.type == "cuda":
         result["step_ms"] = compiled_step_ms(model, ids, L + args.n1, args, device)
     return result

@@ -18,10 +18,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 CACHES = ("dynamic", "static")
 
 
-def llama_peer(config) -> LlamaForCausalLM:
-    """transformers' Llama with the PaTH config's width, depth, heads, MLP, vocabulary and tying (RoPE and SDPA
-    attention in place of PaTH's), randomly initialized."""
-    peer = LlamaConfig(
+def llama_peer_config(config, **overrides) -> LlamaConfig:
+    """transformers' Llama config with the PaTH config's width, depth, heads, MLP, vocabulary and tying (RoPE
+    and SDPA attention in place of PaTH's); ``overrides`` go to LlamaConfig."""
+    fields = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads or config.num_heads, hidden_act=config.hidden_act,
@@ -29,7 +29,12 @@ def llama_peer(config) -> LlamaForCausalLM:
         max_position_embeddings=2**17,  # RoPE needs no table; the field only bounds nothing here
         pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
     )
-    return LlamaForCausalLM(peer)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def llama_peer(config, **overrides) -> LlamaForCausalLM:
+    """A randomly initialized Llama of :func:`llama_peer_config`."""
+    return LlamaForCausalLM(llama_peer_config(config, **overrides))
 
 
 def _elapsed(fn, device: torch.device) -> float:
@@ -62,26 +67,32 @@ def prefill_tokens_per_second(model, batch: int, context: int, repeats: int = 3)
 
 
 @torch.no_grad()
-def decode_ms_per_token(model, batch: int, context: int, cache: str, new_tokens: tuple[int, int] = (8, 40),
-                        repeats: int = 2) -> float:
-    """Greedy decoding time per new token (all rows together), in milliseconds."""
+def time_decoding(model, ids: torch.Tensor, cache: str, new_tokens: tuple[int, int] = (8, 40), repeats: int = 2) -> dict:
+    """Greedy decoding after the prompts ``ids`` [batch, context]: the fastest of ``repeats`` generate() calls
+    of n0 and of n1 new tokens (after a warm-up call, which compiles the static step on CUDA), and the time
+    per new token (all rows together), ``(t(n1) - t(n0)) / (n1 - n0)``, in milliseconds."""
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     n0, n1 = new_tokens
     if not 0 < n0 < n1:
         raise ValueError(f"new_tokens must be two increasing positive counts, got {new_tokens}")
-    ids = _ids(model, batch, context, seed=1)
     options = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=model.config.pad_token_id)
     if cache == "static":
-        options.update(cache_implementation="static", max_cache_len=context + n1)
+        options.update(cache_implementation="static", max_cache_len=ids.shape[1] + n1)
 
     def run(n: int):
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, **options)
 
-    run(n0)  # warm-up (compiles the static step on CUDA)
+    run(n0)
     t0 = min(_elapsed(lambda: run(n0), model.device) for _ in range(repeats))
     t1 = min(_elapsed(lambda: run(n1), model.device) for _ in range(repeats))
-    return 1e3 * max(t1 - t0, 0.0) / (n1 - n0)
+    return {"ms_per_token": 1e3 * max(t1 - t0, 0.0) / (n1 - n0), "generate_ms_n0": 1e3 * t0, "generate_ms_n1": 1e3 * t1}
+
+
+def decode_ms_per_token(model, batch: int, context: int, cache: str, new_tokens: tuple[int, int] = (8, 40),
+                        repeats: int = 2) -> float:
+    """:func:`time_decoding`'s ms per token on random prompts of this shape."""
+    return time_decoding(model, _ids(model, batch, context, seed=1), cache, new_tokens, repeats)["ms_per_token"]
 
 
 def train_tokens_per_second(model, batch: int, context: int, repeats: int = 3) -> float:
@@ -150,5 +161,5 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CACHES", "decode_ms_per_token", "format_table", "llama_peer", "prefill_tokens_per_second", "run_benchmark",
-           "train_tokens_per_second"]
+__all__ = ["CACHES", "decode_ms_per_token", "format_table", "llama_peer", "llama_peer_config", "prefill_tokens_per_second",
+           "run_benchmark", "time_decoding", "train_tokens_per_second"]

@@ -174,24 +174,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- generate / eval / convert / push (inference, evaluation, conversion and Hub sharing) -----------------
 
 
-def _add_device_args(parser) -> None:
+def _add_device_args(parser, tokenizer: bool = True) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto: the checkpoint's dtype on CUDA, float32 on CPU")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: MODEL's)")
+    if tokenizer:
+        parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: MODEL's)")
     parser.add_argument("--no-trust-remote-code", dest="trust_remote_code", action="store_false",
                         help="refuse to run the modeling code stored in MODEL (path_lm must then be installed)")
 
 
-def _load(args: argparse.Namespace, command: str):
-    from .inference import load_model_and_tokenizer
+def _load(args: argparse.Namespace, command: str, tokenizer: bool = True):
+    """The model (and its tokenizer) named by the command's arguments; a clear error where they cannot load."""
+    from .inference import load_model, load_model_and_tokenizer
 
     if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
         raise SystemExit(f"path-lm {command}: error: model folder {args.model} does not exist")
+    options = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     try:
-        return load_model_and_tokenizer(
-            args.model, args.tokenizer, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
-        )
+        if not tokenizer:
+            return load_model(args.model, **options)
+        return load_model_and_tokenizer(args.model, args.tokenizer, **options)
     except (OSError, ValueError) as error:
         raise SystemExit(f"path-lm {command}: error: {error}") from error
 
@@ -394,11 +397,7 @@ def add_benchmark_parser(subparsers) -> None:
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
     parser.add_argument("--no-llama", dest="llama", action="store_false", help="skip the Llama comparison")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto: bfloat16 on CUDA (a checkpoint: its own dtype), float32 on CPU")
-    parser.add_argument("--no-trust-remote-code", dest="trust_remote_code", action="store_false",
-                        help="refuse to run the modeling code stored in MODEL (path_lm must then be installed)")
+    _add_device_args(parser, tokenizer=False)  # (a --preset model: bfloat16 for dtype auto on CUDA)
     parser.set_defaults(func=cmd_benchmark)
 
 
@@ -430,8 +429,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         model = PaTHForCausalLM(PaTHConfig(vocab_size=args.vocab_size, **PRESETS[args.preset]))
         model = model.to(device, torch.bfloat16 if dtype == "auto" else dtype).eval()
     else:
-        args.tokenizer = None
-        model, _ = _load(args, "benchmark")
+        model = _load(args, "benchmark", tokenizer=False)
     models = {"PaTH": model}
     if args.llama:
         torch.manual_seed(0)

@@ -31,19 +31,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def load_model_and_tokenizer(model_path, tokenizer_path=None, device="auto", dtype="auto", trust_remote_code=True):
-    """A causal LM and its tokenizer from a folder or Hub id, on ``device``, in eval mode."""
+def load_model(model_path, device="auto", dtype="auto", trust_remote_code=True):
+    """A causal LM from a folder or Hub id, on ``device``, in eval mode."""
     device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
     )
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(model_path, tokenizer_path=None, device="auto", dtype="auto", trust_remote_code=True):
+    """A causal LM (:func:`load_model`) and its tokenizer from a folder or Hub id."""
+    model = load_model(model_path, device, dtype, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"no tokenizer could be loaded from {tokenizer_path or model_path} ({error}); pass --tokenizer DIR"
         ) from error
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer
 
 
 class FileStreamer(TextStreamer):
@@ -88,4 +94,4 @@ def generate_text(
     return completions
 
 
-__all__ = ["FileStreamer", "generate_text", "load_model_and_tokenizer", "resolve_device", "resolve_dtype"]
+__all__ = ["FileStreamer", "generate_text", "load_model", "load_model_and_tokenizer", "resolve_device", "resolve_dtype"]

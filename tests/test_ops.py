@@ -482,7 +482,7 @@ def test_kernel_availability_checks_compile_without_warnings():
         return x + int(usable) + int(path_ops._fla_import_error() is None)
 
     expected = step(torch.ones(3))
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = torch.compile(step, backend="eager", fullgraph=True)(torch.ones(3))
