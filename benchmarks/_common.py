@@ -116,6 +116,20 @@ def bench_ms(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 10
     return statistics.median(time_calls_ms(fn, device, repeats=3))
 
 
+def graph_ms(fn, device: torch.device, calls: int = 10) -> float:
+    """Median milliseconds of one fn() replayed from a CUDA graph of `calls` calls: the GPU's time without the
+    host's launches (as in a compiled decoding step). On CPU: bench_ms."""
+    if device.type != "cuda":
+        return bench_ms(fn, device)
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench_ms(graph.replay, device) / calls
+
+
 def time_calls_ms(fn, device: torch.device, repeats: int, stop_after_ms: float | None = None) -> list[float]:
     """Milliseconds of each of `repeats` calls (CUDA events on GPU); stops early once a call takes longer
     than stop_after_ms. The caller does the warm-up."""

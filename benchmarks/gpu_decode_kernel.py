@@ -101,13 +101,7 @@ def main(argv=None) -> int:
             fn()
             return (time.perf_counter() - start) * 1e3
         if args.graph:
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(10):
-                    fn()
-            return triton.testing.do_bench(graph.replay, warmup=25, rep=100) / 10
+            return C.graph_ms(fn, device)
         return triton.testing.do_bench(fn, warmup=25, rep=100)
 
     bandwidth = C.copy_bandwidth(device) if device.type == "cuda" else None

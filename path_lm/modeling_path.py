@@ -19,12 +19,21 @@ from transformers.utils import logging
 
 from .cache_path import PaTHCache, PaTHStaticCache
 from .configuration_path import PaTHConfig
-from .path_ops import decode_inputs, decode_kernel_usable, path_attention
+from .path_ops import decode_inputs, decode_kernel_usable, path_attention, small_linear, small_linear_usable
 
 logger = logging.get_logger(__name__)
 
+
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` inside a compiled decoding step of few rows runs through
+    path-lm's small-rows kernel (:func:`~path_ops.small_linear_usable`)."""
+    if type(module) is nn.Linear and small_linear_usable(x, module.weight):
+        return small_linear(x, module.weight, module.bias)
+    return module(x)
 
 
 class PaTHRMSNorm(nn.Module):
@@ -183,21 +192,24 @@ class PaTHAttention(nn.Module):
             self.g_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
-        """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
-        without a forget gate), each [B, T, features] in x's dtype.
-
-        A decoding step (one token, autograd off) runs the projections that read x as one product over
-        their concatenated weights and biases: one matrix kernel instead of five or six, which is most of
-        what a small model's step costs. Only for plain ``nn.Linear`` modules on x's device and dtype
-        (adapters, quantized or offloaded layers take the module calls). The cache keeps the concatenation
-        (:meth:`~cache_path.PaTHCacheLayer.keep_input_projection`): a dynamic cache from its last call of
-        several tokens (the prefill), a static one from its last call outside torch.compile, so decoding
-        steps do not concatenate again."""
+    def _input_heads(self) -> list:
+        """The projections that read the layer's input: q, k, v, w (its first factor when low-rank), beta
+        and the gate (when on)."""
         w_in = self.w_proj[0] if isinstance(self.w_proj, nn.Sequential) else self.w_proj
         heads = [self.q_proj, self.k_proj, self.v_proj, w_in, self.bt_proj]
-        if self.use_forget_gate:
-            heads.append(self.g_proj)
+        return heads + [self.g_proj] if self.use_forget_gate else heads
+
+    def _joint_input_projection(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor | None:
+        """For a decoding step (one token, autograd off): the projections that read x as one product over
+        their concatenated weights and biases, [B, 1, sum of their widths] in :meth:`_input_heads`' order;
+        one matrix kernel instead of five or six, which is most of what a small model's step costs. None
+        where that does not apply: several tokens, autograd on, or a projection that is not a plain
+        ``nn.Linear`` on x's device and dtype (adapters, quantized or offloaded layers take the module calls).
+
+        The cache keeps the concatenation (:meth:`~cache_path.PaTHCacheLayer.keep_input_projection`): a
+        dynamic cache from its last call of several tokens (the prefill), a static one from its last call
+        outside torch.compile, so decoding steps do not concatenate again."""
+        heads = self._input_heads()
         fusable = not torch.is_grad_enabled() and all(
             type(m) is nn.Linear and m.weight.device == x.device and m.weight.dtype == x.dtype for m in heads
         )
@@ -208,41 +220,55 @@ class PaTHAttention(nn.Module):
             if refresh or kept is None:
                 kept = layer_cache.keep_input_projection([m.weight for m in heads], [m.bias for m in heads])
         if not (fusable and x.shape[1] == 1):
-            w = self.w_proj(x)
-            g = self.g_proj(x) if self.use_forget_gate else None
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
+            return None
         if kept is None:
             kept = torch.cat([m.weight for m in heads]), torch.cat(
                 [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in heads]
             )
-        parts = list(F.linear(x, *kept).split([m.out_features for m in heads], -1))
-        if w_in is not self.w_proj:
+        return small_linear(x, *kept) if small_linear_usable(x, kept[0]) else F.linear(x, *kept)
+
+    def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
+        """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
+        without a forget gate), each [B, T, features] in x's dtype; a decoding step's from one product
+        (:meth:`_joint_input_projection`)."""
+        joint = self._joint_input_projection(x, layer_cache)
+        if joint is None:
+            w = self.w_proj(x)
+            g = self.g_proj(x) if self.use_forget_gate else None
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
+        parts = list(joint.split([m.out_features for m in self._input_heads()], -1))
+        if isinstance(self.w_proj, nn.Sequential):
             parts[3] = self.w_proj[1](parts[3])
         return (*parts, None) if len(parts) == 5 else tuple(parts)
 
     def _fused_step_inputs(self, x: torch.Tensor, layer_cache, token_mask) -> tuple | None:
         """The inputs of a single-token decoding step on CUDA from one projection product and one Triton
-        launch (``path_triton.decode_inputs``: short convolution, SiLU, qk-norm, w normalization, beta and
-        gate, with the PyTorch path's roundings), instead of ~40 small PyTorch ops. None where that kernel
-        does not apply (the caller then takes the PyTorch path)."""
+        launch (``path_triton.decode_inputs``: the low-rank w's second factor, short convolution, SiLU,
+        qk-norm, w normalization, beta and gate, with the PyTorch path's roundings), instead of ~40 small
+        PyTorch ops. None where that kernel does not apply (the caller then takes the PyTorch path)."""
         conv_state = layer_cache.get_conv_state() if self.use_w_shortconv else None
         conv_weight = self.w_conv1d.weight if self.use_w_shortconv else None
-        if (self.use_w_shortconv and (conv_state is None or not conv_weight.is_contiguous())) or not isinstance(
-            self.maybe_q_norm, (nn.Identity, PaTHRMSNorm)
+        w_up = self.w_proj[1] if isinstance(self.w_proj, nn.Sequential) else None
+        if (
+            (self.use_w_shortconv and (conv_state is None or not conv_weight.is_contiguous()))
+            or not isinstance(self.maybe_q_norm, (nn.Identity, PaTHRMSNorm))
+            or (w_up is not None and not (type(w_up) is nn.Linear and w_up.bias is None and w_up.weight.is_contiguous()
+                                          and w_up.weight.device == x.device and w_up.weight.dtype == x.dtype))
         ):
             return None
-        q, k, v, w, beta_logit, g_logit = self._input_projections(x, layer_cache)
+        joint = self._joint_input_projection(x, layer_cache)
+        if joint is None:
+            return None
         norm = self.use_qk_norm
-        q, k, w, beta, g = decode_inputs(
-            q[:, 0], k[:, 0], w[:, 0], beta_logit[:, 0], g_logit[:, 0] if g_logit is not None else None,
+        q, k, v, w, beta, g = decode_inputs(
+            joint[:, 0], heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            has_gate=self.use_forget_gate, w_up=w_up.weight if w_up is not None else None,
             conv_state=conv_state, conv_weight=conv_weight, conv_bias=self.w_conv1d.bias if conv_weight is not None else None,
             q_norm=self.maybe_q_norm.weight if norm else None, k_norm=self.maybe_k_norm.weight if norm else None,
             qk_eps=self.maybe_q_norm.eps if norm else 0.0, token_mask=token_mask.reshape(-1) if token_mask is not None else None,
-            beta_max=self.beta_max, heads=self.num_heads, kv_heads=self.num_kv_heads,
+            beta_max=self.beta_max,
         )
-        B = x.shape[0]
-        v = v.view(B, 1, self.num_kv_heads, self.head_dim)
-        return q[:, None], k[:, None], v, w[:, None], beta[:, None], g[:, None] if g is not None else None
+        return q[:, None], k[:, None], v[:, None], w[:, None], beta[:, None], g[:, None] if g is not None else None
 
     def forward(
         self,
@@ -320,7 +346,7 @@ class PaTHAttention(nn.Module):
             backend=self.attn_backend,
             chunk_size=self.chunk_size,
         )
-        return self.o_proj(o.reshape(hidden_states.shape).to(hidden_states.dtype))
+        return _linear(self.o_proj, o.reshape(hidden_states.shape).to(hidden_states.dtype))
 
 
 class PaTHMLP(nn.Module):
@@ -334,11 +360,17 @@ class PaTHMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
         self.gated = config.mlp_type == "gated"
+        self.silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
+            gate, up = self.gate_proj, self.up_proj
+            plain = all(type(m) is nn.Linear and m.bias is None for m in (gate, up))
+            if self.silu and plain and small_linear_usable(x, gate.weight, up.weight):
+                # a compiled decoding step: both products, the SiLU and the product in one launch
+                return _linear(self.down_proj, small_linear(x, gate.weight, up=up.weight))
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+        return _linear(self.down_proj, self.act_fn(_linear(self.up_proj, x)))
 
 
 class PaTHBlock(GradientCheckpointingLayer):

@@ -376,9 +376,8 @@ def path_decode_step_static(
     if use_kernel:  # the kernel writes the new slot and advances the position itself: no launches here
         from .path_triton import decode_attention
 
-        new_token = (
-            k[:, 0].to(keys.dtype), v[:, 0].to(values.dtype), g[:, 0] if g is not None else None,
-            token_mask.reshape(B) if token_mask is not None else None,
+        new_token = (  # (the kernel casts the key and value to the buffers' dtypes)
+            k[:, 0], v[:, 0], g[:, 0] if g is not None else None, token_mask.reshape(B) if token_mask is not None else None,
         )
         o = decode_attention(
             q[:, 0], keys, values, w0, beta0, layer.position, gates=layer.gates if g is not None else None,
@@ -430,7 +429,7 @@ def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=No
     n = cache.length
     cache.reserve(n + 1)
     dt = compute_dtype(q.dtype)
-    new_token = (k[:, 0], v[:, 0].to(cache.values.dtype), g[:, 0] if g is not None else None, None)
+    new_token = (k[:, 0], v[:, 0], g[:, 0] if g is not None else None, None)
     filled = slice(0, n + 1)  # (views up to the new slot: the splits cover only filled slots)
     o = decode_attention(
         q[:, 0], cache.keys[:, :, filled], cache.values[:, :, filled], w[:, 0].to(dt), beta[:, 0].to(dt), n,
@@ -447,6 +446,31 @@ def decode_kernel_usable(device: torch.device, head_dims: tuple, backend: str) -
     that are powers of two from 16 to 256, unless ``backend='torch'`` asks for PyTorch ops."""
     dims_ok = all(16 <= d <= 256 and d & (d - 1) == 0 for d in head_dims)
     return backend != "torch" and device.type == "cuda" and dims_ok and _triton_import_error() is None
+
+
+# Rows (batch x tokens) up to which compiled decoding steps run their linear layers through path_triton's
+# small_linear instead of a matrix kernel (docs/kernels.md, decoding run 10).
+SMALL_LINEAR_ROWS = 8
+
+
+def small_linear_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a linear layer of x (weights [N, K] in x's dtype, contiguous) runs through
+    ``path_triton.small_linear``: inside a compiled step (torch.compile; an eager step would pay a Triton
+    launch's host time, which costs more than the matrix kernel) with autograd off, on CUDA, for at most
+    SMALL_LINEAR_ROWS rows."""
+    return (
+        torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cuda
+        and x.numel() <= SMALL_LINEAR_ROWS * x.shape[-1] and x.stride(-1) == 1
+        and all(w.dtype == x.dtype and w.device == x.device and w.is_contiguous() for w in weights)
+        and _triton_import_error() is None
+    )
+
+
+def small_linear(*args, **kwargs):
+    """``path_triton.small_linear`` (imported on first use: triton is optional)."""
+    from .path_triton import small_linear as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def decode_inputs(*args, **kwargs):

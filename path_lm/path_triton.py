@@ -550,7 +550,7 @@ def _decode_kernel(
         v_slot = v_base + n.to(tl.int64) * DV + ov
         if WRITE_NEW:
             tl.store(k_slot, k_new.to(K.dtype.element_ty))
-            tl.store(v_slot, v_new)
+            tl.store(v_slot, v_new.to(V.dtype.element_ty))
             if HAS_RING:
                 tl.store(RING + (i_bh.to(tl.int64) * (2 * WINDOW) + n % (2 * WINDOW)) * D + od, k_new)
             if HAS_GATE:
@@ -707,7 +707,8 @@ def decode_attention(
         launch: (keys per tile, warps, programs per SM), overriding :func:`_decode_launch` (for tuning); a
             fourth element caps the decoding kernel's registers per thread (Triton's ``maxnreg``).
         new_token: (key [B, H, D], value [B, H, DV], log gate [B, HQ] float32 or None, padding flag [B]
-            bool or None): the kernel writes slot n itself (raw key, value, gates[n - 1] + log gate, flag)
+            bool or None; key and value stored in the buffers' dtypes): the kernel writes slot n itself (raw
+            key, value, gates[n - 1] + log gate, flag)
             instead of reading it, and, with n a device tensor, advances n by one after the step (a compiled
             step then needs no write launches of its own). n >= L then gives NaN outputs.
         max_splits: at most this many programs per (row, kv head) along the sequence. With one (and n an
@@ -827,22 +828,38 @@ def _round(x, DT: tl.constexpr):
 
 @triton.jit
 def _decode_inputs_kernel(
-    Q, K, W, BL, GL, CS, CW, CB, QNW, KNW, TM, QO, KO, WO, BO, GO,
-    sq, sk, sw, sbl, sgl, cs_b, cs_t, qk_eps, beta_max,
-    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, TAPS: tl.constexpr, HAS_CONV: tl.constexpr,
-    HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_TM: tl.constexpr,
-    CLAMP: tl.constexpr,
+    X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
+    sx, cs_b, cs_t, qk_eps, beta_max,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TAPS: tl.constexpr,
+    LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr, HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_TM: tl.constexpr, CLAMP: tl.constexpr,
 ):
+    """Program (row b, kv head h). X's columns: q (H*G*D), k (H*D), v (H*D), w (H*D, or R with LOW_RANK), beta
+    logits (H), gate logits (H*G)."""
     DT = QO.dtype.element_ty  # the model dtype
     b = tl.program_id(0)
     h = tl.program_id(1)
+    k_col = H * G * D
+    v_col = k_col + H * D
+    w_col = v_col + H * D
+    beta_col = w_col + (R if LOW_RANK else H * D)
+    gate_col = beta_col + H
+    row = X + b.to(tl.int64) * sx
     od = tl.arange(0, D)
     ch = h * D + od  # channels of this key head
     keep = 1.0
     if HAS_TM:
         keep = tl.load(TM + b).to(tl.float32)
-    # w: padding zeroes the convolution's input; causal depthwise convolution with the cached inputs, SiLU
-    x = tl.load(W + b * sw + ch).to(tl.float32) * keep
+    # w: the low-rank projection's second factor (one product rounded to the model dtype, as nn.Linear's)
+    if LOW_RANK:
+        r = tl.arange(0, RP)
+        low = tl.load(row + w_col + r, mask=r < R, other=0.0).to(tl.float32)
+        up = tl.load(WU + ch[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0).to(tl.float32)
+        x = _round(tl.sum(up * low[None, :], axis=1), DT)
+    else:
+        x = tl.load(row + w_col + ch).to(tl.float32)
+    # padding zeroes the convolution's input; causal depthwise convolution with the cached inputs, SiLU
+    x = x * keep
     y = x
     if HAS_CONV:
         y = _round(x * _round(tl.load(CW + ch * TAPS + TAPS - 1).to(tl.float32), DT), DT)
@@ -859,70 +876,138 @@ def _decode_inputs_kernel(
                 tl.store(CS + b * cs_b + j * cs_t + ch, later)
             tl.store(CS + b * cs_b + (TAPS - 2) * cs_t + ch, x.to(CS.dtype.element_ty))
     tl.store(WO + (b * H + h) * D + od, y * tl.rsqrt(tl.sum(y * y, axis=0) + 1e-6))
-    beta = 2.0 * tl.sigmoid(tl.load(BL + b * sbl + h).to(tl.float32))
+    beta = 2.0 * tl.sigmoid(tl.load(row + beta_col + h).to(tl.float32))
     if CLAMP:
         beta = tl.minimum(beta, beta_max)
     tl.store(BO + b * H + h, beta * keep)
-    k = tl.load(K + b * sk + ch).to(tl.float32)
+    tl.store(VO + (b * H + h) * D + od, tl.load(row + v_col + ch))
+    k = tl.load(row + k_col + ch).to(tl.float32)
     if QK_NORM:
         k = k * tl.rsqrt(tl.sum(k * k, axis=0) / D + qk_eps) * tl.load(KNW + od).to(tl.float32)
     tl.store(KO + (b * H + h) * D + od, k.to(KO.dtype.element_ty))
     for i in tl.static_range(G):
         hq = h * G + i
-        q = tl.load(Q + b * sq + hq * D + od).to(tl.float32)
+        q = tl.load(row + hq * D + od).to(tl.float32)
         if QK_NORM:
             q = q * tl.rsqrt(tl.sum(q * q, axis=0) / D + qk_eps) * tl.load(QNW + od).to(tl.float32)
         tl.store(QO + (b * H * G + hq) * D + od, q.to(QO.dtype.element_ty))
         if HAS_GATE:
-            z = tl.load(GL + b * sgl + hq).to(tl.float32)
+            z = tl.load(row + gate_col + hq).to(tl.float32)
             e = tl.exp(-tl.abs(z))  # log sigmoid(z) = min(z, 0) - log(1 + e)
             tl.store(GO + b * H * G + hq, (tl.minimum(z, 0.0) - tl.where(e < 1e-4, e, tl.log(1.0 + e))) * keep)
 
 
-def decode_inputs(q, k, w, beta_logit, g_logit, *, conv_state=None, conv_weight=None, conv_bias=None,
-                  q_norm=None, k_norm=None, qk_eps=1e-5, token_mask=None, beta_max=None, heads: int, kv_heads: int):
+def decode_inputs(x, *, heads: int, kv_heads: int, head_dim: int, has_gate: bool, w_up=None, conv_state=None,
+                  conv_weight=None, conv_bias=None, q_norm=None, k_norm=None, qk_eps=1e-5, token_mask=None,
+                  beta_max=None):
     """The single-token inputs of a decoding step in one launch, computed as PaTHAttention's PyTorch ops do
     (same roundings to the model dtype), from the input projections of one token.
 
     Args:
-        q [B, HQ*D], k [B, H*D], w [B, H*D] (before the short convolution), beta_logit [B, H], g_logit [B, HQ]
-            or None: rows of the projections (views with any row stride; columns contiguous), model dtype.
-        conv_state [B, K-1, H*D] (model dtype, columns contiguous): the convolution's earlier inputs,
-            **updated in place** (shifted by one, w appended). conv_weight [H*D, K] contiguous; conv_bias [H*D].
-            None: no convolution.
+        x [B, N]: one token's input projections side by side along the columns, in the model dtype, rows
+            contiguous: q (heads * D, D = head_dim), k, v (kv_heads * D each), w (kv_heads * D, before the short
+            convolution; with ``w_up``, the R columns of its low-rank bottleneck), the beta logits (kv_heads)
+            and, with ``has_gate``, the gate logits (heads). One tensor (the output of one product), so that
+            a compiled step passes it to the kernel as it is, with no copies of column slices.
+        w_up [kv_heads * D, R] contiguous: the low-rank w's second factor (no bias), applied here.
+        conv_state [B, K-1, kv_heads * D] (model dtype, columns contiguous): the convolution's earlier
+            inputs, **updated in place** (shifted by one, w appended). conv_weight [kv_heads * D, K]
+            contiguous; conv_bias [kv_heads * D]. None: no convolution.
         q_norm, k_norm: RMSNorm weights [D] (both or neither), eps qk_eps.
         token_mask [B] bool: False where the new token is padding (identity transform, no gate mass).
     Returns:
-        q [B, HQ, D] and k [B, H, D] in the model dtype; w [B, H, D] unit norm, beta [B, H] and the log gate
-        [B, HQ] (None without g_logit) in float32.
+        q [B, heads, D], k and v [B, kv_heads, D] in the model dtype; w [B, kv_heads, D] unit norm, beta
+        [B, kv_heads] and the log gate [B, heads] (None without a gate) in float32.
     """
-    B = q.shape[0]
-    D = q.shape[1] // heads
+    B, N = x.shape
+    D = head_dim
+    R = w_up.shape[1] if w_up is not None else 0
+    width = (heads + 2 * kv_heads) * D + (R if w_up is not None else kv_heads * D) + kv_heads + heads * has_gate
+    if N != width:
+        raise ValueError(f"decode_inputs: x has {N} columns where the projections need {width}")
+    if w_up is not None and (w_up.shape[0] != kv_heads * D or not w_up.is_contiguous()):
+        raise ValueError(f"decode_inputs: w_up must be a contiguous [{kv_heads * D}, R] matrix")
+    if x.stride(-1) != 1 or (conv_state is not None and conv_state.stride(-1) != 1):
+        raise ValueError("decode_inputs needs x's and conv_state's last dimension contiguous")
     G = heads // kv_heads
-    dt = q.dtype
-    for name, x in (("q", q), ("k", k), ("w", w), ("beta_logit", beta_logit), ("g_logit", g_logit), ("conv_state", conv_state)):
-        if x is not None and x.stride(-1) != 1:
-            raise ValueError(f"decode_inputs needs {name}'s last dimension contiguous")
-    f32 = dict(dtype=torch.float32, device=q.device)
-    q_out = torch.empty(B, heads, D, dtype=dt, device=q.device)
-    k_out = torch.empty(B, kv_heads, D, dtype=dt, device=q.device)
+    dt = x.dtype
+    f32 = dict(dtype=torch.float32, device=x.device)
+    q_out = torch.empty(B, heads, D, dtype=dt, device=x.device)
+    k_out = torch.empty(B, kv_heads, D, dtype=dt, device=x.device)
+    v_out = torch.empty(B, kv_heads, D, dtype=dt, device=x.device)
     w_out = torch.empty(B, kv_heads, D, **f32)
     beta_out = torch.empty(B, kv_heads, **f32)
-    has_gate, has_conv, qk_norm = g_logit is not None, conv_state is not None, q_norm is not None
+    has_conv, qk_norm = conv_state is not None, q_norm is not None
     g_out = torch.empty(B, heads, **f32) if has_gate else None
     taps = conv_weight.shape[-1] if has_conv else 2
     _decode_inputs_kernel[(B, kv_heads)](
-        q, k, w, beta_logit, g_logit if has_gate else q, conv_state if has_conv else q,
-        conv_weight if has_conv else q, conv_bias if conv_bias is not None else q,
-        q_norm if qk_norm else q, k_norm if qk_norm else q, token_mask if token_mask is not None else q,
-        q_out, k_out, w_out, beta_out, g_out if has_gate else q,
-        q.stride(0), k.stride(0), w.stride(0), beta_logit.stride(0), g_logit.stride(0) if has_gate else 0,
-        conv_state.stride(0) if has_conv else 0, conv_state.stride(1) if has_conv else 0,
+        x, w_up if w_up is not None else x, conv_state if has_conv else x, conv_weight if has_conv else x,
+        conv_bias if conv_bias is not None else x, q_norm if qk_norm else x, k_norm if qk_norm else x,
+        token_mask if token_mask is not None else x, q_out, k_out, v_out, w_out, beta_out, g_out if has_gate else x,
+        x.stride(0), conv_state.stride(0) if has_conv else 0, conv_state.stride(1) if has_conv else 0,
         qk_eps, beta_max if beta_max is not None else 0.0,
-        H=kv_heads, G=G, D=D, TAPS=taps, HAS_CONV=has_conv, HAS_CBIAS=conv_bias is not None, QK_NORM=qk_norm,
-        HAS_GATE=has_gate, HAS_TM=token_mask is not None, CLAMP=beta_max is not None, num_warps=1,
+        H=kv_heads, G=G, D=D, R=R, RP=triton.next_power_of_2(max(R, 1)), TAPS=taps, LOW_RANK=w_up is not None,
+        HAS_CONV=has_conv, HAS_CBIAS=conv_bias is not None, QK_NORM=qk_norm, HAS_GATE=has_gate,
+        HAS_TM=token_mask is not None, CLAMP=beta_max is not None, num_warps=1,
     )
-    return q_out, k_out, w_out, beta_out, g_out
+    return q_out, k_out, v_out, w_out, beta_out, g_out
+
+
+@triton.jit
+def _small_linear_kernel(X, W, U, BIAS, Y, N, K, sx, sy, M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Program (block of BN output columns): Y[m, cols] for the M rows, with every product in float32 and
+    rounded to Y's dtype as a matrix kernel's epilogue does (bias added before the rounding). GATED:
+    Y = silu(X W^T) * (X U^T), each product rounded, then the SiLU, then the product (PyTorch's roundings)."""
+    DT = Y.dtype.element_ty
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    col_ok = cols < N
+    for m in tl.static_range(M):
+        acc = tl.zeros([BN], tl.float32)
+        acc_u = tl.zeros([BN], tl.float32)
+        for k0 in range(0, K, BK):
+            k_ok = k0 + ks < K
+            x = tl.load(X + m * sx + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+            offsets = cols.to(tl.int64)[:, None] * K + (k0 + ks)[None, :]
+            tile_ok = col_ok[:, None] & k_ok[None, :]
+            acc += tl.sum(tl.load(W + offsets, mask=tile_ok, other=0.0).to(tl.float32) * x[None, :], axis=1)
+            if GATED:
+                acc_u += tl.sum(tl.load(U + offsets, mask=tile_ok, other=0.0).to(tl.float32) * x[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = _round(acc, DT)
+        if GATED:
+            y = _round(_round(y / (1.0 + tl.exp(-y)), DT) * _round(acc_u, DT), DT)
+        tl.store(Y + m * sy + cols, y.to(DT), mask=col_ok)
+
+
+def small_linear(x, weight, bias=None, *, up=None):
+    """``F.linear(x, weight, bias)`` for a few rows (a decoding step's), or with ``up`` the gated MLP's
+    ``silu(F.linear(x, weight)) * F.linear(x, up)``, in one launch that spreads the weights' columns over
+    the whole GPU. A matrix kernel gives so few rows a handful of programs (one per 64 output columns),
+    which leaves most of the GPU idle and takes 4-5 us per product at a 134M model's sizes.
+
+    x [..., K], last dimension contiguous (few rows: the kernel unrolls its loop over them); weight and up
+    [N, K] contiguous; bias [N] or None. Returns [..., N] in x's dtype."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    rows = x.reshape(-1, K)
+    M = rows.shape[0]
+    if rows.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != K:
+        raise ValueError(f"small_linear needs x's last dimension and a [N, {K}] weight contiguous; got weight "
+                         f"{tuple(weight.shape)} with strides {weight.stride()}")
+    if up is not None and (up.shape != weight.shape or not up.is_contiguous()):
+        raise ValueError(f"small_linear: up must be contiguous and shaped like weight {tuple(weight.shape)}")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BK = min(triton.next_power_of_2(K), 2048)
+    BN = max(1, min(16, 8192 // BK))  # ~64 weights per thread and tile, all in flight at once
+    _small_linear_kernel[(triton.cdiv(N, BN),)](
+        rows, weight, up if up is not None else weight, bias if bias is not None else weight, y, N, K,
+        rows.stride(0), y.stride(0), M=M, BN=BN, BK=BK, GATED=up is not None, HAS_BIAS=bias is not None,
+        num_warps=4,
+    )
+    return y.reshape(*x.shape[:-1], N)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -473,6 +473,92 @@ def test_fused_step_inputs_equal_pytorch_ops(dtype, options, static, monkeypatch
         torch.testing.assert_close(b.float(), a.float(), **tolerance, msg=name)
 
 
+def test_decode_inputs_refuses_projections_of_the_wrong_width():
+    """decode_inputs reads the projections by column offsets: a width that does not add up, or a low-rank
+    factor of the wrong shape, is refused with what was expected instead of read at the wrong columns."""
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_inputs
+
+    x = torch.zeros(2, 4 * 8 + 2 * 2 * 8 + 2 * 8 + 2 + 4, device=KERNEL_DEVICE)  # q, k, v, w, beta, gate
+    decode_inputs(x, heads=4, kv_heads=2, head_dim=8, has_gate=True)
+    with pytest.raises(ValueError, match="columns where the projections need 86"):
+        decode_inputs(x[:, :-1], heads=4, kv_heads=2, head_dim=8, has_gate=True)
+    with pytest.raises(ValueError, match="columns where the projections need 82"):
+        decode_inputs(x, heads=4, kv_heads=2, head_dim=8, has_gate=False)
+    low = x[:, : 4 * 8 + 2 * 2 * 8 + 4 + 2 + 4].contiguous()  # w's bottleneck of rank 4
+    decode_inputs(low, heads=4, kv_heads=2, head_dim=8, has_gate=True, w_up=torch.zeros(16, 4, device=KERNEL_DEVICE))
+    with pytest.raises(ValueError, match=r"w_up must be a contiguous \[16, R\] matrix"):
+        decode_inputs(low, heads=4, kv_heads=2, head_dim=8, has_gate=True, w_up=torch.zeros(4, 16, device=KERNEL_DEVICE).t())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "fp16"])
+def test_small_linear_matches_float64_products(rows, gated, dtype):
+    """path_triton.small_linear (compiled decoding steps' linear layers) against float64 products rounded where
+    PyTorch's ops round: each product (with its bias) once, then the SiLU, then the gated product. A width
+    past one tile of the reduction (2100 > 2048) and a column count that is no multiple of the column block.
+    fp16 stands for the half dtypes (the CPU interpreter does not round bf16 as the GPU does)."""
+    pytest.importorskip("triton")
+    from path_lm.path_triton import small_linear
+
+    gen = torch.Generator().manual_seed(rows)
+    for K, N in ((48, 37), (2100, 21)):
+        x = torch.randn(rows, K, generator=gen)
+        w, u, b = torch.randn(N, K, generator=gen) / K**0.5, torch.randn(N, K, generator=gen) / K**0.5, torch.randn(N, generator=gen)
+        x, w, u, b = (t.to(KERNEL_DEVICE, dtype) for t in (x, w, u, b))
+
+        def rounded(t):
+            return t.to(dtype).double()
+
+        if gated:
+            gate, up = rounded(x.double() @ w.double().T), rounded(x.double() @ u.double().T)
+            expected = rounded(rounded(gate * torch.sigmoid(gate)) * up)
+            got = small_linear(x, w, up=u)
+        else:
+            expected = rounded(x.double() @ w.double().T + b.double())
+            got = small_linear(x, w, b)
+        assert got.shape == (rows, N) and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+        else:  # one half-precision step apart at most (the float32 sums' order), equal almost everywhere
+            ulp = torch.finfo(dtype).eps * expected.abs().clamp(min=2**-14)
+            assert ((got.double() - expected).abs() <= 1.01 * ulp).all()
+            assert (got.double() == expected).float().mean() > 0.9
+    x3 = torch.randn(2, 1, 48, generator=gen).to(KERNEL_DEVICE, dtype)
+    assert small_linear(x3, w[:, :48].contiguous()).shape == (2, 1, N)
+    with pytest.raises(ValueError, match="weight contiguous"):
+        small_linear(x3, w[:, :48])
+
+
+@torch.no_grad()
+def test_decoding_steps_through_small_linear_equal_module_calls(monkeypatch):
+    """With path_ops.small_linear_usable true (as in a compiled CUDA step of few rows), a model's decoding
+    steps run the joint input projection, o_proj and the MLP (gated SiLU, then down) through small_linear and
+    give the module calls' logits; prefill rows past SMALL_LINEAR_ROWS keep the module calls."""
+    pytest.importorskip("triton")
+    from path_lm import modeling_path
+    from path_lm.path_ops import SMALL_LINEAR_ROWS
+
+    model = make_model(use_forget_gate=True).to(KERNEL_DEVICE).eval()
+    ids = random_ids(2, 6, seed=3).to(KERNEL_DEVICE)
+    calls = []
+    kernel = modeling_path.small_linear
+    monkeypatch.setattr(modeling_path, "small_linear", lambda *a, **k: calls.append(a[0].shape) or kernel(*a, **k))
+    logits = []
+    for small in (False, True):
+        monkeypatch.setattr(modeling_path, "small_linear_usable",
+                            lambda x, *w: small and x.numel() <= SMALL_LINEAR_ROWS * x.shape[-1])
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        logits.append(torch.stack(out.logits))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    layers = model.config.num_hidden_layers
+    steps = 3  # the first new token comes from the prefill (12 rows)
+    assert len(calls) == 4 * steps * layers, "per step and layer: joint inputs, o_proj, the gated MLP, down"
+    assert all(shape[:-1].numel() <= SMALL_LINEAR_ROWS for shape in calls)
+
+
 def test_full_static_cache_steps_refused_or_nan():
     """A static cache with no free slot: an uncompiled step raises and says what to change; the kernel (as a
     compiled step runs it, with no host check) gives NaN and leaves the position at the end."""
