@@ -449,8 +449,9 @@ def decode_kernel_usable(device: torch.device, head_dims: tuple, backend: str) -
 
 
 # Rows (batch x tokens) up to which compiled decoding steps run their linear layers through path_triton's
-# small_linear instead of a matrix kernel (docs/kernels.md, decoding run 10).
-SMALL_LINEAR_ROWS = 8
+# small_linear instead of a matrix kernel: faster at one row, slower from two at large widths
+# (benchmarks/gpu_small_linear.py; docs/kernels.md, decoding run 10).
+SMALL_LINEAR_ROWS = 1
 
 
 def small_linear_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
