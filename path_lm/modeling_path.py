@@ -28,14 +28,6 @@ logger = logging.get_logger(__name__)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; a plain ``nn.Linear`` inside a compiled decoding step of few rows runs through
-    path-lm's small-rows kernel (:func:`~path_ops.small_linear_usable`)."""
-    if type(module) is nn.Linear and small_linear_usable(x, module.weight):
-        return small_linear(x, module.weight, module.bias)
-    return module(x)
-
-
 class PaTHRMSNorm(nn.Module):
     """RMSNorm computed in float32 or better (as fla's fused norm), returned in the input dtype.
 
@@ -225,7 +217,7 @@ class PaTHAttention(nn.Module):
             kept = torch.cat([m.weight for m in heads]), torch.cat(
                 [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in heads]
             )
-        return small_linear(x, *kept) if small_linear_usable(x, kept[0]) else F.linear(x, *kept)
+        return F.linear(x, *kept)
 
     def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
         """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
@@ -346,7 +338,7 @@ class PaTHAttention(nn.Module):
             backend=self.attn_backend,
             chunk_size=self.chunk_size,
         )
-        return _linear(self.o_proj, o.reshape(hidden_states.shape).to(hidden_states.dtype))
+        return self.o_proj(o.reshape(hidden_states.shape).to(hidden_states.dtype))
 
 
 class PaTHMLP(nn.Module):
@@ -367,10 +359,10 @@ class PaTHMLP(nn.Module):
             gate, up = self.gate_proj, self.up_proj
             plain = all(type(m) is nn.Linear and m.bias is None for m in (gate, up))
             if self.silu and plain and small_linear_usable(x, gate.weight, up.weight):
-                # a compiled decoding step: both products, the SiLU and the product in one launch
-                return _linear(self.down_proj, small_linear(x, gate.weight, up=up.weight))
+                # a compiled decoding step of one row: both products, the SiLU and the product in one launch
+                return self.down_proj(small_linear(x, gate.weight, up=up.weight))
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return _linear(self.down_proj, self.act_fn(_linear(self.up_proj, x)))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
 
 
 class PaTHBlock(GradientCheckpointingLayer):
@@ -633,7 +625,7 @@ class PaTHForCausalLM(PaTHPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = _linear(self.lm_head, hidden_states[:, keep, :])
+        logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

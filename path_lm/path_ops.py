@@ -448,14 +448,15 @@ def decode_kernel_usable(device: torch.device, head_dims: tuple, backend: str) -
     return backend != "torch" and device.type == "cuda" and dims_ok and _triton_import_error() is None
 
 
-# Rows (batch x tokens) up to which compiled decoding steps run their linear layers through path_triton's
-# small_linear instead of a matrix kernel: faster at one row, slower from two at large widths
+# Rows (batch x tokens) up to which compiled decoding steps run the gated MLP's two products, SiLU and
+# product through path_triton's small_linear (one launch) instead of two matrix kernels and an elementwise
+# one: 2.0x faster at one row of a 134M model, 1.26x at 1.3B; the single products were not faster
 # (benchmarks/gpu_small_linear.py; docs/kernels.md, decoding run 10).
 SMALL_LINEAR_ROWS = 1
 
 
 def small_linear_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a linear layer of x (weights [N, K] in x's dtype, contiguous) runs through
+    """Whether the gated MLP of x (weights [N, K] in x's dtype, contiguous) runs through
     ``path_triton.small_linear``: inside a compiled step (torch.compile; an eager step would pay a Triton
     launch's host time, which costs more than the matrix kernel) with autograd off, on CUDA, for at most
     SMALL_LINEAR_ROWS rows."""
