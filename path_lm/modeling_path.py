@@ -67,7 +67,8 @@ class PaTHShortConvolution(nn.Conv1d):
         segment_ids: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, C]; segment_ids [B, T]; state [B, K-1, C] (earlier inputs). Returns (y, new state)."""
+        """x [B, T, C]; segment_ids [B, T]; state [B, K-1, C] (earlier inputs). Returns (y, new state [B, K-1,
+        C], x's last inputs)."""
         K = self.kernel_size[0]
         T = x.shape[1]
         has_state = state is not None
@@ -87,7 +88,9 @@ class PaTHShortConvolution(nn.Conv1d):
             y = y + tap
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return F.silu(y), padded[:, padded.shape[1] - (K - 1) :]
+        # The new state as a tensor of its own: a view would keep the whole input alive in a cache (a long
+        # prompt's [B, T, C] per layer).
+        return F.silu(y), padded[:, padded.shape[1] - (K - 1) :].clone()
 
 
 def is_static_step(layer_cache, new_len: int) -> bool:

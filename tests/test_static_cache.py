@@ -162,6 +162,24 @@ def test_static_cache_keeps_input_projections_in_place(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_caches_hold_no_views_of_the_prompts_activations(model, static):
+    """Every tensor a cache layer keeps owns its memory after a prefill and decoding steps: a view (the
+    short convolution's state as a slice of its input) would keep a [B, T, C] activation of the prompt alive
+    per layer, a second copy of the keys' size on long prompts."""
+    ids = random_ids(2, 40, seed=5)
+    cache = PaTHStaticCache(model.config, max_cache_len=48) if static else PaTHCache(model.config)
+    model(ids, **{CACHE_KW: cache})
+    for step in range(3):
+        model(ids[:, step : step + 1], **{CACHE_KW: cache})
+    for i, layer in enumerate(cache.layers):
+        kept = {name: t for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+        assert "conv_state" in kept
+        for name, t in kept.items():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), f"layer {i} {name}"
+
+
+@torch.no_grad()
 def test_dynamic_cache_keeps_input_projections_from_the_prompt(model):
     """A dynamic cache keeps the concatenated projections from its last call of several tokens: single-token
     steps reuse them (no concatenation per step) and give the module calls' logits; the next multi-token
