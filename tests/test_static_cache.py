@@ -741,3 +741,32 @@ def test_key_rounding_benchmark_carries_framed_keys_correctly():
     f32, b16, frames, frames_f32_window, floor = (res[name]["key"] for name in bench.SCHEMES)
     assert f32 < 1e-5
     assert floor < frames_f32_window < frames < b16 < 0.05
+
+
+def test_eager_step_makes_two_triton_launches_per_layer(tmp_path):
+    """benchmarks/cpu_decode_host.py: an eager decoding step on the CUDA code path (a short dynamic cache)
+    launches the inputs kernel and the decoding kernel once per layer and nothing else from Triton; the
+    script puts the real kernels back afterwards."""
+    pytest.importorskip("triton")
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from path_lm import path_ops, path_triton
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("cpu_decode_host", bench_dir / "cpu_decode_host.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        kernel, usable = path_triton._decode_kernel, path_ops.decode_kernel_usable
+        assert bench.main(["--tiny", "--json", str(tmp_path / "host.json")]) == 0
+    finally:
+        sys.path.remove(str(bench_dir))
+    records = json.loads((tmp_path / "host.json").read_text())["records"]
+    path = records["PaTH (CUDA path, Triton stubbed)"]
+    assert path["launches"] == {"_decode_inputs_kernel": 2, "_decode_kernel": 2}  # 2 layers
+    assert records["Llama (CPU ops)"]["triton_launches"] == 0
+    assert path_triton._decode_kernel is kernel and path_ops.decode_kernel_usable is usable
