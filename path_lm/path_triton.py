@@ -481,7 +481,7 @@ def _decode_kernel(
             g_q = tl.load(g_rows + n, mask=g_ok, other=0.0)
     if WRITE_NEW:
         k_new = tl.load(KN + i_bh * D + od).to(tl.float32)
-        v_new = tl.load(VN + i_bh * DV + ov)
+        v_new = tl.load(VN + i_bh * DV + ov).to(V.dtype.element_ty)  # as stored in the cache
         if NEW_MASK:
             mask_new = tl.load(MN + b) != 0
 
@@ -550,7 +550,7 @@ def _decode_kernel(
         v_slot = v_base + n.to(tl.int64) * DV + ov
         if WRITE_NEW:
             tl.store(k_slot, k_new.to(K.dtype.element_ty))
-            tl.store(v_slot, v_new.to(V.dtype.element_ty))
+            tl.store(v_slot, v_new)
             if HAS_RING:
                 tl.store(RING + (i_bh.to(tl.int64) * (2 * WINDOW) + n % (2 * WINDOW)) * D + od, k_new)
             if HAS_GATE:

@@ -491,6 +491,34 @@ def test_fused_step_inputs_equal_pytorch_ops(dtype, options, static, monkeypatch
         torch.testing.assert_close(b.float(), a.float(), **tolerance, msg=name)
 
 
+@pytest.mark.parametrize("slot_on_device", [False, True], ids=["int_slot", "device_slot"])
+def test_decode_kernel_casts_the_new_token_to_the_buffers(slot_on_device):
+    """The kernel writes the new token's key and value (given in float32) in the buffers' dtypes, and scores
+    and weights the new value as stored (rounded), as the PyTorch step reads it back from the cache."""
+    pytest.importorskip("triton")
+    from path_lm.path_triton import decode_attention
+
+    B, HQ, H, D, L, n = 2, 2, 2, 16, 40, 30
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, HQ, D, generator=gen)
+    keys = torch.randn(B, H, L, D, generator=gen)
+    values = torch.randn(B, H, L, D, generator=gen).half()
+    w = F.normalize(torch.randn(B, H, D, generator=gen), dim=-1)
+    beta = 2 * torch.rand(B, H, generator=gen)
+    k_new, v_new = torch.randn(B, H, D, generator=gen), torch.randn(B, H, D, generator=gen)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected_keys[:, :, n], expected_values[:, :, n] = k_new, v_new.half()
+    o_ref, keys_ref = decode_reference(q, expected_keys, expected_values, w, beta, n, None, None, D**-0.5)
+    on = [x.to(KERNEL_DEVICE) for x in (q, keys, values, w, beta, k_new, v_new)]
+    q, keys, values, w, beta, k_new, v_new = on
+    slot = torch.tensor(n, device=KERNEL_DEVICE) if slot_on_device else n
+    o = decode_attention(q, keys, values, w, beta, slot, scale=D**-0.5, new_token=(k_new, v_new, None, None),
+                         launch=(16, 2, 2))
+    assert values.dtype == torch.float16
+    assert torch.equal(values[:, :, n].cpu(), v_new.half().cpu()) and torch.equal(keys[:, :, n].cpu(), k_new.cpu())
+    torch.testing.assert_close(o.cpu().double(), o_ref, atol=2e-6, rtol=1e-5)
+
+
 def test_decode_inputs_refuses_projections_of_the_wrong_width():
     """decode_inputs reads the projections by column offsets: a width that does not add up, or a low-rank
     factor of the wrong shape, is refused with what was expected instead of read at the wrong columns."""
