@@ -24,8 +24,11 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts only benchmarks/ 
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from transformers.modeling_outputs import BaseModelOutputWithPast  # noqa: E402
 
 GIB = 2**30
+# transformers 5.24 renamed the cache argument from `past_key_values` to `cache`.
+CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def add_common_args(parser, name: str) -> None:

@@ -48,10 +48,10 @@ def step_record(model, cache, ids, steps: int, launches: dict) -> dict:
     def step():
         nonlocal mask
         mask = torch.cat([mask, mask[:, :1]], 1)
-        model(token, past_key_values=cache, use_cache=True, attention_mask=mask)
+        model(token, use_cache=True, attention_mask=mask, **{C.CACHE_KW: cache})
 
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True, attention_mask=mask)
+        model(ids, use_cache=True, attention_mask=mask, **{C.CACHE_KW: cache})
         for _ in range(3):
             step()
         launches.clear()

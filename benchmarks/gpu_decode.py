@@ -36,14 +36,10 @@ import argparse
 import _common as C
 import torch
 from transformers import LlamaForCausalLM, StaticCache
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from path_lm import PaTHConfig, PaTHForCausalLM, PaTHStaticCache
 from path_lm.benchmarking import llama_peer_config, time_decoding
 from path_lm.cache_path import FRAME_WINDOW, frames_pay_off, key_layout
-
-# transformers 5.24 renamed the cache argument from `past_key_values` to `cache`.
-CACHE_KW = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def build_configs(args):
@@ -112,13 +108,13 @@ def compiled_step_ms(model, ids, max_cache_len, args, device) -> float:
     else:
         cache = StaticCache(config=config, max_cache_len=max_cache_len)
     step = model.get_compiled_call(model.generation_config.compile_config)
-    logits = model(ids, use_cache=True, logits_to_keep=1, **{CACHE_KW: cache}).logits
+    logits = model(ids, use_cache=True, logits_to_keep=1, **{C.CACHE_KW: cache}).logits
     token = logits[:, -1:].argmax(-1)
 
     def run(n):
         nonlocal token
         for _ in range(n):
-            out = step(input_ids=token, use_cache=True, logits_to_keep=1, return_dict=True, **{CACHE_KW: cache})
+            out = step(input_ids=token, use_cache=True, logits_to_keep=1, return_dict=True, **{C.CACHE_KW: cache})
             token = out.logits[:, -1:].argmax(-1)
 
     run(3)  # warm-up: recompiles or re-records if this call differs from generate()'s

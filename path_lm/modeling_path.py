@@ -28,6 +28,16 @@ logger = logging.get_logger(__name__)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def _plain_linear(module: nn.Module, x: torch.Tensor, bias: bool = True) -> bool:
+    """Whether ``module`` is a plain ``nn.Linear`` with its weight on x's device and in x's dtype (and, with
+    ``bias=False``, no bias): the layers whose weights the fused decoding paths read directly (adapters,
+    quantized or offloaded layers keep their own calls)."""
+    return (
+        type(module) is nn.Linear and module.weight.device == x.device and module.weight.dtype == x.dtype
+        and (bias or module.bias is None)
+    )
+
+
 class PaTHRMSNorm(nn.Module):
     """RMSNorm computed in float32 or better (as fla's fused norm), returned in the input dtype.
 
@@ -205,9 +215,7 @@ class PaTHAttention(nn.Module):
         dynamic cache from its last call of several tokens (the prefill), a static one from its last call
         outside torch.compile, so decoding steps do not concatenate again."""
         heads = self._input_heads()
-        fusable = not torch.is_grad_enabled() and all(
-            type(m) is nn.Linear and m.weight.device == x.device and m.weight.dtype == x.dtype for m in heads
-        )
+        fusable = not torch.is_grad_enabled() and all(_plain_linear(m, x) for m in heads)
         kept = None
         if fusable and layer_cache is not None:
             kept = layer_cache.kept_input_projection()
@@ -247,8 +255,7 @@ class PaTHAttention(nn.Module):
         if (
             (self.use_w_shortconv and (conv_state is None or not conv_weight.is_contiguous()))
             or not isinstance(self.maybe_q_norm, (nn.Identity, PaTHRMSNorm))
-            or (w_up is not None and not (type(w_up) is nn.Linear and w_up.bias is None and w_up.weight.is_contiguous()
-                                          and w_up.weight.device == x.device and w_up.weight.dtype == x.dtype))
+            or (w_up is not None and not (_plain_linear(w_up, x, bias=False) and w_up.weight.is_contiguous()))
         ):
             return None
         joint = self._joint_input_projection(x, layer_cache)
@@ -360,7 +367,7 @@ class PaTHMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.gate_proj, self.up_proj
-            plain = all(type(m) is nn.Linear and m.bias is None for m in (gate, up))
+            plain = _plain_linear(gate, x, bias=False) and _plain_linear(up, x, bias=False)
             if self.silu and plain and small_linear_usable(x, gate.weight, up.weight):
                 # a compiled decoding step of one row: both products, the SiLU and the product in one launch
                 return self.down_proj(small_linear(x, gate.weight, up=up.weight))

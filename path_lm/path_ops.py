@@ -456,15 +456,14 @@ SMALL_LINEAR_ROWS = 1
 
 
 def small_linear_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the gated MLP of x (weights [N, K] in x's dtype, contiguous) runs through
+    """Whether products of x with these weights ([N, K], x's device and dtype: the caller checks) run through
     ``path_triton.small_linear``: inside a compiled step (torch.compile; an eager step would pay a Triton
     launch's host time, which costs more than the matrix kernel) with autograd off, on CUDA, for at most
-    SMALL_LINEAR_ROWS rows."""
+    SMALL_LINEAR_ROWS rows, with x's last dimension and the weights contiguous."""
     return (
         torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cuda
         and x.numel() <= SMALL_LINEAR_ROWS * x.shape[-1] and x.stride(-1) == 1
-        and all(w.dtype == x.dtype and w.device == x.device and w.is_contiguous() for w in weights)
-        and _triton_import_error() is None
+        and all(w.is_contiguous() for w in weights) and _triton_import_error() is None
     )
 
 

@@ -707,10 +707,10 @@ def decode_attention(
         launch: (keys per tile, warps, programs per SM), overriding :func:`_decode_launch` (for tuning); a
             fourth element caps the decoding kernel's registers per thread (Triton's ``maxnreg``).
         new_token: (key [B, H, D], value [B, H, DV], log gate [B, HQ] float32 or None, padding flag [B]
-            bool or None; key and value stored in the buffers' dtypes): the kernel writes slot n itself (raw
-            key, value, gates[n - 1] + log gate, flag)
-            instead of reading it, and, with n a device tensor, advances n by one after the step (a compiled
-            step then needs no write launches of its own). n >= L then gives NaN outputs.
+            bool or None): the kernel writes slot n itself (raw key, value, gates[n - 1] + log gate, flag;
+            key and value cast to the buffers' dtypes) instead of reading it, and, with n a device tensor,
+            advances n by one after the step (a compiled step then needs no write launches of its own).
+            n >= L then gives NaN outputs.
         max_splits: at most this many programs per (row, kv head) along the sequence. With one (and n an
             int) the kernel writes the output itself and no merge runs: one launch fewer, for steps whose
             cost is the host's launches rather than the GPU's work (eager decoding of short caches).
