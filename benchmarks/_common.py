@@ -179,6 +179,24 @@ def host_ms(fn, device: torch.device, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def cprofile_table(fn, device: torch.device, rows: int = 30) -> str:
+    """cProfile's table of one call of fn() (after the caller's warm-up): the host's Python work by function,
+    sorted by time spent in the function itself."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
+    return out.getvalue()
+
+
 def profile_table(fn, device: torch.device, rows: int = 25) -> str:
     """torch.profiler's table of one call of fn() (after the caller's warm-up), sorted by device time:
     self CUDA time per kernel on a GPU, self CPU time per op on a CPU."""

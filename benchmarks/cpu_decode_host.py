@@ -23,8 +23,8 @@ from transformers import DynamicCache, LlamaForCausalLM
 from path_lm import PaTHCache, PaTHConfig, PaTHForCausalLM, modeling_path, path_ops, path_triton
 from path_lm.benchmarking import llama_peer_config
 
-STUBBED = ("_decode_inputs_kernel", "_decode_kernel", "_decode_merge_kernel", "_decode_fold_kernel",
-           "_decode_framed_kernel")
+STUBBED = ("_decode_inputs_kernel", "_decode_kernel", "_decode_step_kernel", "_decode_merge_kernel",
+           "_decode_fold_kernel", "_decode_framed_kernel")
 
 
 class CountingStub:

@@ -12,7 +12,11 @@ with untied embeddings); random prompts of --contexts tokens at --batches rows, 
   the model's attn_backend ("auto": fla when installed, else path-lm's kernel).
 - ms/token: two generate() calls after a warm-up call (which compiles in static mode), with N0 and N1 new
   tokens (min_new_tokens = max_new_tokens); ms/token = (time(N1) - time(N0)) / (N1 - N0), so the prefill,
-  the cache set-up and the first graph replay cancel out. tokens/s = batch / ms/token.
+  the cache set-up and the first graph replay cancel out. tokens/s = batch / ms/token. Dynamic mode (bound
+  by the host, whose speed drifts by up to 2x within seconds on the device machines) runs --rounds rounds,
+  each timing both calls of each model in turn, after a warm-up call of N1 tokens per model: ms/token is a
+  model's median over rounds, "vs Llama" the median of the rounds' ratios. Static mode: the fastest of
+  --repeats calls per length.
 - step ms (static mode, --step-batches): the compiled decoding step alone, without generate()'s per-token
   work (logits processing, stopping checks, appending the token): the callable generate() compiled
   (``model.get_compiled_call``), called in a loop of --step-count greedy steps on a prefilled static cache
@@ -32,6 +36,7 @@ Cases that run out of memory are reported and skipped.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import _common as C
 import torch
@@ -100,6 +105,52 @@ def run_case(model, ids, mode, args, device):
     return result
 
 
+def dynamic_rounds(models: dict, ids, args, device) -> dict:
+    """Dynamic-cache decoding of every model in turn, ``--rounds`` times: each round times generate(n0) and
+    generate(n1) once per model, so that a change of the host's speed (these steps are bound by Python and
+    launches) falls on all models alike. A model's ms/token is the median over rounds; ``round_ratios``
+    holds, per round, each model's ms/token over the first model's."""
+    B = ids.shape[0]
+    options = dict(do_sample=False, attention_mask=torch.ones_like(ids))
+    results, rounds, peaks = {}, {name: [] for name in models}, {name: 0.0 for name in models}
+
+    def generate(model, n):
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, pad_token_id=model.config.pad_token_id, **options)
+
+    for name, (model, _) in models.items():
+        try:
+            # warm-up over every length the rounds reach: a model's first step at a new cache length can pay
+            # one-time costs (Llama's first round took 50-100 ms/token without it), as can Triton compiles
+            generate(model, args.n1)
+        except Exception as err:
+            results[name] = {"error": C.failure(err)}
+        C.free(device)
+    live = [name for name in models if name not in results]
+    for _ in range(args.rounds):
+        for name in list(live):
+            model = models[name][0]
+            if device.type == "cuda":  # (no empty_cache: a generate() that allocates anew would time cudaMalloc)
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                t0 = C.time_calls_ms(lambda: generate(model, args.n0), device, repeats=1)[0]
+                t1 = C.time_calls_ms(lambda: generate(model, args.n1), device, repeats=1)[0]
+            except Exception as err:
+                results[name] = {"error": C.failure(err)}
+                live.remove(name)
+                continue
+            rounds[name].append(max(t1 - t0, 0.0) / (args.n1 - args.n0))
+            peaks[name] = max(peaks[name], C.peak_gib(device) or 0.0)
+    if args.host_profile:
+        for name in live:
+            print(f"# cProfile of generate({args.n1}), {name} dynamic {tuple(ids.shape)}\n"
+                  + C.cprofile_table(lambda: generate(models[name][0], args.n1), device), flush=True)
+    for name in live:
+        ms = statistics.median(rounds[name])
+        results[name] = dict(ms_per_token=ms, tokens_per_s=B / (ms * 1e-3), peak_gib=peaks[name] or None,
+                             round_ms=rounds[name])
+    return results
+
+
 def compiled_step_ms(model, ids, max_cache_len, args, device) -> float:
     """Milliseconds per call of generate()'s compiled forward, greedy steps on a prefilled static cache."""
     config = model.config
@@ -134,7 +185,12 @@ def main():
     parser.add_argument("--models", nargs="+", default=["PaTH", "Llama"], choices=["PaTH", "Llama"])
     parser.add_argument("--n0", type=int, default=8, help="new tokens of the shorter timed generate()")
     parser.add_argument("--n1", type=int, default=72, help="new tokens of the longer timed generate()")
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per length (the fastest counts)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="static mode: timed calls per length (the fastest counts)")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="dynamic mode: rounds of both models in turn (the median counts)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="dynamic mode: print cProfile's table of one generate() per model and case")
     parser.add_argument("--step-batches", type=int, nargs="*", default=[1], help="batches timed as compiled steps")
     parser.add_argument("--step-count", type=int, default=48)
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled steps")
@@ -150,7 +206,7 @@ def main():
     device = C.pick_device(args)
     if args.tiny:
         args.hidden, args.layers, args.heads, args.vocab, args.path_backend = 64, 2, 2, 128, "torch"
-        args.contexts, args.batches, args.n0, args.n1, args.repeats = [16, 32], [1, 2], 2, 6, 1
+        args.contexts, args.batches, args.n0, args.n1, args.repeats, args.rounds = [16, 32], [1, 2], 2, 6, 1, 2
     assert args.n1 > args.n0 >= 1
     args.contexts = sorted(args.contexts)  # generate() keeps the largest static cache length it has seen
     configs = build_configs(args)
@@ -173,13 +229,19 @@ def main():
             for L in args.contexts:
                 for B in args.batches:
                     ids = torch.randint(3, args.vocab, (B, L), generator=gen).to(device)
-                    for name, (model, params) in models.items():
-                        torch.compiler.reset()  # a fresh compile per shape: no recompilation limit reached
+                    if mode == "dynamic":
                         C.free(device)
-                        try:
-                            r = run_case(model, ids, mode, args, device)
-                        except Exception as err:
-                            r = {"error": C.failure(err)}
+                        dynamic = dynamic_rounds(models, ids, args, device)
+                    for name, (model, params) in models.items():
+                        if mode == "dynamic":
+                            r = dynamic[name]
+                        else:
+                            torch.compiler.reset()  # a fresh compile per shape: no recompilation limit reached
+                            C.free(device)
+                            try:
+                                r = run_case(model, ids, mode, args, device)
+                            except Exception as err:
+                                r = {"error": C.failure(err)}
                         C.free(device)
                         mean_context = L + (args.n0 + args.n1) // 2
                         floor_ms = 1e3 * step_bytes(name, model, model.config, B, mean_context) / bandwidth
@@ -188,6 +250,8 @@ def main():
                         done = r.get("error") or f"{r['ms_per_token']:.3f} ms/token, {r['tokens_per_s']:,.0f} tok/s"
                         if r.get("step_ms"):
                             done += f", step {r['step_ms']:.3f} ms"
+                        if r.get("round_ms"):
+                            done += f", rounds {' '.join(f'{ms:.2f}' for ms in r['round_ms'])}"
                         print(f"# {name} {mode} L={L} B={B}: {done} (floor {floor_ms:.3f} ms)", flush=True)
                         # after every case, so that a run cut by a time limit keeps what it finished
                         C.write_json(args, "gpu_decode", {"meta": meta, "rows": rows})
@@ -206,6 +270,10 @@ def main():
             continue
         base = llama.get((r["mode"], r["context"], r["batch"]))
         vs = C.ratio(r["tokens_per_s"] / base["tokens_per_s"]) if base else "-"
+        if base and r.get("round_ms") and r is not base:
+            # paired: the two models' times of one round are seconds apart, so the host's drift cancels
+            per_round = [b / a for a, b in zip(r["round_ms"], base["round_ms"])]
+            vs = f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
         step = r.get("step_ms")
         table.append(head + [f"{r['ms_per_token']:.3f}", f"{r['tokens_per_s']:,.0f}", vs, C.fmt(step, ".3f"),
                              f"{r['floor_ms']:.3f}", C.ratio(r["ms_per_token"] / r["floor_ms"], ".1f"),
@@ -216,6 +284,8 @@ def main():
     print(f"# bf16, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; greedy; "
           f"ms/token = (generate({args.n1}) - generate({args.n0})) / {args.n1 - args.n0}; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s\n")
+    print("# dynamic mode: ms/token and tokens/s are each model's median over --rounds rounds; vs Llama is the median of the"
+          " rounds' ratios (each round times both models in turn), in brackets the lowest and highest")
     print(C.markdown_table(["model", "mode", "context", "batch", "ms/token", "tokens/s", "vs Llama (same mode)",
                             "step ms", "floor ms", "token x floor", "step x floor", "peak GiB"], table))
 

@@ -38,6 +38,15 @@ def _plain_linear(module: nn.Module, x: torch.Tensor, bias: bool = True) -> bool
     )
 
 
+def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), skipping the call where the module is a plain ``nn.Dropout`` that is the identity
+    (evaluation, p = 0): a decoding step would otherwise pay a module call's host time for each of the
+    2L + 1 dropouts. Any other module put in its place is called."""
+    if type(module) is nn.Dropout and not (module.training and module.p > 0):
+        return x
+    return module(x)
+
+
 class PaTHRMSNorm(nn.Module):
     """RMSNorm computed in float32 or better (as fla's fused norm), returned in the input dtype.
 
@@ -248,7 +257,9 @@ class PaTHAttention(nn.Module):
         """The inputs of a single-token decoding step on CUDA from one projection product and one Triton
         launch (``path_triton.decode_inputs``: the low-rank w's second factor, short convolution, SiLU,
         qk-norm, w normalization, beta and gate, with the PyTorch path's roundings), instead of ~40 small
-        PyTorch ops. None where that kernel does not apply (the caller then takes the PyTorch path)."""
+        PyTorch ops. On a dynamic cache the launch is held back (a seventh value, ``path_triton.StepInputs``)
+        for :func:`path_attention`, whose decoding kernel computes the inputs itself where it can. None where
+        that kernel does not apply (the caller then takes the PyTorch path)."""
         conv_state = layer_cache.get_conv_state() if self.use_w_shortconv else None
         conv_weight = self.w_conv1d.weight if self.use_w_shortconv else None
         w_up = self.w_proj[1] if isinstance(self.w_proj, nn.Sequential) else None
@@ -262,15 +273,16 @@ class PaTHAttention(nn.Module):
         if joint is None:
             return None
         norm = self.use_qk_norm
-        q, k, v, w, beta, g = decode_inputs(
+        q, k, v, w, beta, g, *held = decode_inputs(
             joint[:, 0], heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
             has_gate=self.use_forget_gate, w_up=w_up.weight if w_up is not None else None,
             conv_state=conv_state, conv_weight=conv_weight, conv_bias=self.w_conv1d.bias if conv_weight is not None else None,
             q_norm=self.maybe_q_norm.weight if norm else None, k_norm=self.maybe_k_norm.weight if norm else None,
             qk_eps=self.maybe_q_norm.eps if norm else 0.0, token_mask=token_mask.reshape(-1) if token_mask is not None else None,
-            beta_max=self.beta_max,
+            beta_max=self.beta_max, launch=layer_cache.is_static,
         )
-        return q[:, None], k[:, None], v[:, None], w[:, None], beta[:, None], g[:, None] if g is not None else None
+        g = g[:, None] if g is not None else None
+        return q[:, None], k[:, None], v[:, None], w[:, None], beta[:, None], g, held[0] if held else None
 
     def forward(
         self,
@@ -310,8 +322,8 @@ class PaTHAttention(nn.Module):
         ):
             fused = self._fused_step_inputs(hidden_states, layer_cache, token_mask)
         if fused is not None:
-            q, k, v, w, beta, g = fused
-            return self._attend(q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states), None, cache
+            *inputs, held = fused
+            return self._attend(*inputs, segment_ids, key_mask, layer_cache, hidden_states, held), None, cache
 
         # One preprocessing path for every mode.
         q, k, v, w, beta_logit, g_logit = self._input_projections(hidden_states, layer_cache)
@@ -339,7 +351,7 @@ class PaTHAttention(nn.Module):
 
         return self._attend(q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states), None, cache
 
-    def _attend(self, q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states):
+    def _attend(self, q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states, step_inputs=None):
         o = path_attention(
             q, k, v, w, beta, g,
             segment_ids=segment_ids,
@@ -347,6 +359,7 @@ class PaTHAttention(nn.Module):
             cache=layer_cache,
             backend=self.attn_backend,
             chunk_size=self.chunk_size,
+            step_inputs=step_inputs,
         )
         return self.o_proj(o.reshape(hidden_states.shape).to(hidden_states.dtype))
 
@@ -417,8 +430,8 @@ class PaTHBlock(GradientCheckpointingLayer):
             cache=cache,
             padding=padding,
         )
-        hidden_states = hidden_states + self.attn_dropout(attn_out)
-        return hidden_states + self.mlp_dropout(self.mlp(self.mlp_norm(hidden_states)))
+        hidden_states = hidden_states + _dropout(self.attn_dropout, attn_out)
+        return hidden_states + _dropout(self.mlp_dropout, self.mlp(self.mlp_norm(hidden_states)))
 
 
 class PaTHPreTrainedModel(PreTrainedModel):
@@ -557,7 +570,7 @@ class PaTHModel(PaTHPreTrainedModel):
         hidden_states = inputs_embeds
         if self.config.embedding_multiplier is not None:
             hidden_states = hidden_states * self.config.embedding_multiplier
-        hidden_states = self.embedding_dropout(hidden_states)
+        hidden_states = _dropout(self.embedding_dropout, hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(

@@ -414,28 +414,33 @@ def path_decode_step_static(
     return o.unsqueeze(1).to(q.dtype)
 
 
-# Eager decoding steps are bound by the host's launches, not by the GPU's work: each program of the decoding
-# kernel walks up to this many keys, so that short caches take one launch (no merge of splits).
-EAGER_KEYS_PER_SPLIT = 8192
+# Eager decoding steps are bound by the host's launches while the GPU's work stays below them. One program of
+# the decoding kernel walks about 16 keys per microsecond (H100, 32k x 1: one program per head took 1.9 ms a
+# layer), so each walks at most EAGER_KEYS_PER_SPLIT keys: caches up to that many keys per (row, head) take one
+# launch for the whole step (inputs and attention, no merge); longer ones split the keys over more programs.
+EAGER_KEYS_PER_SPLIT = 2048
 
 
-def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=None) -> torch.Tensor:
+def _decode_step_in_place(q, k, v, w, beta, g, cache, *, key_mask=None, scale=None, step_inputs=None) -> torch.Tensor:
     """A single-token step on a filled dynamic cache layer by path-lm's fused decoding kernel, which also
     writes the new token's slot (raw key, value, cumulative gate): no copies or gate sums around it, and for
-    caches of up to EAGER_KEYS_PER_SPLIT keys one launch in all.
+    caches of up to EAGER_KEYS_PER_SPLIT keys one launch in all, the step's inputs included when they come
+    as ``step_inputs`` (``path_triton.decode_attention``'s ``inputs``).
     Arguments as :func:`path_decode_step_static`'s (g: this step's log gate); key_mask [B, L + 1] or None."""
     from .path_triton import decode_attention
 
     n = cache.length
     cache.reserve(n + 1)
-    dt = compute_dtype(q.dtype)
     new_token = (k[:, 0], v[:, 0], g[:, 0] if g is not None else None, None)
     filled = slice(0, n + 1)  # (views up to the new slot: the splits cover only filled slots)
+    # q, k, v, w, beta and g go in as views, never converted here: with step_inputs they are not written yet
+    # (the kernel reads w and beta in float32 whatever their dtype)
     o = decode_attention(
-        q[:, 0], cache.keys[:, :, filled], cache.values[:, :, filled], w[:, 0].to(dt), beta[:, 0].to(dt), n,
+        q[:, 0], cache.keys[:, :, filled], cache.values[:, :, filled], w[:, 0], beta[:, 0], n,
         gates=cache.gates[:, :, filled] if g is not None else None, key_mask=key_mask, frames=cache.decode_frames(),
         window=cache.frame_window, scale=q.shape[-1] ** -0.5 if scale is None else scale, out_dtype=q.dtype,
         new_token=new_token, max_splits=math.ceil((n + 1) / EAGER_KEYS_PER_SPLIT), ring=cache.key_ring,
+        inputs=step_inputs,
     )
     cache.length = n + 1
     return o.unsqueeze(1)
@@ -837,6 +842,7 @@ def path_attention(
     cache=None,
     backend: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    step_inputs=None,
 ) -> torch.Tensor:
     """PaTH attention for every mode behind one signature.
 
@@ -849,13 +855,24 @@ def path_attention(
     (``cache_path.PaTHStaticCacheLayer``) a single token takes :func:`path_decode_step_static`.
 
     key_mask [B, L + T]: False at padded positions of the cached and new tokens (None: no padding).
+    step_inputs: a decoding step's inputs kernel held back (``path_triton.StepInputs``), whose outputs are
+    q, k, v, w, beta and g: the fused decoding step on a dynamic cache computes them in its own launch
+    where it can; every other path runs the held launch first.
     Returns o [B, T, HQ, Dv] in q's dtype.
     """
     T = q.shape[1]
+    decoding_kernel = decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
+    in_place = (  # a single-token step on a filled dynamic cache by the fused decoding kernel
+        cache is not None and not cache.is_static and cache.length > 0 and T == 1 and segment_ids is None
+        and decoding_kernel
+    )
+    if step_inputs is not None and not in_place:
+        step_inputs.launch()
+    if in_place:
+        return _decode_step_in_place(q, k, v, w, beta, g, cache, key_mask=key_mask, scale=scale, step_inputs=step_inputs)
     if cache is not None and cache.is_static and cache.filled and T == 1:  # compiled decoding: no host sync
         return path_decode_step_static(
-            q, k, v, w, beta, g, cache, token_mask=key_mask, scale=scale,
-            use_kernel=decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend),
+            q, k, v, w, beta, g, cache, token_mask=key_mask, scale=scale, use_kernel=decoding_kernel,
         )
     past_len = cache.length if cache is not None else 0
     kernel = resolve_backend(backend, q, v) if past_len == 0 else "torch"
@@ -863,9 +880,6 @@ def path_attention(
         if kernel == "torch":
             return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
         return _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
-    decoding_kernel = decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
-    if past_len and T == 1 and segment_ids is None and decoding_kernel:
-        return _decode_step_in_place(q, k, v, w, beta, g, cache, key_mask=key_mask, scale=scale)
     gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
     if past_len == 0:
         if kernel == "torch":

@@ -428,42 +428,16 @@ def _decode_tile(s, v, cols, valid, m_i, l_i, acc, g_rows, g_q, g_ok, MASK, b, s
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
 
 
-@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L", "parts"])
-def _decode_kernel(
-    Q, K, V, W, BETA, GATE, MASK, N, FR, RING, OP, MP, LP, KN, VN, GN, MN, QO,
-    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L, parts,
+@triton.jit
+def _decode_body(
+    i_s, i_bh, b, h, n, Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, MP, LP, KN, VN, GN, MN, QO,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, L, parts,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
     NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr, FRAMED_ELSEWHERE: tl.constexpr,
 ):
-    """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
-    Writes the split's unnormalized output, running max and sum of exponentials.
-
-    Slot n holds the new token's raw key (scored, not updated). Slots below n are cached keys, carried to
-    the previous position. Without frames each gets the new token's update k <- k - beta (k . w) w, is
-    written back, and is scored. With frames (see :func:`decode_attention`) only the window
-    [s, n), s = WINDOW * floor((n - 1) / WINDOW), is updated in place; the keys below s are in an older
-    frame that M = frames[b, n % 2, h] carries to position n - 1: they are only read, and scored against
-    M'^T q with M' = H_n M. On a step where n is a multiple of WINDOW, :func:`_decode_fold_kernel` has
-    already carried them to position n, so they are scored against q and M restarts from the identity.
-    Split 0 writes the next step's M into frames[b, (n + 1) % 2, h].
-
-    WRITE_NEW: slot n is written here instead of by the caller: the key from KN [B, H, D], the value from
-    VN [B, H, DV], the cumulative gate gates[n - 1] + GN [B, HQ] and (NEW_MASK) the padding flag MN [B];
-    the program whose split holds slot n stores them, and every program takes them from the inputs.
-
-    FINAL (one split): the program writes the normalized output to OP ([B, HQ, DV], OP's dtype) instead of
-    partials, and no merge runs.
-
-    HAS_RING (with frames and WRITE_NEW): the window's exact keys live in RING [B, H, 2 * WINDOW, D] float32
-    at slot % (2 * WINDOW); the window tiles read and update them there and store a rounded copy in K, whose
-    dtype may then be half precision (framed keys are rounded once per fold instead of once per step).
-
-    FRAMED_ELSEWHERE (with frames, one program per (row, head)): skip the framed keys, which
-    :func:`_decode_framed_kernel` scores in the next launch, and write the query carried by the frame,
-    M'^T q, to QO [B, HQ, D] float32 for it. Partials go to split index parts - 1 of parts per (row, head)."""
-    i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
+    """Program (split i_s, row b, kv head h; i_bh = b * H + h) of :func:`_decode_kernel`, n the new slot."""
     od, ov, og, on, g_ok, hq = _decode_ranges(h, G, GP, D, DV, BN)
     q_rows = Q + (b * (H * G) + hq)[:, None] * D
     q = tl.load(q_rows + od[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
@@ -581,6 +555,77 @@ def _decode_kernel(
         _store_partial(OP, MP, LP, i_bh * parts + (parts - 1 if FRAMED_ELSEWHERE else i_s), og, ov, acc, m_i, l_i, GP, DV)
 
 
+
+
+@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L", "parts"])
+def _decode_kernel(
+    Q, K, V, W, BETA, GATE, MASK, N, FR, RING, OP, MP, LP, KN, VN, GN, MN, QO,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L, parts,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, N_ON_DEVICE: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_FRAMES: tl.constexpr, WINDOW: tl.constexpr, EB: tl.constexpr, WRITE_NEW: tl.constexpr,
+    NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr, FRAMED_ELSEWHERE: tl.constexpr,
+):
+    """Program (split, b * H + h): slots [split * split_len, ...) of kv head h, for its G query heads.
+    Writes the split's unnormalized output, running max and sum of exponentials.
+
+    Slot n holds the new token's raw key (scored, not updated). Slots below n are cached keys, carried to
+    the previous position. Without frames each gets the new token's update k <- k - beta (k . w) w, is
+    written back, and is scored. With frames (see :func:`decode_attention`) only the window
+    [s, n), s = WINDOW * floor((n - 1) / WINDOW), is updated in place; the keys below s are in an older
+    frame that M = frames[b, n % 2, h] carries to position n - 1: they are only read, and scored against
+    M'^T q with M' = H_n M. On a step where n is a multiple of WINDOW, :func:`_decode_fold_kernel` has
+    already carried them to position n, so they are scored against q and M restarts from the identity.
+    Split 0 writes the next step's M into frames[b, (n + 1) % 2, h].
+
+    WRITE_NEW: slot n is written here instead of by the caller: the key from KN [B, H, D], the value from
+    VN [B, H, DV], the cumulative gate gates[n - 1] + GN [B, HQ] and (NEW_MASK) the padding flag MN [B];
+    the program whose split holds slot n stores them, and every program takes them from the inputs.
+
+    FINAL (one split): the program writes the normalized output to OP ([B, HQ, DV], OP's dtype) instead of
+    partials, and no merge runs.
+
+    HAS_RING (with frames and WRITE_NEW): the window's exact keys live in RING [B, H, 2 * WINDOW, D] float32
+    at slot % (2 * WINDOW); the window tiles read and update them there and store a rounded copy in K, whose
+    dtype may then be half precision (framed keys are rounded once per fold instead of once per step).
+
+    FRAMED_ELSEWHERE (with frames, one program per (row, head)): skip the framed keys, which
+    :func:`_decode_framed_kernel` scores in the next launch, and write the query carried by the frame,
+    M'^T q, to QO [B, HQ, D] float32 for it. Partials go to split index parts - 1 of parts per (row, head)."""
+    i_s, i_bh, b, h, n = _decode_program(N, n_value, H, N_ON_DEVICE)
+    _decode_body(i_s, i_bh, b, h, n, Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, MP, LP, KN, VN, GN, MN, QO,
+                 sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, L, parts, H, G, GP, D, DV, BN, HAS_GATE, HAS_MASK, N_ON_DEVICE, USE_DOT, HAS_FRAMES, WINDOW, EB, WRITE_NEW, NEW_MASK, FINAL, HAS_RING, FRAMED_ELSEWHERE)
+
+
+# (the inputs' arguments first, then _decode_kernel's, less those of its splits, frames elsewhere and slot on the device)
+@triton.jit(do_not_specialize=["sm_b", "n_value", "L"])
+def _decode_step_kernel(
+    X, WU, CS, CW, CB, QNW, KNW, TM, sx, cs_b, cs_t, qk_eps, beta_max,
+    Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, KN, VN, GN, MN,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, n_value, L,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, HAS_FRAMES: tl.constexpr,
+    WINDOW: tl.constexpr, EB: tl.constexpr, NEW_MASK: tl.constexpr, HAS_RING: tl.constexpr,
+    R: tl.constexpr, RP: tl.constexpr, TAPS: tl.constexpr, LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr,
+    HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr, HAS_TM: tl.constexpr, CLAMP: tl.constexpr,
+):
+    """Program (0, b * H + h): a whole eager decoding step of row b, kv head h in one launch. First the
+    step's inputs (:func:`_step_inputs`: q of the G query heads, k, v, w, beta and gate from the projections
+    X, and this head's channels of the convolution state, which no other program touches), written to Q,
+    KN, VN, W, BETA, GN; then, after a barrier that makes those writes visible to the program's other
+    threads, :func:`_decode_kernel`'s work as one split (FINAL: the output itself, no merge) with the slot
+    n_value from the host and the new token written here (WRITE_NEW)."""
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    _step_inputs(b, h, X, WU, CS, CW, CB, QNW, KNW, TM, Q, KN, VN, W, BETA, GN, sx, cs_b, cs_t, qk_eps, beta_max,
+                 H, G, D, R, RP, TAPS, LOW_RANK, HAS_CONV, HAS_CBIAS, QK_NORM, HAS_GATE, HAS_TM, CLAMP)
+    tl.debug_barrier()
+    _decode_body(0, i_bh, b, h, n_value, Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, OP, OP, KN, VN, GN, MN, Q,
+                 sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, L, L, 1, H, G, GP, D, DV, BN, HAS_GATE, HAS_MASK,
+                 False, USE_DOT, HAS_FRAMES, WINDOW, EB, True, NEW_MASK, True, HAS_RING, False)
+
+
 @triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "parts", "L"])
 def _decode_framed_kernel(
     QO, K, V, GATE, MASK, N, OP, MP, LP, sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, parts, L,
@@ -661,6 +706,16 @@ def _decode_merge_kernel(
 _SM_COUNT: dict = {}
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code (``triton.cdiv`` costs a few microseconds per call in eager decoding steps)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), for host code (as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -683,7 +738,7 @@ def _decode_launch(D: int, DV: int, G: int, keys: int) -> tuple[int, int, int]:
 
 def decode_attention(
     q, keys, values, w, beta, n, *, gates=None, key_mask=None, frames=None, window: int = 64, scale: float,
-    out_dtype=torch.float32, launch=None, new_token=None, max_splits: int | None = None, ring=None,
+    out_dtype=torch.float32, launch=None, new_token=None, max_splits: int | None = None, ring=None, inputs=None,
 ):
     """One decoding step of PaTH attention, fused: the new token's Householder update of the cached keys,
     the scores and the weighted values, split over the sequence (flash-decoding) and merged.
@@ -718,6 +773,11 @@ def decode_attention(
             the window (slots ``window * floor((n - 1) / window)`` to n - 1) at slot % (2 * window): the step
             updates them there and writes rounded copies into keys, which may then be half precision (the
             framed keys are rounded once per fold). The caller fills it whenever keys were written otherwise.
+        inputs: a :class:`StepInputs` held back by ``decode_inputs(..., launch=False)``, whose outputs are
+            this step's q, w, beta and new_token's key, value and gate (those tensors, or views of them). On
+            a step of one launch (one split, n an int, new_token, no fold due) the kernel computes them
+            itself (:func:`_decode_step_kernel`); otherwise, or if any of them is not the held output, the
+            inputs kernel runs first.
     Returns:
         o [B, HQ, DV] in out_dtype.
     """
@@ -727,7 +787,7 @@ def decode_attention(
     if keys.stride(-1) != 1 or keys.stride(-2) != D or values.stride(-1) != 1 or values.stride(-2) != DV:
         raise ValueError("decode_attention needs key and value rows contiguous along the head dimension")
     use_dot = G > 1
-    GP = max(16, triton.next_power_of_2(G)) if use_dot else 1
+    GP = max(16, _next_pow2(G)) if use_dot else 1
     BN, warps, per_sm, *cap = launch if launch is not None else _decode_launch(D, DV, G, B * H * L)
     registers = {"maxnreg": cap[0]} if cap and cap[0] else {}
     has_frames = frames is not None
@@ -742,11 +802,11 @@ def decode_attention(
             raise ValueError("a ring of window keys needs frames and new_token (the kernel writes the new slot)")
         if ring.shape != (B, H, 2 * window, D) or ring.dtype != torch.float32 or not ring.is_contiguous():
             raise ValueError(f"ring must be a contiguous float32 [B, H, 2 * window, D] buffer, got {tuple(ring.shape)}")
-    tiles = triton.cdiv(L, BN)
+    tiles = _cdiv(L, BN)
     # enough programs to fill the GPU several times over (each walks its split serially)
-    n_split = max(1, min(tiles, triton.cdiv(per_sm * _sm_count(q.device), B * H), max_splits or tiles))
-    split_len = triton.cdiv(tiles, n_split) * BN
-    n_split = triton.cdiv(L, split_len)
+    n_split = max(1, min(tiles, _cdiv(per_sm * _sm_count(q.device), B * H), max_splits or tiles))
+    split_len = _cdiv(tiles, n_split) * BN
+    n_split = _cdiv(L, split_len)
     has_gate, has_mask, on_device = gates is not None, key_mask is not None, isinstance(n, torch.Tensor)
     final = n_split == 1 and not on_device
     # With frames and the slot on the device (compiled steps, CUDA graphs), two launches: one program per
@@ -783,7 +843,24 @@ def decode_attention(
         new_mask = False
     # The fold works only on steps whose slot is a multiple of the window; an eager step (slot known here)
     # launches it only then, a compiled step (slot on the device) always, for a fixed set of launches.
-    if has_frames and (on_device or (n % window == 0 and n > window)):
+    fold = has_frames and (on_device or (n % window == 0 and n > window))
+    strides = (keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+               gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0, key_mask.stride(0) if has_mask else 0)
+    if inputs is not None:
+        if final and write_new and not fold and _holds(inputs, q, k_new, v_new, w, beta, g_new if has_gate else None):
+            _decode_step_kernel[(1, B * H)](
+                *inputs.args[:8], *inputs.args[14:], q, keys, values, w, beta, gates if has_gate else q,
+                key_mask if has_mask else q, frames if has_frames else q, ring if has_ring else q, o, k_new, v_new,
+                g_new, mask_new, *strides, scale, n, L,
+                H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, USE_DOT=use_dot,
+                HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), NEW_MASK=new_mask, HAS_RING=has_ring,
+                **{name: value for name, value in inputs.constants.items() if name not in ("H", "G", "D", "HAS_GATE")},
+                num_warps=warps, **registers,
+            )
+            inputs.pending = False
+            return o
+        inputs.launch()
+    if fold:
         _decode_fold_kernel[(n_split, B * H)](
             keys, w, beta, n if on_device else q, frames,
             keys.stride(0), keys.stride(1), split_len, 0 if on_device else n,
@@ -791,12 +868,10 @@ def decode_attention(
             # three TF32 products: float32 accuracy on tensor cores (the interpreter multiplies in float32)
             PREC="tf32x3" if keys.is_cuda else "ieee",
         )
-    strides = (keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-               gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0, key_mask.stride(0) if has_mask else 0)
     _decode_kernel[(1, B * H) if framed_elsewhere else (n_split, B * H)](
         q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
         ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new, mask_new, q_old,
-        *strides, scale, triton.cdiv(L, BN) * BN if framed_elsewhere else split_len, 0 if on_device else n, L, parts,
+        *strides, scale, _cdiv(L, BN) * BN if framed_elsewhere else split_len, 0 if on_device else n, L, parts,
         H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
         USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
         NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, FRAMED_ELSEWHERE=framed_elsewhere,
@@ -811,13 +886,21 @@ def decode_attention(
         )
     if final:
         return o
-    chunk = max(1, min(triton.next_power_of_2(parts), 4096 // (GP * DV)))  # splits per load, <= 4096 values
+    chunk = max(1, min(_next_pow2(parts), 4096 // (GP * DV)))  # splits per load, <= 4096 values
     advance = write_new and on_device
     _decode_merge_kernel[(B * H,)](
         o_part, m_part, l_part, o, n if advance else q, parts, L, G=G, GP=GP, DV=DV, CH=chunk, ADVANCE=advance,
         num_warps=4,
     )
     return o
+
+
+def _holds(inputs, *tensors) -> bool:
+    """Whether q, k, v, w, beta and the gate (None without one) are the memory of inputs' outputs, in order."""
+    return all(
+        (t is None) == (out is None) and (t is None or t.data_ptr() == out.data_ptr())
+        for t, out in zip(tensors, inputs.outputs)
+    )
 
 
 @triton.jit
@@ -827,18 +910,17 @@ def _round(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _decode_inputs_kernel(
-    X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
+def _step_inputs(
+    b, h, X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
     sx, cs_b, cs_t, qk_eps, beta_max,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TAPS: tl.constexpr,
     LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr, HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_TM: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    """Program (row b, kv head h). X's columns: q (H*G*D), k (H*D), v (H*D), w (H*D, or R with LOW_RANK), beta
-    logits (H), gate logits (H*G)."""
+    """Row b, kv head h of a decoding step's inputs (see :func:`decode_inputs`): reads X's columns q (H*G*D),
+    k (H*D), v (H*D), w (H*D, or R with LOW_RANK), beta logits (H), gate logits (H*G); writes kv head h's
+    q rows (its G query heads), k, v, w, beta, gate and its channels of the convolution state."""
     DT = QO.dtype.element_ty  # the model dtype
-    b = tl.program_id(0)
-    h = tl.program_id(1)
     k_col = H * G * D
     v_col = k_col + H * D
     w_col = v_col + H * D
@@ -897,9 +979,40 @@ def _decode_inputs_kernel(
             tl.store(GO + b * H * G + hq, (tl.minimum(z, 0.0) - tl.where(e < 1e-4, e, tl.log(1.0 + e))) * keep)
 
 
+@triton.jit
+def _decode_inputs_kernel(
+    X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
+    sx, cs_b, cs_t, qk_eps, beta_max,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TAPS: tl.constexpr,
+    LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr, HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_TM: tl.constexpr, CLAMP: tl.constexpr,
+):
+    """Program (row b, kv head h): :func:`_step_inputs`."""
+    _step_inputs(tl.program_id(0), tl.program_id(1), X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
+                 sx, cs_b, cs_t, qk_eps, beta_max, H, G, D, R, RP, TAPS, LOW_RANK, HAS_CONV, HAS_CBIAS, QK_NORM,
+                 HAS_GATE, HAS_TM, CLAMP)
+
+
+class StepInputs:
+    """A launch of :func:`decode_inputs` held back (``launch=False``): its outputs exist but are not written
+    yet. :func:`decode_attention` computes them in its own kernel where it can (``inputs=``), else calls
+    :meth:`launch` first; a caller that hands them elsewhere calls :meth:`launch` itself."""
+
+    __slots__ = ("outputs", "args", "constants", "grid", "pending")
+
+    def __init__(self, outputs: tuple, args: tuple, constants: dict, grid: tuple):
+        self.outputs, self.args, self.constants, self.grid, self.pending = outputs, args, constants, grid, True
+
+    def launch(self) -> None:
+        """Write the outputs (once; later calls do nothing)."""
+        if self.pending:
+            _decode_inputs_kernel[self.grid](*self.args, **self.constants, num_warps=1)
+            self.pending = False
+
+
 def decode_inputs(x, *, heads: int, kv_heads: int, head_dim: int, has_gate: bool, w_up=None, conv_state=None,
                   conv_weight=None, conv_bias=None, q_norm=None, k_norm=None, qk_eps=1e-5, token_mask=None,
-                  beta_max=None):
+                  beta_max=None, launch: bool = True):
     """The single-token inputs of a decoding step in one launch, computed as PaTHAttention's PyTorch ops do
     (same roundings to the model dtype), from the input projections of one token.
 
@@ -915,6 +1028,9 @@ def decode_inputs(x, *, heads: int, kv_heads: int, head_dim: int, has_gate: bool
             contiguous; conv_bias [kv_heads * D]. None: no convolution.
         q_norm, k_norm: RMSNorm weights [D] (both or neither), eps qk_eps.
         token_mask [B] bool: False where the new token is padding (identity transform, no gate mass).
+        launch: False holds the launch back: the outputs are allocated but not written, and a
+            :class:`StepInputs` comes back as a seventh value, for :func:`decode_attention`'s ``inputs``
+            (which computes them inside its own kernel where it can, one launch fewer).
     Returns:
         q [B, heads, D], k and v [B, kv_heads, D] in the model dtype; w [B, kv_heads, D] unit norm, beta
         [B, kv_heads] and the log gate [B, heads] (None without a gate) in float32.
@@ -940,17 +1056,24 @@ def decode_inputs(x, *, heads: int, kv_heads: int, head_dim: int, has_gate: bool
     has_conv, qk_norm = conv_state is not None, q_norm is not None
     g_out = torch.empty(B, heads, **f32) if has_gate else None
     taps = conv_weight.shape[-1] if has_conv else 2
-    _decode_inputs_kernel[(B, kv_heads)](
+    args = (
         x, w_up if w_up is not None else x, conv_state if has_conv else x, conv_weight if has_conv else x,
         conv_bias if conv_bias is not None else x, q_norm if qk_norm else x, k_norm if qk_norm else x,
         token_mask if token_mask is not None else x, q_out, k_out, v_out, w_out, beta_out, g_out if has_gate else x,
         x.stride(0), conv_state.stride(0) if has_conv else 0, conv_state.stride(1) if has_conv else 0,
         qk_eps, beta_max if beta_max is not None else 0.0,
-        H=kv_heads, G=G, D=D, R=R, RP=triton.next_power_of_2(max(R, 1)), TAPS=taps, LOW_RANK=w_up is not None,
-        HAS_CONV=has_conv, HAS_CBIAS=conv_bias is not None, QK_NORM=qk_norm, HAS_GATE=has_gate,
-        HAS_TM=token_mask is not None, CLAMP=beta_max is not None, num_warps=1,
     )
-    return q_out, k_out, v_out, w_out, beta_out, g_out
+    constants = dict(
+        H=kv_heads, G=G, D=D, R=R, RP=_next_pow2(max(R, 1)), TAPS=taps, LOW_RANK=w_up is not None,
+        HAS_CONV=has_conv, HAS_CBIAS=conv_bias is not None, QK_NORM=qk_norm, HAS_GATE=has_gate,
+        HAS_TM=token_mask is not None, CLAMP=beta_max is not None,
+    )
+    outputs = q_out, k_out, v_out, w_out, beta_out, g_out
+    held = StepInputs(outputs, args, constants, (B, kv_heads))
+    if launch:
+        held.launch()
+        return outputs
+    return (*outputs, held)
 
 
 @triton.jit
@@ -1002,9 +1125,9 @@ def small_linear(x, weight, bias=None, *, up=None):
     if up is not None and (up.shape != weight.shape or not up.is_contiguous()):
         raise ValueError(f"small_linear: up must be contiguous and shaped like weight {tuple(weight.shape)}")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BK = min(triton.next_power_of_2(K), 2048)
+    BK = min(_next_pow2(K), 2048)
     BN = max(1, min(16, 8192 // BK))  # ~64 weights per thread and tile, all in flight at once
-    _small_linear_kernel[(triton.cdiv(N, BN),)](
+    _small_linear_kernel[(_cdiv(N, BN),)](
         rows, weight, up if up is not None else weight, bias if bias is not None else weight, y, N, K,
         rows.stride(0), y.stride(0), M=M, BN=BN, BK=BK, GATED=up is not None, HAS_BIAS=bias is not None,
         num_warps=4,

@@ -537,6 +537,87 @@ def test_decode_inputs_refuses_projections_of_the_wrong_width():
         decode_inputs(low, heads=4, kv_heads=2, head_dim=8, has_gate=True, w_up=torch.zeros(4, 16, device=KERNEL_DEVICE).t())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("frames", [False, True], ids=["every_key", "frames_ring"])
+@pytest.mark.parametrize("options", ["all_options", "plain"])
+def test_decode_step_kernel_equals_inputs_then_attention(options, frames, monkeypatch):
+    """decode_attention(inputs=decode_inputs(..., launch=False)) computes the step's inputs inside its one
+    launch (_decode_step_kernel) and leaves everything as the two launches do (decode_inputs, then
+    decode_attention): output, keys, values, gates, padding, convolution state, frames and ring, and the
+    inputs themselves. Over 20 steps with GQA, every input option (low-rank w, convolution with bias,
+    qk-norm, gate, beta clamp, a padded new token) or none; with frames the steps cross a fold, where the
+    inputs kernel launches first (the fold reads w and beta) and the step falls back to two launches."""
+    pytest.importorskip("triton")
+    from path_lm import path_triton
+
+    B, HQ, H, D, R, K, P, steps, window = 2, 4, 2, 16, 8, 4, 21, 20, 16
+    L = P + steps
+    full = options == "all_options"
+    gen = torch.Generator().manual_seed(11)
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
+    width = (HQ + 2 * H) * D + (R if full else H * D) + H + (HQ if full else 0)
+    weights = dict(
+        heads=HQ, kv_heads=H, head_dim=D, has_gate=full,
+        w_up=on(torch.randn(H * D, R, generator=gen) * 0.3) if full else None,
+        conv_weight=on(torch.randn(H * D, K, generator=gen) * 0.5) if full else None,
+        conv_bias=on(torch.randn(H * D, generator=gen) * 0.1) if full else None,
+        q_norm=on(1 + 0.1 * torch.randn(D, generator=gen)) if full else None,
+        k_norm=on(1 + 0.1 * torch.randn(D, generator=gen)) if full else None,
+        beta_max=1.5 if full else None,
+    )
+    state = dict(
+        keys=torch.randn(B, H, L, D, generator=gen), values=torch.randn(B, H, L, D, generator=gen),
+        gates=-torch.rand(B, HQ, L, generator=gen).cumsum(-1), key_mask=torch.rand(B, L, generator=gen) > 0.1,
+        conv_state=torch.randn(B, K - 1, H * D, generator=gen) if full else None,
+        frames=torch.eye(D).expand(B, 2, H, D, D).contiguous() if frames else None,
+        ring=torch.zeros(B, H, 2 * window, D) if frames else None,
+    )
+    state = {name: on(x) if x is not None else None for name, x in state.items()}
+    if frames:  # the window of the first step, exact in the ring
+        first = window * ((P - 1) // window)
+        state["ring"][:, :, torch.arange(first, P) % (2 * window)] = state["keys"][:, :, first:P]
+    xs = [on(torch.randn(B, width, generator=gen)) for _ in range(steps)]
+    fused = []
+    kernel = path_triton._decode_step_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            fused.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(path_triton, "_decode_step_kernel", Counting())
+    runs = []
+    for hold in (False, True):
+        st = {name: x.clone() if x is not None else None for name, x in state.items()}
+        outputs, inputs = [], []
+        for i, (n, x) in enumerate(zip(range(P, L), xs)):
+            token_mask = on(torch.tensor([True, i != 5])) if full else None
+            *step, held = path_triton.decode_inputs(x, conv_state=st["conv_state"], token_mask=token_mask,
+                                                   launch=False, **weights) if hold else (
+                *path_triton.decode_inputs(x, conv_state=st["conv_state"], token_mask=token_mask, **weights), None)
+            q, k, v, w, beta, g = step
+            o = path_triton.decode_attention(
+                q, st["keys"], st["values"], w, beta, n, gates=st["gates"] if full else None, key_mask=st["key_mask"],
+                frames=st["frames"], window=window, scale=D**-0.5, new_token=(k, v, g, None), max_splits=1,
+                ring=st["ring"], inputs=held, launch=(16, 2, 2),
+            )
+            outputs.append(o)
+            inputs.append([t.clone() for t in step if t is not None])
+        runs.append((outputs, inputs, st))
+    folds = sum(1 for n in range(P, L) if frames and n % window == 0 and n > window)
+    assert len(fused) == steps - folds, "every step but the fold steps takes one launch"
+    (o_two, in_two, st_two), (o_one, in_one, st_one) = runs
+    close = (lambda a, b, msg: torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=msg)) if KERNEL_DEVICE != "cpu" else (
+        lambda a, b, msg: torch.testing.assert_close(b, a, atol=0, rtol=0, msg=msg))
+    for i in range(steps):
+        close(o_two[i], o_one[i], f"output of step {i}")
+        for j, (a, b) in enumerate(zip(in_two[i], in_one[i])):
+            close(a, b, f"input {j} of step {i}")
+    for name, a in st_two.items():
+        if a is not None:
+            close(a, st_one[name], name)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "fp16"])
@@ -771,10 +852,10 @@ def test_key_rounding_benchmark_carries_framed_keys_correctly():
     assert floor < frames_f32_window < frames < b16 < 0.05
 
 
-def test_eager_step_makes_two_triton_launches_per_layer(tmp_path):
+def test_eager_step_makes_one_triton_launch_per_layer(tmp_path):
     """benchmarks/cpu_decode_host.py: an eager decoding step on the CUDA code path (a short dynamic cache)
-    launches the inputs kernel and the decoding kernel once per layer and nothing else from Triton; the
-    script puts the real kernels back afterwards."""
+    launches one kernel per layer, which computes the step's inputs and its attention, and nothing else from
+    Triton; the script puts the real kernels back afterwards."""
     pytest.importorskip("triton")
     import importlib.util
     import json
@@ -795,6 +876,6 @@ def test_eager_step_makes_two_triton_launches_per_layer(tmp_path):
         sys.path.remove(str(bench_dir))
     records = json.loads((tmp_path / "host.json").read_text())["records"]
     path = records["PaTH (CUDA path, Triton stubbed)"]
-    assert path["launches"] == {"_decode_inputs_kernel": 2, "_decode_kernel": 2}  # 2 layers
+    assert path["launches"] == {"_decode_step_kernel": 2}  # 2 layers
     assert records["Llama (CPU ops)"]["triton_launches"] == 0
     assert path_triton._decode_kernel is kernel and path_ops.decode_kernel_usable is usable
