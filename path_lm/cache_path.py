@@ -86,6 +86,9 @@ class PaTHCacheLayer(CacheLayerMixin):
         self._frames_used = False
         self.input_weight: torch.Tensor | None = None
         self.input_bias: torch.Tensor | None = None
+        # What the attention layer's single-token steps reuse, worked out whenever it keeps the projections
+        # (its own object; the cache only holds it for the length of one generation)
+        self.step_plan = None
         self.length = 0
 
     def __repr__(self):
@@ -113,7 +116,7 @@ class PaTHCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.gates = self.conv_state = self.frames = self.key_ring = None
         self.key_dtype = self.requested_key_dtype
-        self.input_weight = self.input_bias = None
+        self.input_weight = self.input_bias = self.step_plan = None
         self._frames_used = False
         self.is_initialized = False
         self.length = 0
@@ -446,8 +449,9 @@ class PaTHCache(Cache):
     from the output.
 
     Each layer keeps a copy of its attention's concatenated input projections from its last call of several
-    tokens (the prompt), which single-token steps reuse: change the weights between generations, or run a
-    multi-token call after changing them, not between decoding steps of one cache.
+    tokens (the prompt), and which of its modules the fused steps can read, which single-token steps reuse:
+    change the weights or swap modules (adapters) between generations, or run a multi-token call after
+    changing them, not between decoding steps of one cache.
     """
 
     def __init__(self, config=None, num_hidden_layers: int | None = None, cache_key_dtype: str | None = None):

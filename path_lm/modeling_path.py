@@ -47,6 +47,22 @@ def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+class _StepPlan:
+    """What single-token decoding steps of one attention layer reuse (:meth:`PaTHAttention._step_plan`), for
+    inputs of one dtype and device: ``joint``, the input projections' concatenated (weight, bias), or None
+    where one of them is not a plain ``nn.Linear`` (the module calls then run); ``widths``, their output
+    widths; ``inputs``, the arguments of ``path_triton.decode_inputs`` that come from the layer, or None
+    where that kernel does not apply (a module it cannot read in place of the low-rank w's second factor or
+    the qk-norm, a non-contiguous convolution weight)."""
+
+    __slots__ = ("dtype", "device", "widths", "joint", "inputs")
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, widths: list):
+        self.dtype, self.device, self.widths = dtype, device, widths
+        self.joint: tuple | None = None
+        self.inputs: dict | None = None
+
+
 class PaTHRMSNorm(nn.Module):
     """RMSNorm computed in float32 or better (as fla's fused norm), returned in the input dtype.
 
@@ -213,42 +229,62 @@ class PaTHAttention(nn.Module):
         heads = [self.q_proj, self.k_proj, self.v_proj, w_in, self.bt_proj]
         return heads + [self.g_proj] if self.use_forget_gate else heads
 
-    def _joint_input_projection(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor | None:
-        """For a decoding step (one token, autograd off): the projections that read x as one product over
-        their concatenated weights and biases, [B, 1, sum of their widths] in :meth:`_input_heads`' order;
-        one matrix kernel instead of five or six, which is most of what a small model's step costs. None
-        where that does not apply: several tokens, autograd on, or a projection that is not a plain
-        ``nn.Linear`` on x's device and dtype (adapters, quantized or offloaded layers take the module calls).
-
-        The cache keeps the concatenation (:meth:`~cache_path.PaTHCacheLayer.keep_input_projection`): a
-        dynamic cache from its last call of several tokens (the prefill), a static one from its last call
-        outside torch.compile, so decoding steps do not concatenate again."""
-        heads = self._input_heads()
-        fusable = not torch.is_grad_enabled() and all(_plain_linear(m, x) for m in heads)
-        kept = None
-        if fusable and layer_cache is not None:
-            kept = layer_cache.kept_input_projection()
+    def _step_plan(self, x: torch.Tensor, layer_cache=None) -> _StepPlan:
+        """The :class:`_StepPlan` of this layer for inputs like x (autograd off). A cache keeps it with the
+        concatenated projections (:meth:`~cache_path.PaTHCacheLayer.keep_input_projection`), worked out anew
+        at a dynamic cache's calls of several tokens (the prefill) and at a static cache's calls outside
+        torch.compile, so single-token steps repeat neither the concatenation nor the checks; without a cache
+        it is worked out per call."""
+        plan = layer_cache.step_plan if layer_cache is not None else None
+        if plan is not None and plan.dtype == x.dtype and plan.device == x.device:
             refresh = not torch.compiler.is_compiling() if layer_cache.is_static else x.shape[1] > 1
-            if refresh or kept is None:
-                kept = layer_cache.keep_input_projection([m.weight for m in heads], [m.bias for m in heads])
-        if not (fusable and x.shape[1] == 1):
-            return None
-        if kept is None:
-            kept = torch.cat([m.weight for m in heads]), torch.cat(
-                [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in heads]
+            if not refresh:
+                return plan
+        heads = self._input_heads()
+        plan = _StepPlan(x.dtype, x.device, [m.out_features for m in heads])
+        if all(_plain_linear(m, x) for m in heads):
+            weights, biases = [m.weight for m in heads], [m.bias for m in heads]
+            if layer_cache is not None:
+                plan.joint = layer_cache.keep_input_projection(weights, biases)
+            elif x.shape[1] == 1:
+                plan.joint = torch.cat(weights), torch.cat(
+                    [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
+                )
+        w_up = self.w_proj[1] if isinstance(self.w_proj, nn.Sequential) else None
+        conv_weight = self.w_conv1d.weight if self.use_w_shortconv else None
+        if (
+            plan.joint is not None
+            and (conv_weight is None or conv_weight.is_contiguous())
+            and isinstance(self.maybe_q_norm, (nn.Identity, PaTHRMSNorm))
+            and (w_up is None or (_plain_linear(w_up, x, bias=False) and w_up.weight.is_contiguous()))
+        ):
+            norm = self.use_qk_norm
+            plan.inputs = dict(
+                heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                has_gate=self.use_forget_gate, w_up=w_up.weight if w_up is not None else None,
+                conv_weight=conv_weight, conv_bias=self.w_conv1d.bias if conv_weight is not None else None,
+                q_norm=self.maybe_q_norm.weight if norm else None, k_norm=self.maybe_k_norm.weight if norm else None,
+                qk_eps=self.maybe_q_norm.eps if norm else 0.0, beta_max=self.beta_max,
             )
-        return F.linear(x, *kept)
+        if layer_cache is not None:
+            layer_cache.step_plan = plan
+        return plan
 
     def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
         """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
-        without a forget gate), each [B, T, features] in x's dtype; a decoding step's from one product
-        (:meth:`_joint_input_projection`)."""
-        joint = self._joint_input_projection(x, layer_cache)
-        if joint is None:
+        without a forget gate), each [B, T, features] in x's dtype. A decoding step (one token, autograd off)
+        runs the projections that read x as one product over their concatenated weights and biases
+        (:meth:`_step_plan`): one matrix kernel instead of five or six, which is most of what a small model's
+        step costs. Several tokens, autograd on, or a projection that is not a plain ``nn.Linear`` on x's
+        device and dtype (adapters, quantized or offloaded layers) take the module calls."""
+        plan = None
+        if not torch.is_grad_enabled() and (x.shape[1] == 1 or layer_cache is not None):
+            plan = self._step_plan(x, layer_cache)
+        if plan is None or plan.joint is None or x.shape[1] != 1:
             w = self.w_proj(x)
             g = self.g_proj(x) if self.use_forget_gate else None
             return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
-        parts = list(joint.split([m.out_features for m in self._input_heads()], -1))
+        parts = list(F.linear(x, *plan.joint).split(plan.widths, -1))
         if isinstance(self.w_proj, nn.Sequential):
             parts[3] = self.w_proj[1](parts[3])
         return (*parts, None) if len(parts) == 5 else tuple(parts)
@@ -260,26 +296,14 @@ class PaTHAttention(nn.Module):
         PyTorch ops. On a dynamic cache the launch is held back (a seventh value, ``path_triton.StepInputs``)
         for :func:`path_attention`, whose decoding kernel computes the inputs itself where it can. None where
         that kernel does not apply (the caller then takes the PyTorch path)."""
+        plan = self._step_plan(x, layer_cache)
         conv_state = layer_cache.get_conv_state() if self.use_w_shortconv else None
-        conv_weight = self.w_conv1d.weight if self.use_w_shortconv else None
-        w_up = self.w_proj[1] if isinstance(self.w_proj, nn.Sequential) else None
-        if (
-            (self.use_w_shortconv and (conv_state is None or not conv_weight.is_contiguous()))
-            or not isinstance(self.maybe_q_norm, (nn.Identity, PaTHRMSNorm))
-            or (w_up is not None and not (_plain_linear(w_up, x, bias=False) and w_up.weight.is_contiguous()))
-        ):
+        if plan.inputs is None or (self.use_w_shortconv and conv_state is None):
             return None
-        joint = self._joint_input_projection(x, layer_cache)
-        if joint is None:
-            return None
-        norm = self.use_qk_norm
         q, k, v, w, beta, g, *held = decode_inputs(
-            joint[:, 0], heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            has_gate=self.use_forget_gate, w_up=w_up.weight if w_up is not None else None,
-            conv_state=conv_state, conv_weight=conv_weight, conv_bias=self.w_conv1d.bias if conv_weight is not None else None,
-            q_norm=self.maybe_q_norm.weight if norm else None, k_norm=self.maybe_k_norm.weight if norm else None,
-            qk_eps=self.maybe_q_norm.eps if norm else 0.0, token_mask=token_mask.reshape(-1) if token_mask is not None else None,
-            beta_max=self.beta_max, launch=layer_cache.is_static,
+            F.linear(x[:, 0], *plan.joint), conv_state=conv_state,
+            token_mask=token_mask.reshape(-1) if token_mask is not None else None, launch=layer_cache.is_static,
+            **plan.inputs,
         )
         g = g[:, None] if g is not None else None
         return q[:, None], k[:, None], v[:, None], w[:, None], beta[:, None], g, held[0] if held else None

@@ -861,7 +861,8 @@ def path_attention(
     Returns o [B, T, HQ, Dv] in q's dtype.
     """
     T = q.shape[1]
-    decoding_kernel = decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
+    # (held step inputs come only from callers that found the decoding kernel usable)
+    decoding_kernel = step_inputs is not None or decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
     in_place = (  # a single-token step on a filled dynamic cache by the fused decoding kernel
         cache is not None and not cache.is_static and cache.length > 0 and T == 1 and segment_ids is None
         and decoding_kernel

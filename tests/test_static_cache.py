@@ -200,6 +200,41 @@ def test_dynamic_cache_keeps_input_projections_from_the_prompt(model):
     assert torch.equal(cache.layers[0].input_weight, _concatenated_projections(model.model.layers[0].attn)[0])
 
 
+class _ShiftedLinear(torch.nn.Linear):
+    """A Linear with an extra output shift, standing in for an adapter (LoRA) or a quantized layer."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.25
+
+
+@torch.no_grad()
+def test_step_plan_worked_out_at_the_prompt_and_reused_by_steps(model):
+    """Each layer's step plan (the concatenated projections and the decoding kernel's arguments) is worked
+    out at a call of several tokens and reused, unchanged, by the single-token steps after it; a projection
+    swapped for another module before a prompt is honored by the steps that follow it (module calls)."""
+    model = copy.deepcopy(model)
+    ids = random_ids(2, 9, seed=16)
+    cache = cache_of(model(ids, use_cache=True))
+    plans = [layer.step_plan for layer in cache.layers]
+    assert all(plan is not None and plan.joint is not None for plan in plans)
+    steps = random_ids(2, 3, seed=17)
+    for i in range(3):
+        model(steps[:, i : i + 1], use_cache=True, **{CACHE_KW: cache})
+        assert [layer.step_plan for layer in cache.layers] == plans
+    model(random_ids(2, 2, seed=18), use_cache=True, **{CACHE_KW: cache})
+    assert all(layer.step_plan is not plan for layer, plan in zip(cache.layers, plans))
+
+    attn = model.model.layers[1].attn
+    shifted = _ShiftedLinear(attn.k_proj.in_features, attn.k_proj.out_features, bias=False)
+    shifted.weight.copy_(attn.k_proj.weight)
+    attn.k_proj = shifted
+    cache = cache_of(model(ids, use_cache=True))
+    assert cache.layers[1].step_plan.joint is None and cache.layers[0].step_plan.joint is not None
+    logits = [model(steps[:, i : i + 1], use_cache=True, **{CACHE_KW: cache}).logits for i in range(3)]
+    full = model(torch.cat([ids, steps], 1)).logits[:, -3:]
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torch.compile: one graph for every step
 # ---------------------------------------------------------------------------------------------------------
