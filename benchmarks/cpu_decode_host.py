@@ -7,7 +7,7 @@ On a GPU host, eager decoding is bound by this work plus each launch's host cost
 kernel (~5-10 us), one Triton launch costs 45-150 us of argument binding (docs/kernels.md, decoding). So
 the table says how many dispatcher ops and Triton launches a step makes, and what the rest costs.
 
-    python benchmarks/cpu_decode_host.py [--layers 12] [--hidden 128] [--heads 2] [--context 64] [--steps 100]
+    python benchmarks/cpu_decode_host.py [--layers 12] [--hidden 128] [--heads 2] [--contexts 64 4096] [--steps 100]
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 4096],
+                        help="cached tokens before the timed steps (past path_ops.EAGER_KEYS_PER_SPLIT, PaTH's step "
+                             "splits the keys and merges: a second launch)")
     parser.add_argument("--steps", type=int, default=100)
     C.add_common_args(parser, "cpu_decode_host")
     args = parser.parse_args(argv)
@@ -93,22 +95,26 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         path = PaTHForCausalLM(config).eval()
         llama = LlamaForCausalLM(llama_peer_config(config)).eval()
-        ids = torch.randint(5, 256, (1, args.context))
-        records = {
-            "PaTH (CUDA path, Triton stubbed)": step_record(path, PaTHCache(config), ids, args.steps, launches),
-            "Llama (CPU ops)": step_record(llama, DynamicCache(config=llama.config), ids, args.steps, launches),
-        }
+        records = []
+        for context in args.contexts:
+            ids = torch.randint(5, 256, (1, context))
+            records += [
+                dict(model="PaTH (CUDA path, Triton stubbed)", context=context,
+                     **step_record(path, PaTHCache(config), ids, args.steps, launches)),
+                dict(model="Llama (CPU ops)", context=context,
+                     **step_record(llama, DynamicCache(config=llama.config), ids, args.steps, launches)),
+            ]
     finally:
         for name, kernel in saved.items():
             setattr(path_triton, name, kernel)
         path_ops.decode_kernel_usable, modeling_path.decode_kernel_usable = usable
     env = C.environment(torch.device("cpu"))
     print(f"# {env['device']}; torch {env['torch']}; float32, {args.layers} layers, hidden {args.hidden}, "
-          f"{args.heads} heads, context {args.context}; {args.steps} steps")
-    rows = [[name, f"{r['ms_per_step']:.2f}", f"{r['ms_per_step'] * 1e3 / args.layers:.0f}", r["dispatcher_ops"],
-             r["triton_launches"]] for name, r in records.items()]
-    print(C.markdown_table(["model", "ms per step", "us per layer", "dispatcher ops per step", "Triton launches per step"],
-                           rows))
+          f"{args.heads} heads, batch 1; {args.steps} steps")
+    rows = [[r["model"], r["context"], f"{r['ms_per_step']:.2f}", f"{r['ms_per_step'] * 1e3 / args.layers:.0f}",
+             r["dispatcher_ops"], r["triton_launches"]] for r in records]
+    print(C.markdown_table(["model", "context", "ms per step", "us per layer", "dispatcher ops per step",
+                            "Triton launches per step"], rows))
     print(f"# wrote {C.write_json(args, 'cpu_decode_host', dict(environment=env, records=records))}")
     return 0
 

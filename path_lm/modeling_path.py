@@ -347,7 +347,10 @@ class PaTHAttention(nn.Module):
             fused = self._fused_step_inputs(hidden_states, layer_cache, token_mask)
         if fused is not None:
             *inputs, held = fused
-            return self._attend(*inputs, segment_ids, key_mask, layer_cache, hidden_states, held), None, cache
+            out = self._attend(*inputs, segment_ids, key_mask, layer_cache, hidden_states, held)
+            if held is not None and held.conv_state is not None:  # (the kernel may have written a new one)
+                layer_cache.set_conv_state(held.conv_state)
+            return out, None, cache
 
         # One preprocessing path for every mode.
         q, k, v, w, beta_logit, g_logit = self._input_projections(hidden_states, layer_cache)

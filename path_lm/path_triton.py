@@ -597,33 +597,36 @@ def _decode_kernel(
                  sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, L, parts, H, G, GP, D, DV, BN, HAS_GATE, HAS_MASK, N_ON_DEVICE, USE_DOT, HAS_FRAMES, WINDOW, EB, WRITE_NEW, NEW_MASK, FINAL, HAS_RING, FRAMED_ELSEWHERE)
 
 
-# (the inputs' arguments first, then _decode_kernel's, less those of its splits, frames elsewhere and slot on the device)
-@triton.jit(do_not_specialize=["sm_b", "n_value", "L"])
+# (the inputs' arguments first, then _decode_kernel's, less those of frames elsewhere and the slot on the device)
+@triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "L", "parts"])
 def _decode_step_kernel(
-    X, WU, CS, CW, CB, QNW, KNW, TM, sx, cs_b, cs_t, qk_eps, beta_max,
-    Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, KN, VN, GN, MN,
-    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, n_value, L,
+    X, WU, CS, CW, CB, QNW, KNW, TM, sx, cs_b, cs_t, qk_eps, beta_max, CS_OUT,
+    Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, MP, LP, KN, VN, GN, MN,
+    sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, n_value, L, parts,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_MASK: tl.constexpr, USE_DOT: tl.constexpr, HAS_FRAMES: tl.constexpr,
-    WINDOW: tl.constexpr, EB: tl.constexpr, NEW_MASK: tl.constexpr, HAS_RING: tl.constexpr,
+    WINDOW: tl.constexpr, EB: tl.constexpr, NEW_MASK: tl.constexpr, FINAL: tl.constexpr, HAS_RING: tl.constexpr,
     R: tl.constexpr, RP: tl.constexpr, TAPS: tl.constexpr, LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr,
     HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr, HAS_TM: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    """Program (0, b * H + h): a whole eager decoding step of row b, kv head h in one launch. First the
-    step's inputs (:func:`_step_inputs`: q of the G query heads, k, v, w, beta and gate from the projections
-    X, and this head's channels of the convolution state, which no other program touches), written to Q,
-    KN, VN, W, BETA, GN; then, after a barrier that makes those writes visible to the program's other
-    threads, :func:`_decode_kernel`'s work as one split (FINAL: the output itself, no merge) with the slot
-    n_value from the host and the new token written here (WRITE_NEW)."""
+    """Program (split, b * H + h): a whole eager decoding step of row b, kv head h in one launch (with its
+    merge, two beyond one split). First the step's inputs (:func:`_step_inputs`: q of the G query heads, k,
+    v, w, beta and gate from the projections X), written to Q, KN, VN, W, BETA, GN; every split of the head
+    computes and writes the same values, and the next convolution state goes to CS_OUT (CS itself with one
+    split: no other program reads this head's channels). Then, after a barrier that makes those writes
+    visible to the program's other threads, :func:`_decode_kernel`'s work for the split (FINAL, one split:
+    the output itself, no merge) with the slot n_value from the host and the new token written here
+    (WRITE_NEW)."""
+    i_s = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = i_bh // H
     h = i_bh % H
-    _step_inputs(b, h, X, WU, CS, CW, CB, QNW, KNW, TM, Q, KN, VN, W, BETA, GN, sx, cs_b, cs_t, qk_eps, beta_max,
-                 H, G, D, R, RP, TAPS, LOW_RANK, HAS_CONV, HAS_CBIAS, QK_NORM, HAS_GATE, HAS_TM, CLAMP)
+    _step_inputs(b, h, X, WU, CS, CS_OUT, CW, CB, QNW, KNW, TM, Q, KN, VN, W, BETA, GN, sx, cs_b, cs_t, qk_eps,
+                 beta_max, H, G, D, R, RP, TAPS, LOW_RANK, HAS_CONV, HAS_CBIAS, QK_NORM, HAS_GATE, HAS_TM, CLAMP)
     tl.debug_barrier()
-    _decode_body(0, i_bh, b, h, n_value, Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, OP, OP, KN, VN, GN, MN, Q,
-                 sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, L, L, 1, H, G, GP, D, DV, BN, HAS_GATE, HAS_MASK,
-                 False, USE_DOT, HAS_FRAMES, WINDOW, EB, True, NEW_MASK, True, HAS_RING, False)
+    _decode_body(i_s, i_bh, b, h, n_value, Q, K, V, W, BETA, GATE, MASK, FR, RING, OP, MP, LP, KN, VN, GN, MN, Q,
+                 sk_b, sk_h, sv_b, sv_h, sg_b, sg_h, sm_b, scale, split_len, L, parts, H, G, GP, D, DV, BN, HAS_GATE,
+                 HAS_MASK, False, USE_DOT, HAS_FRAMES, WINDOW, EB, True, NEW_MASK, FINAL, HAS_RING, False)
 
 
 @triton.jit(do_not_specialize=["sm_b", "split_len", "n_value", "parts", "L"])
@@ -775,9 +778,10 @@ def decode_attention(
             framed keys are rounded once per fold). The caller fills it whenever keys were written otherwise.
         inputs: a :class:`StepInputs` held back by ``decode_inputs(..., launch=False)``, whose outputs are
             this step's q, w, beta and new_token's key, value and gate (those tensors, or views of them). On
-            a step of one launch (one split, n an int, new_token, no fold due) the kernel computes them
-            itself (:func:`_decode_step_kernel`); otherwise, or if any of them is not the held output, the
-            inputs kernel runs first.
+            a step with new_token, n an int and no fold due, the decoding kernel computes them itself
+            (:func:`_decode_step_kernel`: one launch for one split, with the merge two for several; with
+            several, the next convolution state is a new tensor, ``inputs.conv_state``, which the caller
+            keeps); otherwise, or if any of them is not the held output, the inputs kernel runs first.
     Returns:
         o [B, HQ, DV] in out_dtype.
     """
@@ -846,19 +850,11 @@ def decode_attention(
     fold = has_frames and (on_device or (n % window == 0 and n > window))
     strides = (keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
                gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0, key_mask.stride(0) if has_mask else 0)
-    if inputs is not None:
-        if final and write_new and not fold and _holds(inputs, q, k_new, v_new, w, beta, g_new if has_gate else None):
-            _decode_step_kernel[(1, B * H)](
-                *inputs.args[:8], *inputs.args[14:], q, keys, values, w, beta, gates if has_gate else q,
-                key_mask if has_mask else q, frames if has_frames else q, ring if has_ring else q, o, k_new, v_new,
-                g_new, mask_new, *strides, scale, n, L,
-                H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, USE_DOT=use_dot,
-                HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), NEW_MASK=new_mask, HAS_RING=has_ring,
-                **{name: value for name, value in inputs.constants.items() if name not in ("H", "G", "D", "HAS_GATE")},
-                num_warps=warps, **registers,
-            )
-            inputs.pending = False
-            return o
+    fuse = (  # the held inputs computed inside the step's kernel (the fold, which reads w and beta, comes first)
+        inputs is not None and write_new and not fold and not framed_elsewhere
+        and _holds(inputs, q, k_new, v_new, w, beta, g_new if has_gate else None)
+    )
+    if inputs is not None and not fuse:
         inputs.launch()
     if fold:
         _decode_fold_kernel[(n_split, B * H)](
@@ -868,15 +864,31 @@ def decode_attention(
             # three TF32 products: float32 accuracy on tensor cores (the interpreter multiplies in float32)
             PREC="tf32x3" if keys.is_cuda else "ieee",
         )
-    _decode_kernel[(1, B * H) if framed_elsewhere else (n_split, B * H)](
-        q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q, frames if has_frames else q,
-        ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new, mask_new, q_old,
-        *strides, scale, _cdiv(L, BN) * BN if framed_elsewhere else split_len, 0 if on_device else n, L, parts,
-        H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
-        USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
-        NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, FRAMED_ELSEWHERE=framed_elsewhere,
-        **(dict(num_warps=4) if framed_elsewhere else dict(num_warps=warps, **registers)),
-    )
+    if fuse:
+        state = inputs.conv_state
+        if state is not None and n_split > 1:  # splits of one head all read the old state: the next one apart
+            inputs.conv_state = torch.empty_strided(state.shape, state.stride(), dtype=state.dtype, device=state.device)
+        _decode_step_kernel[(n_split, B * H)](
+            *inputs.args[:8], *inputs.args[14:], inputs.conv_state if state is not None else q, q, keys, values, w,
+            beta, gates if has_gate else q, key_mask if has_mask else q, frames if has_frames else q,
+            ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new, mask_new, *strides, scale,
+            split_len, n, L, parts,
+            GP=GP, DV=DV, BN=BN, HAS_MASK=has_mask, USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window,
+            EB=min(D, 32), NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring,
+            **inputs.constants, num_warps=warps, **registers,  # (H, G, D, HAS_GATE: the held outputs' shapes)
+        )
+        inputs.pending = False
+    else:
+        _decode_kernel[(1, B * H) if framed_elsewhere else (n_split, B * H)](
+            q, keys, values, w, beta, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q,
+            frames if has_frames else q, ring if has_ring else q, o_part, m_part, l_part, k_new, v_new, g_new,
+            mask_new, q_old, *strides, scale, _cdiv(L, BN) * BN if framed_elsewhere else split_len,
+            0 if on_device else n, L, parts,
+            H=H, G=G, GP=GP, D=D, DV=DV, BN=BN, HAS_GATE=has_gate, HAS_MASK=has_mask, N_ON_DEVICE=on_device,
+            USE_DOT=use_dot, HAS_FRAMES=has_frames, WINDOW=window, EB=min(D, 32), WRITE_NEW=write_new,
+            NEW_MASK=new_mask, FINAL=final, HAS_RING=has_ring, FRAMED_ELSEWHERE=framed_elsewhere,
+            **(dict(num_warps=4) if framed_elsewhere else dict(num_warps=warps, **registers)),
+        )
     if framed_elsewhere:
         _decode_framed_kernel[(n_split, B * H)](
             q_old, keys, values, gates if has_gate else q, key_mask if has_mask else q, n if on_device else q,
@@ -911,7 +923,7 @@ def _round(x, DT: tl.constexpr):
 
 @triton.jit
 def _step_inputs(
-    b, h, X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
+    b, h, X, WU, CS, CS_OUT, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
     sx, cs_b, cs_t, qk_eps, beta_max,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, TAPS: tl.constexpr,
     LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr, HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr,
@@ -919,7 +931,9 @@ def _step_inputs(
 ):
     """Row b, kv head h of a decoding step's inputs (see :func:`decode_inputs`): reads X's columns q (H*G*D),
     k (H*D), v (H*D), w (H*D, or R with LOW_RANK), beta logits (H), gate logits (H*G); writes kv head h's
-    q rows (its G query heads), k, v, w, beta, gate and its channels of the convolution state."""
+    q rows (its G query heads), k, v, w, beta, gate and its channels of the convolution state: read from CS,
+    the next state written to CS_OUT (CS itself, or a buffer of the same strides where several programs
+    compute the same head's inputs and must all read the state as it was)."""
     DT = QO.dtype.element_ty  # the model dtype
     k_col = H * G * D
     v_col = k_col + H * D
@@ -955,8 +969,8 @@ def _step_inputs(
         if TAPS > 1:  # the state keeps the last TAPS - 1 inputs: shift it by one and append x
             for j in tl.static_range(0, TAPS - 2):
                 later = tl.load(CS + b * cs_b + (j + 1) * cs_t + ch)
-                tl.store(CS + b * cs_b + j * cs_t + ch, later)
-            tl.store(CS + b * cs_b + (TAPS - 2) * cs_t + ch, x.to(CS.dtype.element_ty))
+                tl.store(CS_OUT + b * cs_b + j * cs_t + ch, later)
+            tl.store(CS_OUT + b * cs_b + (TAPS - 2) * cs_t + ch, x.to(CS_OUT.dtype.element_ty))
     tl.store(WO + (b * H + h) * D + od, y * tl.rsqrt(tl.sum(y * y, axis=0) + 1e-6))
     beta = 2.0 * tl.sigmoid(tl.load(row + beta_col + h).to(tl.float32))
     if CLAMP:
@@ -987,8 +1001,8 @@ def _decode_inputs_kernel(
     LOW_RANK: tl.constexpr, HAS_CONV: tl.constexpr, HAS_CBIAS: tl.constexpr, QK_NORM: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_TM: tl.constexpr, CLAMP: tl.constexpr,
 ):
-    """Program (row b, kv head h): :func:`_step_inputs`."""
-    _step_inputs(tl.program_id(0), tl.program_id(1), X, WU, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
+    """Program (row b, kv head h): :func:`_step_inputs`, the convolution state updated in place."""
+    _step_inputs(tl.program_id(0), tl.program_id(1), X, WU, CS, CS, CW, CB, QNW, KNW, TM, QO, KO, VO, WO, BO, GO,
                  sx, cs_b, cs_t, qk_eps, beta_max, H, G, D, R, RP, TAPS, LOW_RANK, HAS_CONV, HAS_CBIAS, QK_NORM,
                  HAS_GATE, HAS_TM, CLAMP)
 
@@ -998,10 +1012,13 @@ class StepInputs:
     yet. :func:`decode_attention` computes them in its own kernel where it can (``inputs=``), else calls
     :meth:`launch` first; a caller that hands them elsewhere calls :meth:`launch` itself."""
 
-    __slots__ = ("outputs", "args", "constants", "grid", "pending")
+    __slots__ = ("outputs", "args", "constants", "grid", "conv_state", "pending")
 
-    def __init__(self, outputs: tuple, args: tuple, constants: dict, grid: tuple):
+    def __init__(self, outputs: tuple, args: tuple, constants: dict, grid: tuple, conv_state):
         self.outputs, self.args, self.constants, self.grid, self.pending = outputs, args, constants, grid, True
+        # the convolution state after the step (None without one): the tensor given, updated in place, unless
+        # decode_attention computed the inputs in several programs per head and wrote it to a new one
+        self.conv_state = conv_state
 
     def launch(self) -> None:
         """Write the outputs (once; later calls do nothing)."""
@@ -1069,7 +1086,7 @@ def decode_inputs(x, *, heads: int, kv_heads: int, head_dim: int, has_gate: bool
         HAS_TM=token_mask is not None, CLAMP=beta_max is not None,
     )
     outputs = q_out, k_out, v_out, w_out, beta_out, g_out
-    held = StepInputs(outputs, args, constants, (B, kv_heads))
+    held = StepInputs(outputs, args, constants, (B, kv_heads), conv_state)
     if launch:
         held.launch()
         return outputs

@@ -464,14 +464,16 @@ STEP_OPTIONS = {
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["dynamic", "dynamic_splits", "static"])
 @pytest.mark.parametrize("options", list(STEP_OPTIONS), ids=list(STEP_OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
-def test_fused_step_inputs_equal_pytorch_ops(dtype, options, static, monkeypatch):
+def test_fused_step_inputs_equal_pytorch_ops(dtype, options, kind, monkeypatch):
     """A decoding step's inputs from one projection product and path_triton.decode_inputs (short convolution,
     SiLU, qk-norm, w normalization, beta, gate, padding) equal the layer's PyTorch ops: float32 to rounding,
     bf16 to one bf16 step (the kernel rounds where torch's bf16 ops do), over steps that update the
-    convolution's state in place (a static cache also with a padded step); outputs and caches follow."""
+    convolution's state (a static cache also with a padded step); outputs and caches follow. On a dynamic
+    cache the decoding kernel computes the inputs itself, over several splits of the keys in
+    "dynamic_splits" (each split computes them; the next convolution state is a new tensor the cache keeps)."""
     pytest.importorskip("triton")
     if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
         pytest.skip("Triton's CPU interpreter does not round to bf16 as the GPU does")
@@ -483,7 +485,10 @@ def test_fused_step_inputs_equal_pytorch_ops(dtype, options, static, monkeypatch
         p.data.normal_(0, 0.3)
     attn = attn.to(KERNEL_DEVICE, dtype)
     gen = torch.Generator().manual_seed(1)
-    prompt = torch.randn(3, 9, 64, generator=gen).to(KERNEL_DEVICE, dtype)
+    static = kind == "static"
+    if kind == "dynamic_splits":  # 3 splits of 32 keys (the kernel's tile) over the 70 to 73 keys
+        monkeypatch.setattr(path_ops, "EAGER_KEYS_PER_SPLIT", 32)
+    prompt = torch.randn(3, 70 if kind == "dynamic_splits" else 9, 64, generator=gen).to(KERNEL_DEVICE, dtype)
     steps = [torch.randn(3, 1, 64, generator=gen).to(KERNEL_DEVICE, dtype) for _ in range(4)]
     inputs, fused_calls = [], []
     attend = modeling_path.path_attention
@@ -495,7 +500,7 @@ def test_fused_step_inputs_equal_pytorch_ops(dtype, options, static, monkeypatch
         monkeypatch.setattr(modeling_path, "decode_kernel_usable", lambda *a: fused)
         cache = PaTHStaticCache(num_hidden_layers=1, max_cache_len=16) if static else PaTHCache(num_hidden_layers=1)
         inputs.append([])
-        mask = torch.ones(3, 9, dtype=torch.long, device=KERNEL_DEVICE)
+        mask = torch.ones(3, prompt.shape[1], dtype=torch.long, device=KERNEL_DEVICE)
         outputs = [attn(prompt, attention_mask=mask, cache=cache)[0]]
         for i, x in enumerate(steps):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -575,13 +580,15 @@ def test_decode_inputs_refuses_projections_of_the_wrong_width():
 @torch.no_grad()
 @pytest.mark.parametrize("frames", [False, True], ids=["every_key", "frames_ring"])
 @pytest.mark.parametrize("options", ["all_options", "plain"])
-def test_decode_step_kernel_equals_inputs_then_attention(options, frames, monkeypatch):
-    """decode_attention(inputs=decode_inputs(..., launch=False)) computes the step's inputs inside its one
-    launch (_decode_step_kernel) and leaves everything as the two launches do (decode_inputs, then
-    decode_attention): output, keys, values, gates, padding, convolution state, frames and ring, and the
-    inputs themselves. Over 20 steps with GQA, every input option (low-rank w, convolution with bias,
-    qk-norm, gate, beta clamp, a padded new token) or none; with frames the steps cross a fold, where the
-    inputs kernel launches first (the fold reads w and beta) and the step falls back to two launches."""
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_step_kernel_equals_inputs_then_attention(options, frames, splits, monkeypatch):
+    """decode_attention(inputs=decode_inputs(..., launch=False)) computes the step's inputs inside its
+    decoding kernel (_decode_step_kernel: one launch with one split, with three splits every split computes
+    them and writes the next convolution state to a new tensor, then the merge) and leaves everything as the
+    separate launches do (decode_inputs, then decode_attention): output, keys, values, gates, padding,
+    convolution state, frames and ring, and the inputs themselves. Over 20 steps with GQA, every input
+    option (low-rank w, convolution with bias, qk-norm, gate, beta clamp, a padded new token) or none; with
+    frames the steps cross a fold, where the inputs kernel launches first (the fold reads w and beta)."""
     pytest.importorskip("triton")
     from path_lm import path_triton
 
@@ -612,15 +619,18 @@ def test_decode_step_kernel_equals_inputs_then_attention(options, frames, monkey
         first = window * ((P - 1) // window)
         state["ring"][:, :, torch.arange(first, P) % (2 * window)] = state["keys"][:, :, first:P]
     xs = [on(torch.randn(B, width, generator=gen)) for _ in range(steps)]
-    fused = []
-    kernel = path_triton._decode_step_kernel
+    launched = {"_decode_step_kernel": [], "_decode_inputs_kernel": []}
 
     class Counting:
-        def __getitem__(self, grid):
-            fused.append(grid)
-            return kernel[grid]
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(path_triton, name)
 
-    monkeypatch.setattr(path_triton, "_decode_step_kernel", Counting())
+        def __getitem__(self, grid):
+            launched[self.name].append(grid)
+            return self.kernel[grid]
+
+    for name in launched:
+        monkeypatch.setattr(path_triton, name, Counting(name))
     runs = []
     for hold in (False, True):
         st = {name: x.clone() if x is not None else None for name, x in state.items()}
@@ -633,14 +643,21 @@ def test_decode_step_kernel_equals_inputs_then_attention(options, frames, monkey
             q, k, v, w, beta, g = step
             o = path_triton.decode_attention(
                 q, st["keys"], st["values"], w, beta, n, gates=st["gates"] if full else None, key_mask=st["key_mask"],
-                frames=st["frames"], window=window, scale=D**-0.5, new_token=(k, v, g, None), max_splits=1,
-                ring=st["ring"], inputs=held, launch=(16, 2, 2),
+                frames=st["frames"], window=window, scale=D**-0.5, new_token=(k, v, g, None), max_splits=splits,
+                ring=st["ring"], inputs=held, launch=(16, 2, 4),
             )
+            if held is not None:
+                fold = frames and n % window == 0 and n > window
+                assert (held.conv_state is st["conv_state"]) == (splits == 1 or not full or fold)
+                st["conv_state"] = held.conv_state
             outputs.append(o)
             inputs.append([t.clone() for t in step if t is not None])
         runs.append((outputs, inputs, st))
     folds = sum(1 for n in range(P, L) if frames and n % window == 0 and n > window)
-    assert len(fused) == steps - folds, "every step but the fold steps takes one launch"
+    fused = launched["_decode_step_kernel"]
+    assert len(fused) == steps - folds, "every step but the fold steps computes its inputs in the decoding kernel"
+    assert len(launched["_decode_inputs_kernel"]) == steps + folds, "the inputs kernel: every separate step, the folds"
+    assert {grid[0] for grid in fused} == {splits}
     (o_two, in_two, st_two), (o_one, in_one, st_one) = runs
     close = (lambda a, b, msg: torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=msg)) if KERNEL_DEVICE != "cpu" else (
         lambda a, b, msg: torch.testing.assert_close(b, a, atol=0, rtol=0, msg=msg))
@@ -888,8 +905,9 @@ def test_key_rounding_benchmark_carries_framed_keys_correctly():
 
 
 def test_eager_step_makes_one_triton_launch_per_layer(tmp_path):
-    """benchmarks/cpu_decode_host.py: an eager decoding step on the CUDA code path (a short dynamic cache)
-    launches one kernel per layer, which computes the step's inputs and its attention, and nothing else from
+    """benchmarks/cpu_decode_host.py: an eager decoding step on the CUDA code path launches one kernel per
+    layer on a short dynamic cache, which computes the step's inputs and its attention, and two past
+    EAGER_KEYS_PER_SPLIT cached keys (the same kernel over splits, then the merge), and nothing else from
     Triton; the script puts the real kernels back afterwards."""
     pytest.importorskip("triton")
     import importlib.util
@@ -906,11 +924,12 @@ def test_eager_step_makes_one_triton_launch_per_layer(tmp_path):
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
         kernel, usable = path_triton._decode_kernel, path_ops.decode_kernel_usable
-        assert bench.main(["--tiny", "--json", str(tmp_path / "host.json")]) == 0
+        long = path_ops.EAGER_KEYS_PER_SPLIT + 100
+        assert bench.main(["--tiny", "--contexts", "16", str(long), "--json", str(tmp_path / "host.json")]) == 0
     finally:
         sys.path.remove(str(bench_dir))
-    records = json.loads((tmp_path / "host.json").read_text())["records"]
-    path = records["PaTH (CUDA path, Triton stubbed)"]
-    assert path["launches"] == {"_decode_step_kernel": 2}  # 2 layers
-    assert records["Llama (CPU ops)"]["triton_launches"] == 0
+    records = {(r["model"][:4], r["context"]): r for r in json.loads((tmp_path / "host.json").read_text())["records"]}
+    assert records["PaTH", 16]["launches"] == {"_decode_step_kernel": 2}  # 2 layers
+    assert records["PaTH", long]["launches"] == {"_decode_step_kernel": 2, "_decode_merge_kernel": 2}
+    assert records["Llam", 16]["triton_launches"] == records["Llam", long]["triton_launches"] == 0
     assert path_triton._decode_kernel is kernel and path_ops.decode_kernel_usable is usable
