@@ -908,7 +908,8 @@ def test_eager_step_makes_one_triton_launch_per_layer(tmp_path):
     """benchmarks/cpu_decode_host.py: an eager decoding step on the CUDA code path launches one kernel per
     layer on a short dynamic cache, which computes the step's inputs and its attention, and two past
     EAGER_KEYS_PER_SPLIT cached keys (the same kernel over splits, then the merge), and nothing else from
-    Triton; the script puts the real kernels back afterwards."""
+    Triton; the script puts the real kernels back afterwards. ``--baseline`` (here this checkout itself)
+    times a second copy of the package in the same turns."""
     pytest.importorskip("triton")
     import importlib.util
     import json
@@ -925,11 +926,14 @@ def test_eager_step_makes_one_triton_launch_per_layer(tmp_path):
         spec.loader.exec_module(bench)
         kernel, usable = path_triton._decode_kernel, path_ops.decode_kernel_usable
         long = path_ops.EAGER_KEYS_PER_SPLIT + 100
-        assert bench.main(["--tiny", "--contexts", "16", str(long), "--json", str(tmp_path / "host.json")]) == 0
+        assert bench.main(["--tiny", "--contexts", "16", str(long), "--baseline", str(bench_dir.parent),
+                           "--json", str(tmp_path / "host.json")]) == 0
     finally:
         sys.path.remove(str(bench_dir))
-    records = {(r["model"][:4], r["context"]): r for r in json.loads((tmp_path / "host.json").read_text())["records"]}
-    assert records["PaTH", 16]["launches"] == {"_decode_step_kernel": 2}  # 2 layers
-    assert records["PaTH", long]["launches"] == {"_decode_step_kernel": 2, "_decode_merge_kernel": 2}
-    assert records["Llam", 16]["triton_launches"] == records["Llam", long]["triton_launches"] == 0
+    records = {(r["model"].split()[1], r["context"]): r for r in json.loads((tmp_path / "host.json").read_text())["records"]}
+    for model in ("(CUDA", "baseline"):
+        assert records[model, 16]["launches"] == {"_decode_step_kernel": 2}  # 2 layers
+        assert records[model, long]["launches"] == {"_decode_step_kernel": 2, "_decode_merge_kernel": 2}
+    assert records["(CPU", 16]["triton_launches"] == records["(CPU", long]["triton_launches"] == 0
+    assert records["(CPU", 16]["vs_llama"] == 1.0
     assert path_triton._decode_kernel is kernel and path_ops.decode_kernel_usable is usable
