@@ -75,6 +75,9 @@ def run(args, device):
             impls = [("SDPA flash", lambda sdpa=sdpa: _sdpa(*sdpa), sdpa)]
             if device.type == "cuda":
                 impls.append(("PaTH path-lm", lambda path=path: path_attention_triton(*path)[0], path))
+                if args.keep_preparation:
+                    impls.append(("PaTH path-lm, kept preparation",
+                                  lambda path=path: path_attention_triton(*path, keep_preparation=True)[0], path))
                 impls.append(("PaTH fla", lambda path=path: path_attention_fla(*path)[0], path))
             if T <= args.torch_max_t:
                 impls.append(("PaTH torch", lambda path=path: path_attention_torch(*path)[0], path))
@@ -119,6 +122,8 @@ def main():
     parser.add_argument("--heads-dims", type=lambda s: tuple(map(int, s.split("x"))), nargs="+",
                         default=[(16, 64), (8, 128)], help="e.g. 16x64 8x128")
     parser.add_argument("--torch-max-t", type=int, default=2048, help="exact torch path only at T <= this")
+    parser.add_argument("--keep-preparation", action="store_true",
+                        help="also time path-lm's kernel with keep_preparation=True (no rerun in the backward)")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
     C.add_common_args(parser, "gpu_attention")

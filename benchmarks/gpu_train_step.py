@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from path_lm import PaTHConfig, PaTHForCausalLM
+from path_lm import PaTHConfig, PaTHForCausalLM, path_ops
 
 
 def build_configs(args, backends):
     path_cfgs = {
         f"PaTH ({backend})": PaTHConfig(
             vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads,
-            use_forget_gate=True, attn_backend=backend, tie_word_embeddings=False, use_cache=False,
+            use_forget_gate=True, attn_backend=backend.removesuffix("-kept"), tie_word_embeddings=False, use_cache=False,
         )
         for backend in backends
     }
@@ -93,8 +93,10 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--models", nargs="+", default=["PaTH", "Llama"], choices=["PaTH", "Llama"])
-    parser.add_argument("--backends", nargs="+", default=["triton", "fla"], choices=["triton", "fla", "torch", "auto"],
-                        help="PaTH attention backends, one row each (the CPU and --tiny runs use torch)")
+    parser.add_argument("--backends", nargs="+", default=["triton", "fla"],
+                        choices=["triton", "triton-kept", "fla", "torch", "auto"],
+                        help="PaTH attention backends, one row each (the CPU and --tiny runs use torch); "
+                             "triton-kept: path-lm's kernels keeping the forward's preparation for the backward")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of one step per model")
     C.add_common_args(parser, "gpu_train_step")
     args = parser.parse_args()
@@ -115,6 +117,7 @@ def main():
     results = {}
     for name in names:
         model_cls, config = configs[name]
+        path_ops.KEEP_PREPARATION = name.endswith("-kept)")
         try:
             r = train_steps(model_cls, config, args, device)
             r["median_step_ms"] = statistics.median(r["step_ms"])

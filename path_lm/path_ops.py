@@ -531,14 +531,20 @@ def _matmul_precision(kdt):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+# What the backward reads of the forward's preparation (path_triton.prepare_forward(..., for_backward=True)),
+# kept between the passes with keep_preparation, plus the superblock level's frame changes ("mid_sb", "mid_sb32").
+_KEPT = ("q_t", "k_t", "mid", "p_sb", "q_bot", "k_top", "p", "q_t32", "k_t32", "t_inv", "b_mat", "a_mat", "mid32",
+         "mid_sb", "mid_sb32")
+
+
 class _PaTHTriton(torch.autograd.Function):
     """Forward: the preparation kernels, the attention kernels, one merged softmax. Backward: the preparation
-    kernels again (nothing of it is kept between the passes), the attention kernels' backward against the
-    final softmax statistics, then the preparation's backward kernels (the D x D chains of frame changes and
-    carries, the per-chunk transforms, the own chunk) down to the inputs. No autograd graph inside."""
+    kernels again (or, with ``keep``, what the forward kept of them), the attention kernels' backward against
+    the final softmax statistics, then the preparation's backward kernels (the D x D chains of frame changes
+    and carries, the per-chunk transforms, the own chunk) down to the inputs. No autograd graph inside."""
 
     @staticmethod
-    def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys):
+    def forward(ctx, q, k, v, w, beta, g, segment_ids, scale, C, NB, output_keys, keep):
         from .path_triton import _precision, frame_changes, framed_forward, prepare_forward  # lazy: triton is optional
 
         B, T, HQ, _ = q.shape
@@ -546,17 +552,25 @@ class _PaTHTriton(torch.autograd.Function):
         kdt = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
         T_pad = math.ceil(T / (C * NB)) * C * NB
         seg_start, seg_end = _segment_bounds(segment_ids, B, T, T_pad, q.device)
+        keep = keep and any(ctx.needs_input_grad[:6])
         with torch.no_grad(), _matmul_precision(kdt):
             gate, v_kernel = _kernel_inputs(v, g, T_pad, kdt)
             prep = prepare_forward(
                 q.to(kdt), k.to(kdt), v_kernel, w, beta, gate, seg_start,
-                chunk=C, chunks_per_superblock=NB, scale=scale, keys32=output_keys,
+                chunk=C, chunks_per_superblock=NB, scale=scale, keys32=output_keys, for_backward=keep,
+                local_attention=True,
             )
             n_sb = T_pad // (C * NB)
             levels = []
+            prep["mid_sb"] = prep["mid_sb32"] = None
             if n_sb > 1:
-                mid = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt))
-                levels.append((prep["q_bot"], prep["k_top"], mid, C * NB, n_sb))
+                if keep:
+                    prep["mid_sb"], prep["mid_sb32"] = frame_changes(
+                        prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True
+                    )
+                else:
+                    prep["mid_sb"] = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt))
+                levels.append((prep["q_bot"], prep["k_top"], prep["mid_sb"], C * NB, n_sb))
             if NB > 1:
                 levels.append((prep["q_t"], prep["k_t"], prep["mid"], C, NB))
             o, lse = prep["o_local"], prep["lse_local"]  # the own chunk, then each level continues the softmax
@@ -572,8 +586,8 @@ class _PaTHTriton(torch.autograd.Function):
                 k_top = prep["k_top32"].view(B, n_sb, C * NB, H, -1).permute(0, 3, 1, 2, 4)
                 keys = k_top @ suffix.transpose(-1, -2)  # [B, H, n_sb, C * NB, D]
                 keys = keys.reshape(B, H, T_pad, -1)[:, :, :T].transpose(1, 2)
-        ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end)
-        ctx.args = (scale, C, NB, kdt)
+        ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end, *(prep[name] for name in _KEPT if keep))
+        ctx.args = (scale, C, NB, kdt, keep)
         if keys is not None:
             ctx.mark_non_differentiable(keys)
         return o, keys
@@ -584,8 +598,8 @@ class _PaTHTriton(torch.autograd.Function):
             _precision, edge_grads, frame_changes, framed_backward, frames_backward, prepare_backward, prepare_forward,
         )
 
-        q, k, v, w, beta, g, o, lse, seg_start, seg_end = ctx.saved_tensors
-        scale, C, NB, kdt = ctx.args
+        q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept = ctx.saved_tensors
+        scale, C, NB, kdt, keep = ctx.args
         B, T, HQ, D = q.shape
         H = k.shape[2]
         T_pad = seg_start.shape[1]
@@ -594,10 +608,13 @@ class _PaTHTriton(torch.autograd.Function):
         with torch.no_grad(), _matmul_precision(kdt):
             gate, v_kernel = _kernel_inputs(v, g, T_pad, kdt)
             q_k, k_k = q.to(kdt), k.to(kdt)
-            prep = prepare_forward(
-                q_k, k_k, v_kernel, w, beta, gate, seg_start,
-                chunk=C, chunks_per_superblock=NB, scale=scale, keys32=False, for_backward=True,
-            )
+            if keep:
+                prep = dict(zip(_KEPT, kept))
+            else:
+                prep = prepare_forward(
+                    q_k, k_k, v_kernel, w, beta, gate, seg_start,
+                    chunk=C, chunks_per_superblock=NB, scale=scale, keys32=False, for_backward=True,
+                )
             do_k = F.pad(do, pad).to(kdt).contiguous()
             delta = (do_k.float() * F.pad(o, pad).float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T_pad]
             dvs, dgates = [], []
@@ -613,7 +630,10 @@ class _PaTHTriton(torch.autograd.Function):
                 dmid = torch.zeros_like(prep["mid32"])
             edges = None
             if n_sb > 1:
-                mid_sb_k, mid_sb = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True)
+                if keep:
+                    mid_sb_k, mid_sb = prep["mid_sb"], prep["mid_sb32"]
+                else:
+                    mid_sb_k, mid_sb = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True)
                 dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
                     prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb_k,
                     block=C * NB, blocks_per_window=n_sb, **kernel_args,
@@ -637,7 +657,7 @@ class _PaTHTriton(torch.autograd.Function):
                 dg = dgate.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :T].to(g.dtype)
         grads = (dq[:, :T].to(q.dtype), dk[:, :T].to(k.dtype), dv[:, :T].to(v.dtype), dw[:, :T].to(w.dtype),
                  dbeta[:, :T].to(beta.dtype), dg)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # Forward passes without gradients run path_attention_triton on slices of rows of at most this many
@@ -645,9 +665,15 @@ class _PaTHTriton(torch.autograd.Function):
 FORWARD_SLICE_TOKEN_HEADS = 2**21
 
 
+# Whether path_attention_triton keeps the forward's preparation for the backward by default (see its
+# keep_preparation). Off until measured: it saves the backward's rerun of two kernels (~1.3 ms of ~7.8 at
+# 4 x 4096 x 16 x 64 in the v7 profile) for ~3 KiB per token and query head held between the passes.
+KEEP_PREPARATION = False
+
+
 def path_attention_triton(
     q, k, v, w, beta, g=None, *, scale=None, segment_ids=None, output_keys=False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE, chunks_per_superblock: int = 8,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, chunks_per_superblock: int = 8, keep_preparation: bool | None = None,
 ):
     """PaTH attention with path-lm's Triton kernels (CUDA), differentiable.
 
@@ -658,7 +684,12 @@ def path_attention_triton(
     kernels (:func:`path_triton.prepare_forward`); the backward reruns them and walks their products back with
     the kernels of :func:`path_triton.edge_grads`, :func:`path_triton.frames_backward` and
     :func:`path_triton.prepare_backward` (float32 accumulation, TF32 products for half-precision inputs).
-    Nothing but the inputs, the output and its log-sum-exp is kept between the passes. ``chunk_size`` must be a power of two of at least 16.
+    Nothing but the inputs, the output and its log-sum-exp is kept between the passes, unless
+    ``keep_preparation`` (default :data:`KEEP_PREPARATION`): then the forward also writes the backward's
+    tables of the preparation (the float32 carries, each chunk's product, inverse and edge matrices, the frame
+    changes in float32) and keeps them, and the backward does not rerun it: about 3 KiB more per token and
+    query head at head dim 64 (6 at 128) held from the forward to the backward, for two kernels fewer.
+    ``chunk_size`` must be a power of two of at least 16.
 
     Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys carried to the end of each row
     [B, T, H, D] float32 (not differentiable).
@@ -669,7 +700,8 @@ def path_attention_triton(
     if problem:
         raise ValueError(problem)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    args = (scale, chunk_size, chunks_per_superblock, output_keys)
+    keep = KEEP_PREPARATION if keep_preparation is None else keep_preparation
+    args = (scale, chunk_size, chunks_per_superblock, output_keys, keep)
     B, T, HQ = q.shape[:3]
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, w, beta, g))
     rows = max(1, FORWARD_SLICE_TOKEN_HEADS // (T * HQ))
@@ -861,8 +893,10 @@ def path_attention(
     Returns o [B, T, HQ, Dv] in q's dtype.
     """
     T = q.shape[1]
-    # (held step inputs come only from callers that found the decoding kernel usable)
-    decoding_kernel = step_inputs is not None or decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
+    # Only caches read this. Held step inputs come only from callers that found the decoding kernel usable.
+    decoding_kernel = cache is not None and (
+        step_inputs is not None or decode_kernel_usable(q.device, (q.shape[-1], v.shape[-1]), backend)
+    )
     in_place = (  # a single-token step on a filled dynamic cache by the fused decoding kernel
         cache is not None and not cache.is_static and cache.length > 0 and T == 1 and segment_ids is None
         and decoding_kernel

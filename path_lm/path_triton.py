@@ -1445,9 +1445,10 @@ def frame_changes(p, *, out_dtype, precision: str, float32_copy: bool = False, l
 
 
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
-                    keys32: bool, for_backward: bool = False, launch: dict | None = None):
+                    keys32: bool, for_backward: bool = False, local_attention: bool | None = None,
+                    launch: dict | None = None):
     """The forward pass's preparation in two kernels (not differentiable: the backward reruns it with
-    ``for_backward`` and runs its own kernels).
+    ``for_backward``, or takes what a forward with ``for_backward`` kept, and runs its own kernels).
 
     Args: q [B, T, HQ, D], k, w [B, T, H, D], beta [B, T, H] as given, v [B, T_pad, H, DV] zero padded (w, beta any float
         dtype); gate [B, T_pad, HQ] float32 cumulative or None; seg_start [B, T_pad] int32. The kernels read
@@ -1456,7 +1457,8 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         dtype), q_bot, k_top (carried to their superblock's edges, kernel dtype; k_top32 float32 when keys32),
         mid [B, H, n_sb, NB(NB-1)/2, D, D] chunk frame changes (kernel dtype), p_sb [B, H, n_sb, D, D] float32
         superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
-        each query's own chunk (None with ``for_backward``). With ``for_backward`` also what :func:`prepare_backward` and
+        each query's own chunk (with ``local_attention``, by default not ``for_backward``; else None). With
+        ``for_backward`` also what :func:`prepare_backward` and
         :func:`edge_grads` read: p [B, H, n, D, D] each chunk's product, q_t32 / k_t32 the carries in float32,
         t_inv [B * H * n, C, C] each chunk's triangular inverse, b_mat / a_mat [B, H, n, D, D] each chunk's
         carry matrices to its superblock's bottom / top (B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1}),
@@ -1471,14 +1473,15 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     n, n_sb = T_pad // C, T_pad // (C * NB)
     kdt, f32 = q.dtype, torch.float32
     prec = _precision(q)
+    local_attention = not for_backward if local_attention is None else local_attention
     q, k, v, w, beta = (x.contiguous() for x in (q, k, v, w, beta))
     empty = functools.partial(torch.empty, device=q.device)
     p = empty(B, H, n, D, D, dtype=f32)  # each chunk's product, read by the superblock kernel
     q_t32, k_t32 = empty(B, T_pad, HQ, D, dtype=f32), empty(B, T_pad, H, D, dtype=f32)
     out = dict(
         q_t=empty(B, T_pad, HQ, D, dtype=kdt), k_t=empty(B, T_pad, H, D, dtype=kdt),
-        o_local=None if for_backward else empty(B, T_pad, HQ, DV, dtype=f32),
-        lse_local=None if for_backward else empty(B, HQ, T_pad, dtype=f32),
+        o_local=empty(B, T_pad, HQ, DV, dtype=f32) if local_attention else None,
+        lse_local=empty(B, HQ, T_pad, dtype=f32) if local_attention else None,
         q_bot=empty(B, T_pad, HQ, D, dtype=kdt), k_top=empty(B, T_pad, H, D, dtype=kdt),
         k_top32=empty(B, T_pad, H, D, dtype=f32) if keys32 else None,
         mid=empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt), p_sb=empty(B, H, n_sb, D, D, dtype=f32),
@@ -1490,7 +1493,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     _prep_chunk_kernel[(n, B * H)](
         q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
-        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=not for_backward, PREC=prec,
+        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=local_attention, PREC=prec,
         **(launch or {}).get("chunk", _PREP_LAUNCH),
     )
     sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))

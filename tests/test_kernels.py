@@ -92,6 +92,55 @@ def test_chunks_of_64_match_float64_references():
     assert rel_err(keys[1:, 7:].cpu(), transformed_keys_reference(*(x[1:, 7:].cpu() for x in (k, w, beta)))) < 1e-5
 
 
+def _saved_bytes(fn):
+    """fn()'s result and the bytes autograd saved for its backward while it ran."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(sizes)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_kept_preparation_gives_the_recomputed_gradients(gate):
+    """keep_preparation=True: the forward keeps the preparation's backward tables and the backward skips
+    its rerun. Output and every gradient equal the rerun's (exactly on the CPU, where the kernels run in
+    order) and the float64 references; a second backward over the kept tables (retain_graph) gives the same
+    gradients again, so nothing kept is overwritten; the forward saves more for the backward, and nothing
+    more when no input needs a gradient. Packed documents, GQA, all three levels (T = 100, superblocks of
+    two chunks of 16)."""
+    inputs = make_inputs(2, 100, 4, 2, 16, gate=gate, seed=7)
+    segment_ids = torch.zeros(2, 100, dtype=torch.long)
+    segment_ids[1, 45:] = 1
+    options = dict(segment_ids=segment_ids.to(DEVICE), chunk_size=16, chunks_per_superblock=2)
+    present = [x.to(DEVICE) for x in inputs if x is not None]
+    do = torch.randn(2, 100, 4, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    runs, saved = {}, {}
+    for keep in (False, True):
+        xs = [x.clone().requires_grad_() for x in present]
+        o, saved[keep] = _saved_bytes(lambda: path_attention_triton(*xs, **options, keep_preparation=keep)[0])
+        first = torch.autograd.grad(o, xs, do, retain_graph=True)
+        second = torch.autograd.grad(o, xs, do)
+        for name, a, b in zip(INPUT_NAMES, first, second):
+            assert torch.equal(a, b) if not CUDA else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        runs[keep] = (o, first)
+    assert saved[True] > 2 * saved[False]
+    for name, a, b in zip(["o", *INPUT_NAMES], [runs[False][0], *runs[False][1]], [runs[True][0], *runs[True][1]]):
+        assert torch.equal(a, b) if not CUDA else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    (o, o_ref), _, grads, _ = run_both(inputs, torch.float32, segment_ids, keep_preparation=True, chunk_size=16,
+                                       chunks_per_superblock=2)
+    assert rel_err(o, o_ref) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+    frozen = [x.clone() for x in present]
+    _, no_grad_saved = _saved_bytes(lambda: path_attention_triton(*frozen, **options, keep_preparation=True))
+    assert no_grad_saved == 0
+
+
 def test_chunk_size_must_be_a_power_of_two_of_at_least_16():
     q, k, v, w, beta, g = make_inputs(1, 40, 2, 1, 16, seed=7)
     for bad in (8, 48):
@@ -251,10 +300,11 @@ def torch_path(*args, segment_ids=None):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate", [True, False])
-def test_gpu_default_blocks_match_torch_path(D, dtype, gate):
+@pytest.mark.parametrize("keep", [False, True], ids=["rerun", "kept"])
+def test_gpu_default_blocks_match_torch_path(D, dtype, gate, keep):
     # T = 1200: two full superblocks of 8 x 64 and a partial one; GQA 4 query heads on 2 kv heads
     inputs = make_inputs(2, 1200, 4, 2, D, gate=gate, seed=D)
-    (o, o_ref), keys, grads, cast = run_both(inputs, dtype, reference=torch_path)
+    (o, o_ref), keys, grads, cast = run_both(inputs, dtype, reference=torch_path, keep_preparation=keep)
     assert rel_err(o, o_ref) < 1e-2
     for name, (a, b) in grads.items():
         assert rel_err(a, b) < 2e-2, name
