@@ -851,7 +851,7 @@ def decode_attention(
     strides = (keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
                gates.stride(0) if has_gate else 0, gates.stride(1) if has_gate else 0, key_mask.stride(0) if has_mask else 0)
     fuse = (  # the held inputs computed inside the step's kernel (the fold, which reads w and beta, comes first)
-        inputs is not None and write_new and not fold and not framed_elsewhere
+        inputs is not None and write_new and not on_device and not fold
         and _holds(inputs, q, k_new, v_new, w, beta, g_new if has_gate else None)
     )
     if inputs is not None and not fuse:

@@ -670,6 +670,42 @@ def test_decode_step_kernel_equals_inputs_then_attention(options, frames, splits
             close(a, st_one[name], name)
 
 
+@torch.no_grad()
+def test_held_inputs_with_the_slot_on_the_device_launch_first(monkeypatch):
+    """The decoding kernel computes held inputs itself only with the slot given on the host: with the slot
+    as a device tensor (a compiled step's) the inputs kernel runs first and the step equals the one with
+    the inputs launched by decode_inputs itself."""
+    pytest.importorskip("triton")
+    from path_lm import path_triton
+
+    B, HQ, H, D, P = 2, 4, 2, 16, 21
+    gen = torch.Generator().manual_seed(12)
+    on = lambda x: x.to(KERNEL_DEVICE)  # noqa: E731
+    weights = dict(heads=HQ, kv_heads=H, head_dim=D, has_gate=False)
+    x = on(torch.randn(B, (HQ + 3 * H) * D + H, generator=gen))
+    keys, values = on(torch.randn(B, H, P + 4, D, generator=gen)), on(torch.randn(B, H, P + 4, D, generator=gen))
+    launched = []
+    kernel = path_triton._decode_step_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(path_triton, "_decode_step_kernel", Counting())
+    outputs = []
+    for hold in (False, True):
+        k_buf, v_buf = keys.clone(), values.clone()
+        q, k, v, w, beta, g, *held = path_triton.decode_inputs(x, launch=not hold, **weights)
+        o = path_triton.decode_attention(q, k_buf, v_buf, w, beta, on(torch.tensor(P)), scale=D**-0.5,
+                                         new_token=(k, v, None, None), inputs=held[0] if held else None)
+        assert not held or not held[0].pending
+        outputs.append((o, k_buf, v_buf))
+    assert launched == []
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "fp16"])
