@@ -105,37 +105,33 @@ def _saved_bytes(fn):
     return out, sum(sizes)
 
 
-@pytest.mark.parametrize("gate", [True, False])
-def test_kept_preparation_gives_the_recomputed_gradients(gate):
+def test_kept_preparation_gives_the_recomputed_gradients():
     """keep_preparation=True: the forward keeps the preparation's backward tables and the backward skips
     its rerun. Output and every gradient equal the rerun's (exactly on the CPU, where the kernels run in
-    order) and the float64 references; a second backward over the kept tables (retain_graph) gives the same
-    gradients again, so nothing kept is overwritten; the forward saves more for the backward, and nothing
-    more when no input needs a gradient. Packed documents, GQA, all three levels (T = 100, superblocks of
-    two chunks of 16)."""
-    inputs = make_inputs(2, 100, 4, 2, 16, gate=gate, seed=7)
-    segment_ids = torch.zeros(2, 100, dtype=torch.long)
+    order; the rerun is checked against float64 references above, and on a GPU both are in
+    test_gpu_default_blocks_match_torch_path); a second backward over the kept tables (retain_graph) gives
+    the same gradients again, so nothing kept is overwritten; the forward saves more for the backward, and
+    nothing more when no input needs a gradient. Packed documents, GQA, the gate, all three levels (T = 70,
+    superblocks of two chunks of 16, the last one partial)."""
+    inputs = make_inputs(2, 70, 4, 2, 16, seed=7)
+    segment_ids = torch.zeros(2, 70, dtype=torch.long)
     segment_ids[1, 45:] = 1
     options = dict(segment_ids=segment_ids.to(DEVICE), chunk_size=16, chunks_per_superblock=2)
     present = [x.to(DEVICE) for x in inputs if x is not None]
-    do = torch.randn(2, 100, 4, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    do = torch.randn(2, 70, 4, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     runs, saved = {}, {}
     for keep in (False, True):
         xs = [x.clone().requires_grad_() for x in present]
         o, saved[keep] = _saved_bytes(lambda: path_attention_triton(*xs, **options, keep_preparation=keep)[0])
-        first = torch.autograd.grad(o, xs, do, retain_graph=True)
-        second = torch.autograd.grad(o, xs, do)
-        for name, a, b in zip(INPUT_NAMES, first, second):
-            assert torch.equal(a, b) if not CUDA else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        first = torch.autograd.grad(o, xs, do, retain_graph=keep)
+        if keep:
+            second = torch.autograd.grad(o, xs, do)
+            for name, a, b in zip(INPUT_NAMES, first, second):
+                assert torch.equal(a, b) if not CUDA else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
         runs[keep] = (o, first)
     assert saved[True] > 2 * saved[False]
     for name, a, b in zip(["o", *INPUT_NAMES], [runs[False][0], *runs[False][1]], [runs[True][0], *runs[True][1]]):
         assert torch.equal(a, b) if not CUDA else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
-    (o, o_ref), _, grads, _ = run_both(inputs, torch.float32, segment_ids, keep_preparation=True, chunk_size=16,
-                                       chunks_per_superblock=2)
-    assert rel_err(o, o_ref) < 1e-5
-    for name, (a, b) in grads.items():
-        assert rel_err(a, b) < 1e-5, name
     frozen = [x.clone() for x in present]
     _, no_grad_saved = _saved_bytes(lambda: path_attention_triton(*frozen, **options, keep_preparation=True))
     assert no_grad_saved == 0
@@ -215,8 +211,8 @@ def test_unequal_query_and_key_tiles(monkeypatch, query_tile, key_tile):
 
     table = {key: dict(config, BM=query_tile, BN=key_tile) for key, config in path_triton.ATTENTION_LAUNCH.items()}
     monkeypatch.setattr(path_triton, "ATTENTION_LAUNCH", table)
-    inputs = make_inputs(2, 200, 4, 2, 16, seed=9)
-    segment_ids = torch.zeros(2, 200, dtype=torch.long)
+    inputs = make_inputs(2, 128, 4, 2, 16, seed=9)
+    segment_ids = torch.zeros(2, 128, dtype=torch.long)
     segment_ids[1, 70:] = 1
     (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, segment_ids, chunk_size=16, chunks_per_superblock=4)
     assert rel_err(o, o_ref) < 1e-5

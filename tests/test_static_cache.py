@@ -330,6 +330,7 @@ KERNEL_CASES = [
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[f"case{i}" for i in range(len(KERNEL_CASES))])
+@pytest.mark.kernel
 def test_decode_kernel_matches_explicit_formula(case):
     pytest.importorskip("triton")
     from path_lm.path_triton import decode_attention
@@ -372,6 +373,7 @@ def test_decode_kernel_matches_explicit_formula(case):
 @pytest.mark.parametrize("key_dtype", ["float32", "mixed"])
 @pytest.mark.parametrize("long_cache", [True, False], ids=["frames", "short_cache"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic_step", "static_step"])
+@pytest.mark.kernel
 def test_decode_steps_with_kernel_equal_torch_ops(static, long_cache, key_dtype, monkeypatch):
     """The decoding steps of both caches give the same outputs and cache with the kernel and with torch
     ops, over 40 steps that cross a window of lazily carried keys (cache.FRAME_WINDOW), and a continuation
@@ -532,6 +534,7 @@ def test_fused_step_inputs_equal_pytorch_ops(dtype, options, kind, monkeypatch):
 
 
 @pytest.mark.parametrize("slot_on_device", [False, True], ids=["int_slot", "device_slot"])
+@pytest.mark.kernel
 def test_decode_kernel_casts_the_new_token_to_the_buffers(slot_on_device):
     """The kernel writes the new token's key and value (given in float32) in the buffers' dtypes, and scores
     and weights the new value as stored (rounded), as the PyTorch step reads it back from the cache."""
@@ -559,6 +562,7 @@ def test_decode_kernel_casts_the_new_token_to_the_buffers(slot_on_device):
     torch.testing.assert_close(o.cpu().double(), o_ref, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.kernel
 def test_decode_inputs_refuses_projections_of_the_wrong_width():
     """decode_inputs reads the projections by column offsets: a width that does not add up, or a low-rank
     factor of the wrong shape, is refused with what was expected instead of read at the wrong columns."""
@@ -578,21 +582,25 @@ def test_decode_inputs_refuses_projections_of_the_wrong_width():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("frames", [False, True], ids=["every_key", "frames_ring"])
-@pytest.mark.parametrize("options", ["all_options", "plain"])
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+    "options, frames, splits",
+    [(options, frames, 1) for options in ("all_options", "plain") for frames in (False, True)]
+    + [("all_options", False, 3), ("all_options", True, 3)],
+    ids=lambda value: {False: "every_key", True: "frames_ring"}.get(value, str(value)) if isinstance(value, bool) else str(value),
+)
+@pytest.mark.kernel
 def test_decode_step_kernel_equals_inputs_then_attention(options, frames, splits, monkeypatch):
     """decode_attention(inputs=decode_inputs(..., launch=False)) computes the step's inputs inside its
     decoding kernel (_decode_step_kernel: one launch with one split, with three splits every split computes
     them and writes the next convolution state to a new tensor, then the merge) and leaves everything as the
     separate launches do (decode_inputs, then decode_attention): output, keys, values, gates, padding,
-    convolution state, frames and ring, and the inputs themselves. Over 20 steps with GQA, every input
+    convolution state, frames and ring, and the inputs themselves. Over 14 steps with GQA, every input
     option (low-rank w, convolution with bias, qk-norm, gate, beta clamp, a padded new token) or none; with
     frames the steps cross a fold, where the inputs kernel launches first (the fold reads w and beta)."""
     pytest.importorskip("triton")
     from path_lm import path_triton
 
-    B, HQ, H, D, R, K, P, steps, window = 2, 4, 2, 16, 8, 4, 21, 20, 16
+    B, HQ, H, D, R, K, P, steps, window = 2, 4, 2, 16, 8, 4, 21, 14, 16
     L = P + steps
     full = options == "all_options"
     gen = torch.Generator().manual_seed(11)
@@ -671,6 +679,7 @@ def test_decode_step_kernel_equals_inputs_then_attention(options, frames, splits
 
 
 @torch.no_grad()
+@pytest.mark.kernel
 def test_held_inputs_with_the_slot_on_the_device_launch_first(monkeypatch):
     """The decoding kernel computes held inputs itself only with the slot given on the host: with the slot
     as a device tensor (a compiled step's) the inputs kernel runs first and the step equals the one with
@@ -709,6 +718,7 @@ def test_held_inputs_with_the_slot_on_the_device_launch_first(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("gated", [False, True], ids=["linear", "gated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "fp16"])
+@pytest.mark.kernel
 def test_small_linear_matches_float64_products(rows, gated, dtype):
     """path_triton.small_linear (compiled decoding steps' linear layers) against float64 products rounded where
     PyTorch's ops round: each product (with its bias) once, then the SiLU, then the gated product. A width
@@ -806,6 +816,7 @@ def test_full_static_cache_steps_refused_or_nan():
 
 @pytest.mark.parametrize("HQ", [2, 4], ids=["one_query_head", "gqa"])
 @pytest.mark.parametrize("slot_on_device", [True, False], ids=["slot_on_device", "slot_on_host"])
+@pytest.mark.kernel
 def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ, slot_on_device):
     """Decoding steps with lazily carried keys (frames) over three windows of 16: every step's output and,
     at the end, the keys carried by the test's own formula, against float64 keys rewritten at every step.
@@ -852,6 +863,7 @@ def test_decode_kernel_with_frames_matches_explicit_recurrence(HQ, slot_on_devic
 
 @pytest.mark.parametrize("HQ, slot_on_device", [(2, True), (4, False)],
                          ids=["one_query_head-slot_on_device", "gqa-slot_on_host"])
+@pytest.mark.kernel
 def test_decode_kernel_ring_keeps_the_window_exact(HQ, slot_on_device):
     """cache_key_dtype="mixed": bf16 keys with frames and a float32 ring of the window's keys, the kernel
     writing the new slot, over three windows of 16 against float64 keys rewritten at every step. The ring
@@ -904,6 +916,7 @@ def test_decode_kernel_ring_keeps_the_window_exact(HQ, slot_on_device):
     assert err(carried) < err(every_step.cpu().double()) / 2, (err(carried), err(every_step.cpu().double()))
 
 
+@pytest.mark.kernel
 def test_decode_kernel_ring_needs_frames_and_the_new_token():
     pytest.importorskip("triton")
     from path_lm.path_triton import decode_attention
@@ -924,6 +937,7 @@ def test_decode_kernel_ring_needs_frames_and_the_new_token():
                          launch=(16, 2, 2))
 
 
+@pytest.mark.kernel
 def test_key_rounding_benchmark_carries_framed_keys_correctly():
     """benchmarks/decode_key_rounding.py: its frame simulation reproduces the exact keys up to rounding
     (a wrong carry would be off by O(1)), and the orders of the schemes are the ones docs/kernels.md reports."""
