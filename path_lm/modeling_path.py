@@ -17,7 +17,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_path import PaTHCache, PaTHStaticCache
+from .cache_path import PaTHCache, PaTHStaticCache, _concatenated
 from .configuration_path import PaTHConfig
 from .path_ops import decode_inputs, decode_kernel_usable, path_attention, small_linear, small_linear_usable
 
@@ -247,9 +247,7 @@ class PaTHAttention(nn.Module):
             if layer_cache is not None:
                 plan.joint = layer_cache.keep_input_projection(weights, biases)
             elif x.shape[1] == 1:
-                plan.joint = torch.cat(weights), torch.cat(
-                    [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
-                )
+                plan.joint = _concatenated(weights, biases)
         w_up = self.w_proj[1] if isinstance(self.w_proj, nn.Sequential) else None
         conv_weight = self.w_conv1d.weight if self.use_w_shortconv else None
         if (

@@ -563,13 +563,9 @@ class _PaTHTriton(torch.autograd.Function):
             n_sb = T_pad // (C * NB)
             levels = []
             prep["mid_sb"] = prep["mid_sb32"] = None
-            if n_sb > 1:
-                if keep:
-                    prep["mid_sb"], prep["mid_sb32"] = frame_changes(
-                        prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True
-                    )
-                else:
-                    prep["mid_sb"] = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt))
+            if n_sb > 1:  # (the float32 copy only for a kept preparation)
+                changes = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=keep)
+                prep["mid_sb"], prep["mid_sb32"] = changes if keep else (changes, None)
                 levels.append((prep["q_bot"], prep["k_top"], prep["mid_sb"], C * NB, n_sb))
             if NB > 1:
                 levels.append((prep["q_t"], prep["k_t"], prep["mid"], C, NB))
@@ -615,6 +611,10 @@ class _PaTHTriton(torch.autograd.Function):
                     q_k, k_k, v_kernel, w, beta, gate, seg_start,
                     chunk=C, chunks_per_superblock=NB, scale=scale, keys32=False, for_backward=True,
                 )
+                if n_sb > 1:
+                    prep["mid_sb"], prep["mid_sb32"] = frame_changes(
+                        prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True
+                    )
             do_k = F.pad(do, pad).to(kdt).contiguous()
             delta = (do_k.float() * F.pad(o, pad).float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T_pad]
             dvs, dgates = [], []
@@ -630,10 +630,7 @@ class _PaTHTriton(torch.autograd.Function):
                 dmid = torch.zeros_like(prep["mid32"])
             edges = None
             if n_sb > 1:
-                if keep:
-                    mid_sb_k, mid_sb = prep["mid_sb"], prep["mid_sb32"]
-                else:
-                    mid_sb_k, mid_sb = frame_changes(prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True)
+                mid_sb_k, mid_sb = prep["mid_sb"], prep["mid_sb32"]
                 dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
                     prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb_k,
                     block=C * NB, blocks_per_window=n_sb, **kernel_args,
