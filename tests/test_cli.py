@@ -396,18 +396,21 @@ def test_llama_peer_has_the_same_shape():
 
 
 def test_decode_time_per_token_cancels_the_fixed_cost(monkeypatch):
-    """(t(n1) - t(n0)) / (n1 - n0): a generate() costing 30 ms plus 4 ms per new token measures 4 ms/token."""
-    import time
+    """(t(n1) - t(n0)) / (n1 - n0): a generate() costing 30 ms plus 4 ms per new token measures 4 ms/token.
+    The clock is simulated (sleeps overshoot by milliseconds on a loaded machine)."""
+    import types
 
     from path_lm import benchmarking
 
     model = make_model(50)
     calls = []
+    clock = [0.0]
 
     def fake_generate(ids, max_new_tokens, min_new_tokens, **options):
         calls.append((ids.shape, max_new_tokens, min_new_tokens, options.get("cache_implementation")))
-        time.sleep(0.030 + 0.004 * max_new_tokens)
+        clock[0] += 0.030 + 0.004 * max_new_tokens
 
+    monkeypatch.setattr(benchmarking, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(model, "generate", fake_generate)
     ms = benchmarking.decode_ms_per_token(model, batch=3, context=7, cache="static", new_tokens=(2, 12), repeats=2)
     assert ms == pytest.approx(4.0, abs=0.8)
