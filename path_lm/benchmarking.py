@@ -10,7 +10,9 @@ out. Prompts are random token ids: the speed does not depend on the weights.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -84,8 +86,14 @@ def time_decoding(model, ids: torch.Tensor, cache: str, new_tokens: tuple[int, i
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, **options)
 
     run(n0)
-    t0 = min(_elapsed(lambda: run(n0), model.device) for _ in range(repeats))
-    t1 = min(_elapsed(lambda: run(n1), model.device) for _ in range(repeats))
+    t0 = t1 = math.inf
+    for _ in range(repeats):  # interleaved, so that a drifting machine speed moves both alike
+        t0 = min(t0, _elapsed(lambda: run(n0), model.device))
+        t1 = min(t1, _elapsed(lambda: run(n1), model.device))
+    if t1 <= t0:
+        warnings.warn(f"generating {n1} tokens took no longer than {n0} ({1e3 * t1:.3f} ms vs {1e3 * t0:.3f} ms): "
+                      "the time per token is below this machine's timing noise; widen new_tokens (--new-tokens)",
+                      stacklevel=2)
     return {"ms_per_token": 1e3 * max(t1 - t0, 0.0) / (n1 - n0), "generate_ms_n0": 1e3 * t0, "generate_ms_n1": 1e3 * t1}
 
 

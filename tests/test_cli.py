@@ -414,7 +414,13 @@ def test_decode_time_per_token_cancels_the_fixed_cost(monkeypatch):
     monkeypatch.setattr(model, "generate", fake_generate)
     ms = benchmarking.decode_ms_per_token(model, batch=3, context=7, cache="static", new_tokens=(2, 12), repeats=2)
     assert ms == pytest.approx(4.0, abs=0.8)
-    assert calls[0] == (torch.Size([3, 7]), 2, 2, "static") and {c[1] for c in calls} == {2, 12}
+    assert calls[0] == (torch.Size([3, 7]), 2, 2, "static") and [c[1] for c in calls] == [2, 2, 12, 2, 12]
+
+    def flat_generate(ids, max_new_tokens, min_new_tokens, **options):
+        clock[0] += 0.030  # the time per token drowned in noise: n1 tokens no slower than n0
+    monkeypatch.setattr(model, "generate", flat_generate)
+    with pytest.warns(UserWarning, match="widen new_tokens"):
+        assert benchmarking.decode_ms_per_token(model, 1, 4, "dynamic", new_tokens=(1, 3)) == 0.0
     with pytest.raises(ValueError, match="cache must be one of"):
         benchmarking.decode_ms_per_token(model, 1, 4, "paged")
     with pytest.raises(ValueError, match="increasing"):
@@ -426,7 +432,7 @@ def test_cli_benchmark_preset_and_checkpoint(checkpoint, tmp_path, capsys):
     both models, positive speeds, and the ratio column equal to the rows' own speeds."""
     out = tmp_path / "rows.json"
     assert main(["benchmark", "--preset", "tiny", "--vocab-size", "64", "--batch", "1", "2", "--context", "8",
-                 "--new-tokens", "1", "3", "--train", "--json", str(out), "--device", "cpu"]) == 0
+                 "--new-tokens", "1", "9", "--train", "--json", str(out), "--device", "cpu"]) == 0
     rows = json.loads(out.read_text())
     tasks = {"prefill", "decode, dynamic cache", "decode, static cache", "train (forward + backward)"}
     for name in ("PaTH", "Llama"):
