@@ -663,8 +663,9 @@ FORWARD_SLICE_TOKEN_HEADS = 2**21
 
 
 # Whether path_attention_triton keeps the forward's preparation for the backward by default (see its
-# keep_preparation). Off until measured: it saves the backward's rerun of two kernels (~1.3 ms of ~7.8 at
-# 4 x 4096 x 16 x 64 in the v7 profile) for ~3 KiB per token and query head held between the passes.
+# keep_preparation). Off by default: on an H100 it saves 5-10 % of forward+backward (the backward's rerun of
+# two kernels) for ~3 KiB per token and query head held between the passes; a ~376M model's training step at
+# 2 x 4096 ran 6 % faster with a 50 % higher peak (docs/kernels.md, v8).
 KEEP_PREPARATION = False
 
 

@@ -1395,6 +1395,20 @@ def _prep_superblock_kernel(
 
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
+# num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
+# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9; kernels: "chunk", "edges",
+# "setup", "queries", "keys", "inverse"). Their float32 accumulators spill at 4 warps: the query side holds
+# five [C, D] / [C, C] of them.
+_EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
+PREP_LAUNCH: dict[tuple[str, int], dict] = {
+    ("queries", 64): _EIGHT_WARPS,
+    **{(name, 128): _EIGHT_WARPS for name in ("queries", "edges", "setup", "keys", "inverse")},
+}
+
+
+def _prep_launch(kernel: str, D: int, launch: dict | None = None) -> dict:
+    """The launch of one per-chunk kernel: ``launch[kernel]`` if given (tuning), else the table's."""
+    return (launch or {}).get(kernel) or PREP_LAUNCH.get((kernel, D), _PREP_LAUNCH)
 
 
 # Launch of the kernels that walk chains of D x D products (the superblock kernel, the chains' backward), by
@@ -1494,7 +1508,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
         HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=local_attention, PREC=prec,
-        **(launch or {}).get("chunk", _PREP_LAUNCH),
+        **_prep_launch("chunk", D, launch),
     )
     sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))
     DB = min(D, sb_launch.pop("columns"))
@@ -1800,11 +1814,12 @@ def frames_backward(p, f32, df, *, edges=None, precision: str, launch: dict | No
     return dp
 
 
-def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int, precision: str):
+def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int, precision: str,
+               launch: dict | None = None):
     """The carries to superblock edges (:func:`_edge_grads_kernel`): from q_t, dq_bot [B, T_pad, HQ, D],
     k_t, dk_top [B, T_pad, H, D] and each chunk's B_l, A_l [B, H, n, D, D], all float32, returns dB, dA
     [B, H, n, D, D] float32 and adds the edges' share to dq_t, dk_t in place. precision: the products'
-    (:func:`_precision` of the kernel dtype)."""
+    (:func:`_precision` of the kernel dtype). ``launch`` ({"edges": {...}}) overrides num_warps / num_stages."""
     B, T_pad, HQ, D = q_t.shape
     H = k_t.shape[2]
     n = T_pad // chunk
@@ -1812,7 +1827,7 @@ def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int
     da = torch.empty_like(db)
     _edge_grads_kernel[(n, B * H)](
         q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, db, da, T_pad, HQ=HQ, H=H, D=D, C=chunk,
-        PREC=precision, **_PREP_LAUNCH,
+        PREC=precision, **_prep_launch("edges", D, launch),
     )
     return db, da
 
@@ -1842,17 +1857,17 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     u, du, dbw = empty(B * H * n, C, D), empty(B * H * n, C, D), empty(B * H * n, C, D)
     wk, dwk = empty(B * H * n, C, C), empty(B * H * n, C, C)
     q, k, w, beta = (x.contiguous() for x in (q, k, w, beta))
-    prec, grid, launch = _precision(q), (n, B * H), launch or {}
+    prec, grid = _precision(q), (n, B * H)
     _chunk_bwd_setup_kernel[grid](k, w, beta, t_inv, dp, u, wk, du, dbw, T, T_pad, H=H, D=D, C=C, PREC=prec,
-                                  **launch.get("setup", _PREP_LAUNCH))
+                                  **_prep_launch("setup", D, launch))
     _chunk_bwd_queries_kernel[grid](
         q, k, v, w, beta, gate, seg_start, u, wk, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dg, du, dwk,
         scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
-        **launch.get("queries", _PREP_LAUNCH),
+        **_prep_launch("queries", D, launch),
     )
     for scores in (True, False):
         _chunk_bwd_keys_kernel[grid](k, w, beta, t_inv, dk_t, dbw, dwk, dk, dw, T, T_pad, H=H, D=D, C=C,
-                                     SCORES=scores, PREC=prec, **launch.get("keys", _PREP_LAUNCH))
+                                     SCORES=scores, PREC=prec, **_prep_launch("keys", D, launch))
     _chunk_bwd_inverse_kernel[grid](w, beta, t_inv, du, dbw, dwk, dw, dbeta, T, T_pad, H=H, D=D, C=C, PREC=prec,
-                                    **launch.get("inverse", _PREP_LAUNCH))
+                                    **_prep_launch("inverse", D, launch))
     return dq, dk, dw, dbeta, dv, dg
