@@ -506,14 +506,20 @@ def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int
     return seg_start.to(torch.int32).contiguous(), seg_end.to(torch.int32).contiguous()
 
 
+def _pad_time(x: torch.Tensor, T_pad: int) -> torch.Tensor:
+    """x [B, T, ...] zero padded to T_pad positions (x itself where T = T_pad: no copy)."""
+    extra = T_pad - x.shape[1]
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra)) if extra else x
+
+
 def _kernel_inputs(v: torch.Tensor, g: torch.Tensor | None, T_pad: int, kdt: torch.dtype) -> tuple:
     """What the Triton kernels read besides q, k, w, beta, for the forward and the backward alike: the
     cumulative log gate [B, T_pad, HQ] float32 (None without a gate; the sum runs along the last dim, as a
     scan over an outer dim is slow on GPUs) and v [B, T_pad, H, DV] in the kernel dtype, zero padded in time."""
     gate = None
     if g is not None:
-        gate = F.pad(g.float(), (0, 0, 0, T_pad - g.shape[1])).transpose(1, 2).cumsum(-1).transpose(1, 2).contiguous()
-    return gate, F.pad(v, (0, 0, 0, 0, 0, T_pad - v.shape[1])).to(kdt).contiguous()
+        gate = _pad_time(g.float(), T_pad).transpose(1, 2).cumsum(-1).transpose(1, 2).contiguous()
+    return gate, _pad_time(v, T_pad).to(kdt).contiguous()
 
 
 @contextlib.contextmanager
@@ -591,7 +597,8 @@ class _PaTHTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dkeys):
         from .path_triton import (
-            _precision, edge_grads, frame_changes, framed_backward, frames_backward, prepare_backward, prepare_forward,
+            _precision, edge_grads, frame_changes, framed_backward, frames_backward, output_delta, prepare_backward,
+            prepare_forward,
         )
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept = ctx.saved_tensors
@@ -600,7 +607,6 @@ class _PaTHTriton(torch.autograd.Function):
         H = k.shape[2]
         T_pad = seg_start.shape[1]
         n_sb = T_pad // (C * NB)
-        pad = (0, 0, 0, 0, 0, T_pad - T)
         with torch.no_grad(), _matmul_precision(kdt):
             gate, v_kernel = _kernel_inputs(v, g, T_pad, kdt)
             q_k, k_k = q.to(kdt), k.to(kdt)
@@ -615,15 +621,15 @@ class _PaTHTriton(torch.autograd.Function):
                     prep["mid_sb"], prep["mid_sb32"] = frame_changes(
                         prep["p_sb"], out_dtype=kdt, precision=_precision(kdt), float32_copy=True
                     )
-            do_k = F.pad(do, pad).to(kdt).contiguous()
-            delta = (do_k.float() * F.pad(o, pad).float()).sum(-1).transpose(1, 2).contiguous()  # [B, HQ, T_pad]
-            dvs, dgates = [], []
+            do_k = _pad_time(do, T_pad).to(kdt).contiguous()
+            delta = output_delta(do, o, T_pad)  # [B, HQ, T_pad]
+            dv_levels, dgates = None, []  # the levels add their dv into one float32 tensor
             kernel_args = dict(seg_start=seg_start, seg_end=seg_end, do=do_k, lse=lse, delta=delta, scale=scale)
             if NB > 1:
-                dq_t, dk_t, dv_c, dg_c, dmid = framed_backward(
+                dq_t, dk_t, dv_levels, dg_c, dmid = framed_backward(
                     prep["q_t"], prep["k_t"], v_kernel, gate, prep["mid"], block=C, blocks_per_window=NB, **kernel_args
                 )
-                dvs.append(dv_c), dgates.append(dg_c)
+                dgates.append(dg_c)
             else:
                 dq_t = torch.zeros(B, T_pad, HQ, D, dtype=torch.float32, device=q.device)
                 dk_t = torch.zeros(B, T_pad, H, D, dtype=torch.float32, device=q.device)
@@ -631,11 +637,11 @@ class _PaTHTriton(torch.autograd.Function):
             edges = None
             if n_sb > 1:
                 mid_sb_k, mid_sb = prep["mid_sb"], prep["mid_sb32"]
-                dq_bot, dk_top, dv_sb, dg_sb, dmid_sb = framed_backward(
+                dq_bot, dk_top, dv_levels, dg_sb, dmid_sb = framed_backward(
                     prep["q_bot"], prep["k_top"], v_kernel, gate, mid_sb_k,
-                    block=C * NB, blocks_per_window=n_sb, **kernel_args,
+                    block=C * NB, blocks_per_window=n_sb, dv=dv_levels, **kernel_args,
                 )
-                dvs.append(dv_sb), dgates.append(dg_sb)
+                dgates.append(dg_sb)
                 d_below, d_above = edge_grads(
                     prep["q_t32"], dq_bot, prep["k_t32"], dk_top, prep["b_mat"], prep["a_mat"], dq_t, dk_t,
                     chunk=C, precision=_precision(kdt),
@@ -643,11 +649,10 @@ class _PaTHTriton(torch.autograd.Function):
                 dp_sb = frames_backward(prep["p_sb"], mid_sb, dmid_sb, precision=_precision(kdt))
                 edges = (prep["b_mat"], d_below, d_above, dp_sb)
             dp = frames_backward(prep["p"], prep["mid32"], dmid, edges=edges, precision=_precision(kdt))
-            dq, dk, dw, dbeta, dv_local, dg_local = prepare_backward(
+            dq, dk, dw, dbeta, dv, dg_local = prepare_backward(
                 q_k, k_k, v_kernel, w, beta, gate, seg_start, prep["t_inv"], dq_t, dk_t, dp, do_k, lse,
-                delta, chunk=C, scale=scale,
+                delta, chunk=C, scale=scale, dv_levels=dv_levels,
             )
-            dv = sum(dvs, dv_local)
             dg = None
             if g is not None:  # the gate is cumulative: each step's log gate reaches every later position
                 dgate = sum(dgates, dg_local).transpose(1, 2)

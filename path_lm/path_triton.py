@@ -166,7 +166,7 @@ def _bwd_dkv_kernel(
     scale, scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -221,7 +221,10 @@ def _bwd_dkv_kernel(
             tl.store(DG + (b * T + cols) * HQ + hq, dg * scale)
 
     tl.store(DK + ((b * T + cols)[:, None] * H + h) * D + od[None, :], dk * scale)
-    tl.store(DV_ + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :], dv)
+    dv_ptr = DV_ + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :]
+    if ADD_DV:  # another level's share, written before this launch by the same program's keys
+        dv += tl.load(dv_ptr)
+    tl.store(dv_ptr, dv)
 
 
 # Tiles and launch of the attention kernels by (kernel, head dim, level): BM query rows, BN keys per tile,
@@ -287,18 +290,21 @@ def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks
 
 
 def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, block, blocks_per_window, scale,
-                    launch: dict | None = None):
+                    dv=None, launch: dict | None = None):
     """Gradients of the loss through the pairs of :func:`framed_forward`, given the FULL softmax's
     statistics: lse [B, HQ, T] (natural log, over every key of every level) and delta [B, HQ, T] =
     rowsum(do * o) of the final output. do [B, T, HQ, DV] in q's dtype; seg_end [B, T] int32 one past the
-    last position of each position's segment. Returns float32 dq, dk, dv, dgate (None without a gate), dmid."""
+    last position of each position's segment. Returns float32 dq, dk, dv, dgate (None without a gate), dmid;
+    with ``dv`` ([B, T, H, DV] float32, another level's) its share is added to that tensor in place."""
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     NB = blocks_per_window
     has_gate = gate is not None
     dq = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
     dk = torch.empty(B, T, H, D, dtype=torch.float32, device=q.device)
-    dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+    add_dv = dv is not None
+    if not add_dv:
+        dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
     dmid = torch.zeros(mid.shape, dtype=torch.float32, device=q.device)
     dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
     dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
@@ -312,9 +318,36 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     BM, BN, config = _attention_launch("dkv", block, D, launch)
     _bwd_dkv_kernel[(T // BN, B * H)](
         q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, dk, dv, dg_k, scale, scale * LOG2E, T,
-        BM=BM, BN=BN, **common, **config,
+        BM=BM, BN=BN, ADD_DV=add_dv, **common, **config,
     )
     return dq, dk, dv, (dg_q + dg_k if has_gate else None), dmid
+
+
+@triton.jit
+def _delta_kernel(DO, O, DELTA, T, T_pad, HQ: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr):
+    """One program per (BT positions, batch x query head): delta = rowsum(do * o) in float32, zero past T."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // HQ
+    hq = i_bh % HQ
+    t = i_t * BT + tl.arange(0, BT)
+    real = t < T
+    off = ((b * T + t)[:, None] * HQ + hq) * DV + tl.arange(0, DV)[None, :]
+    do = tl.load(DO + off, mask=real[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + off, mask=real[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * HQ + hq) * T_pad + t, tl.sum(do * o, axis=1), mask=t < T_pad)
+
+
+def output_delta(do, o, T_pad: int):
+    """delta [B, HQ, T_pad] float32 = rowsum(do * o) of the output o and its gradient do [B, T, HQ, DV] (any
+    float dtypes), zero at positions from T: what the attention kernels' backward reads beside the
+    log-sum-exp. One pass, where casts, a product and a sum in PyTorch took five."""
+    B, T, HQ, DV = o.shape
+    delta = torch.empty(B, HQ, T_pad, dtype=torch.float32, device=o.device)
+    BT = 64
+    _delta_kernel[(_cdiv(T_pad, BT), B * HQ)](do.contiguous(), o.contiguous(), delta, T, T_pad, HQ=HQ, DV=DV, BT=BT,
+                                              num_warps=4)
+    return delta
 
 
 def _precision(q_or_dtype):
@@ -1578,16 +1611,17 @@ def _chunk_bwd_setup_kernel(K, W, BETA, TINV, DP, U, WK, DU, DBW, T, T_pad,
 
 @triton.jit
 def _chunk_bwd_queries_kernel(
-    Q, K, V, W, BETA, GATE, SEG, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DG, DU, DWK,
+    Q, K, V, W, BETA, GATE, SEG, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
 ):
     """Backward of the chunk kernel's query side, one program per (chunk, batch x kv head), looping over the
     group's query heads: the own-chunk attention against the final softmax statistics (as flash attention's
     backward), then the scores S = Q K^T - QW Ti L and the queries' carry Q - QW U (QW = tril(Q W^T)
     diag(beta)) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative gate's gradient, and
-    partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes. The chunk's tiles are
+    partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes; dv is the own
+    chunk's share plus, with ADD_DV, the other levels' (DV_LEVELS), written in DV_'s dtype. The chunk's tiles are
     loaded inside the loop (an invariant operand would hold shared memory for the whole loop)."""
     b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     G: tl.constexpr = HQ // H
@@ -1647,6 +1681,8 @@ def _chunk_bwd_queries_kernel(
     tl.store(DK + k_off, dk)
     tl.store(DW + k_off, dw)
     tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
+    if ADD_DV:  # the levels' share (float32), summed here rather than in a pass of its own
+        dv += tl.load(DV_LEVELS + v_off)
     tl.store(DV_ + v_off, dv)
     tl.store(DU + chunk * (C * D) + cd, du)
     tl.store(DWK + chunk * (C * C) + cc, dwk)
@@ -1833,7 +1869,7 @@ def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int
 
 
 def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, do, lse, delta, *, chunk: int,
-                     scale: float, launch: dict | None = None):
+                     scale: float, dv_levels=None, launch: dict | None = None):
     """The backward of :func:`prepare_forward`'s chunk kernel, in five launches (setup, query side, key side
     in two, the triangular inverse).
 
@@ -1841,9 +1877,11 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
         t_inv its chunks' triangular inverses (``prepare_forward(..., for_backward=True)["t_inv"]``);
         dq_t [B, T_pad, HQ, D], dk_t [B, T_pad, H, D] float32 gradients of the chunk carries (every level's
         share); dp [B, H, n, D, D] float32 of the chunks' products; do [B, T_pad, HQ, DV] (kernel dtype), lse
-        and delta [B, HQ, T_pad] of the final output.
-    Returns float32 dq [B, T_pad, HQ, D], dk, dw [B, T_pad, H, D], dbeta [B, T_pad, H], the own chunk's
-        dv [B, T_pad, H, DV] and the cumulative gate's gradient [B, T_pad, HQ] (None without a gate).
+        and delta [B, HQ, T_pad] of the final output; dv_levels [B, T_pad, H, DV] float32, the values'
+        gradient through the other levels (or None).
+    Returns dq [B, T_pad, HQ, D] in q's dtype, float32 dk, dw [B, T_pad, H, D] and dbeta [B, T_pad, H], dv
+        [B, T_pad, H, DV] in v's dtype (the own chunk's share plus dv_levels) and the cumulative gate's
+        gradient [B, T_pad, HQ] float32 (None without a gate).
     ``launch`` ({"setup"|"queries"|"keys"|"inverse": {...}}) overrides num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
@@ -1851,8 +1889,8 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     T_pad = seg_start.shape[1]
     C, n = chunk, T_pad // chunk
     empty = functools.partial(torch.empty, dtype=torch.float32, device=q.device)
-    dq, dk, dw = empty(B, T_pad, HQ, D), empty(B, T_pad, H, D), empty(B, T_pad, H, D)
-    dbeta, dv = empty(B, T_pad, H), empty(B, T_pad, H, DV)
+    dq, dk, dw = empty(B, T_pad, HQ, D, dtype=q.dtype), empty(B, T_pad, H, D), empty(B, T_pad, H, D)
+    dbeta, dv = empty(B, T_pad, H), empty(B, T_pad, H, DV, dtype=v.dtype)
     dg = empty(B, T_pad, HQ) if gate is not None else None
     u, du, dbw = empty(B * H * n, C, D), empty(B * H * n, C, D), empty(B * H * n, C, D)
     wk, dwk = empty(B * H * n, C, C), empty(B * H * n, C, C)
@@ -1861,9 +1899,9 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     _chunk_bwd_setup_kernel[grid](k, w, beta, t_inv, dp, u, wk, du, dbw, T, T_pad, H=H, D=D, C=C, PREC=prec,
                                   **_prep_launch("setup", D, launch))
     _chunk_bwd_queries_kernel[grid](
-        q, k, v, w, beta, gate, seg_start, u, wk, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dg, du, dwk,
-        scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
-        **_prep_launch("queries", D, launch),
+        q, k, v, w, beta, gate, seg_start, u, wk, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dv_levels, dg, du,
+        dwk, scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
+        ADD_DV=dv_levels is not None, **_prep_launch("queries", D, launch),
     )
     for scores in (True, False):
         _chunk_bwd_keys_kernel[grid](k, w, beta, t_inv, dk_t, dbw, dwk, dk, dw, T, T_pad, H=H, D=D, C=C,

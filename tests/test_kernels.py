@@ -44,13 +44,16 @@ def run_both(inputs, dtype, segment_ids=None, reference=path_attention_recurrent
     return (o, o_ref), keys, named, [x.detach().double() if x is not None else None for x in cast]
 
 
-# Small chunks (16) and superblocks of 2-4 chunks: T ~ 100 crosses every level (own chunk, earlier chunks of
+# Small chunks (16) and superblocks of 1-8 chunks: T ~ 100 crosses every level (own chunk, earlier chunks of
 # the superblock, earlier superblocks) and ends in a partial superblock.
 SMALL = [
     dict(B=2, T=100, HQ=4, H=2, D=16, Dv=16, gate=True, chunks_per_superblock=2),
     dict(B=1, T=130, HQ=2, H=2, D=16, Dv=32, gate=False, chunks_per_superblock=4),
     dict(B=2, T=64, HQ=3, H=1, D=32, Dv=16, gate=True, chunks_per_superblock=4),
     dict(B=1, T=20, HQ=2, H=1, D=16, Dv=16, gate=True, chunks_per_superblock=8),
+    # superblocks of one chunk: the superblock level alone, then no level past the own chunk
+    dict(B=1, T=40, HQ=2, H=1, D=16, Dv=16, gate=True, chunks_per_superblock=1),
+    dict(B=2, T=12, HQ=2, H=2, D=16, Dv=16, gate=True, chunks_per_superblock=1),
 ]
 
 
