@@ -222,7 +222,7 @@ def _bwd_dkv_kernel(
 
     tl.store(DK + ((b * T + cols)[:, None] * H + h) * D + od[None, :], dk * scale)
     dv_ptr = DV_ + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :]
-    if ADD_DV:  # another level's share, written before this launch by the same program's keys
+    if ADD_DV:  # the previous level's share of these keys (its launch ran before this one)
         dv += tl.load(dv_ptr)
     tl.store(dv_ptr, dv)
 
@@ -1430,8 +1430,8 @@ def _prep_superblock_kernel(
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
 # faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9; kernels: "chunk", "edges",
-# "setup", "queries", "keys", "inverse"). Their float32 accumulators spill at 4 warps: the query side holds
-# five [C, D] / [C, C] of them.
+# "setup", "queries", "keys", "inverse"). The query side's five float32 accumulators ([C, D] and [C, C] tiles)
+# spill at 4 warps (ptxas for sm_90: 2352 bytes a thread at head dim 64, 740 at 8 warps).
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
 PREP_LAUNCH: dict[tuple[str, int], dict] = {
     ("queries", 64): _EIGHT_WARPS,
