@@ -588,7 +588,10 @@ class _PaTHTriton(torch.autograd.Function):
                 k_top = prep["k_top32"].view(B, n_sb, C * NB, H, -1).permute(0, 3, 1, 2, 4)
                 keys = k_top @ suffix.transpose(-1, -2)  # [B, H, n_sb, C * NB, D]
                 keys = keys.reshape(B, H, T_pad, -1)[:, :, :T].transpose(1, 2)
-        ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end, *(prep[name] for name in _KEPT if keep))
+        # Kept for the backward besides the inputs: the whole preparation with ``keep``, else the chunks'
+        # triangular inverses (C floats per token and kv head), which the rerun then reads instead of solving.
+        kept = [prep[name] for name in _KEPT] if keep else [prep["t_inv"]]
+        ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept)
         ctx.args = (scale, C, NB, kdt, keep)
         if keys is not None:
             ctx.mark_non_differentiable(keys)
@@ -615,7 +618,7 @@ class _PaTHTriton(torch.autograd.Function):
             else:
                 prep = prepare_forward(
                     q_k, k_k, v_kernel, w, beta, gate, seg_start,
-                    chunk=C, chunks_per_superblock=NB, scale=scale, keys32=False, for_backward=True,
+                    chunk=C, chunks_per_superblock=NB, scale=scale, keys32=False, for_backward=True, t_inv=kept[0],
                 )
                 if n_sb > 1:
                     prep["mid_sb"], prep["mid_sb32"] = frame_changes(
@@ -684,10 +687,11 @@ def path_attention_triton(
     before the query's superblock, key chunks before the query's chunk inside its superblock (both through
     the kernels of :mod:`path_triton`), and the query's own chunk. In the forward pass the per-chunk
     transforms, the query's own chunk, the carries to superblock edges and the frame changes are two Triton
-    kernels (:func:`path_triton.prepare_forward`); the backward reruns them and walks their products back with
-    the kernels of :func:`path_triton.edge_grads`, :func:`path_triton.frames_backward` and
+    kernels (:func:`path_triton.prepare_forward`); the backward reruns them (reading the chunks' triangular
+    inverses that the forward solved, 4 * chunk_size bytes per token and kv head) and walks their products back
+    with the kernels of :func:`path_triton.edge_grads`, :func:`path_triton.frames_backward` and
     :func:`path_triton.prepare_backward` (float32 accumulation, TF32 products for half-precision inputs).
-    Nothing but the inputs, the output and its log-sum-exp is kept between the passes, unless
+    Nothing else but the inputs, the output and its log-sum-exp is kept between the passes, unless
     ``keep_preparation`` (default :data:`KEEP_PREPARATION`): then the forward also writes the backward's
     tables of the preparation (the float32 carries, each chunk's product, inverse and edge matrices, the frame
     changes in float32) and keeps them, and the backward does not rerun it: about 3 KiB more per token and

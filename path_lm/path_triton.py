@@ -1278,10 +1278,11 @@ def _prep_chunk_kernel(
     Q, K, V, W, BETA, GATE, SEG, SCR, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-    HAS_GATE: tl.constexpr, LOCAL_ATTENTION: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, LOCAL_ATTENTION: tl.constexpr, INVERSE_GIVEN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (chunk, batch x kv head): the chunk's inverse, product and carries; with
-    LOCAL_ATTENTION also the attention inside the chunk (the backward's rerun needs only the rest)."""
+    """One program per (chunk, batch x kv head): the chunk's inverse (read from SCR with INVERSE_GIVEN: the
+    forward's, in the backward's rerun), product and carries; with LOCAL_ATTENTION also the attention inside
+    the chunk (the backward's rerun needs only the rest)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = i_bh // H
@@ -1297,7 +1298,8 @@ def _prep_chunk_kernel(
     w_base = W + (b * T * H + h) * D
     beta_base = BETA + b * T * H + h
     scr = SCR + (i_bh * n + i_c).to(tl.int64) * (C * C)
-    _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr, H, D, C, PREC)
+    if not INVERSE_GIVEN:
+        _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr, H, D, C, PREC)
 
     w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
     k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
@@ -1493,7 +1495,7 @@ def frame_changes(p, *, out_dtype, precision: str, float32_copy: bool = False, l
 
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
                     keys32: bool, for_backward: bool = False, local_attention: bool | None = None,
-                    launch: dict | None = None):
+                    t_inv=None, launch: dict | None = None):
     """The forward pass's preparation in two kernels (not differentiable: the backward reruns it with
     ``for_backward``, or takes what a forward with ``for_backward`` kept, and runs its own kernels).
 
@@ -1504,14 +1506,16 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         dtype), q_bot, k_top (carried to their superblock's edges, kernel dtype; k_top32 float32 when keys32),
         mid [B, H, n_sb, NB(NB-1)/2, D, D] chunk frame changes (kernel dtype), p_sb [B, H, n_sb, D, D] float32
         superblock products, o_local [B, T_pad, HQ, DV] float32 and lse_local [B, HQ, T_pad]: attention inside
-        each query's own chunk (with ``local_attention``, by default not ``for_backward``; else None). With
-        ``for_backward`` also what :func:`prepare_backward` and
+        each query's own chunk (with ``local_attention``, by default not ``for_backward``; else None), t_inv
+        [B * H * n, C, C] float32 each chunk's triangular inverse (only blocks on or below the diagonal of 16 x 16
+        blocks written). With ``for_backward`` also what :func:`prepare_backward` and
         :func:`edge_grads` read: p [B, H, n, D, D] each chunk's product, q_t32 / k_t32 the carries in float32,
-        t_inv [B * H * n, C, C] each chunk's triangular inverse, b_mat / a_mat [B, H, n, D, D] each chunk's
+        b_mat / a_mat [B, H, n, D, D] each chunk's
         carry matrices to its superblock's bottom / top (B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1}),
         mid32 the chunk frame changes, all float32.
-    ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps / num_stages and the
-    superblock kernel's ``columns`` (:func:`_chain_launch`; tuning).
+    ``t_inv``: the inverses an earlier call with these w, beta returned, read instead of computed (the
+    backward's rerun). ``launch`` ({"chunk": {...}, "superblock": {...}}) overrides the kernels' num_warps /
+    num_stages and the superblock kernel's ``columns`` (:func:`_chain_launch`; tuning).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
@@ -1533,15 +1537,15 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         k_top32=empty(B, T_pad, H, D, dtype=f32) if keys32 else None,
         mid=empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt), p_sb=empty(B, H, n_sb, D, D, dtype=f32),
     )
-    scratch = empty(B * H * n, C, C, dtype=f32)  # each chunk's triangular inverse, by blocks
+    scratch = empty(B * H * n, C, C, dtype=f32) if t_inv is None else t_inv  # each chunk's triangular inverse
     b_mat = a_mat = mid32 = None
     if for_backward:
         b_mat, a_mat, mid32 = empty(B, H, n, D, D, dtype=f32), empty(B, H, n, D, D, dtype=f32), empty(out["mid"].shape, dtype=f32)
     _prep_chunk_kernel[(n, B * H)](
         q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
-        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=local_attention, PREC=prec,
-        **_prep_launch("chunk", D, launch),
+        HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=local_attention,
+        INVERSE_GIVEN=t_inv is not None, PREC=prec, **_prep_launch("chunk", D, launch),
     )
     sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))
     DB = min(D, sb_launch.pop("columns"))
@@ -1549,8 +1553,9 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], b_mat, a_mat, mid32, T_pad,
         HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, PREC=prec, **sb_launch,
     )
+    out["t_inv"] = scratch
     if for_backward:
-        out.update(p=p, q_t32=q_t32, k_t32=k_t32, t_inv=scratch, b_mat=b_mat, a_mat=a_mat, mid32=mid32)
+        out.update(p=p, q_t32=q_t32, k_t32=k_t32, b_mat=b_mat, a_mat=a_mat, mid32=mid32)
     return out
 
 

@@ -140,6 +140,34 @@ def test_kept_preparation_gives_the_recomputed_gradients():
     assert no_grad_saved == 0
 
 
+def test_backward_rerun_reads_the_forwards_inverses():
+    """The backward reruns the preparation with the chunks' triangular inverses that the forward solved
+    (kept between the passes): every table of the rerun equals the one with the inverses solved again
+    (exactly on the CPU), and another inverse changes them, so the rerun reads what it is given. The
+    gradients through this path are checked against float64 references above."""
+    from path_lm import path_ops
+    from path_lm.path_triton import prepare_forward
+
+    q, k, v, w, beta, g = (x.to(DEVICE) for x in make_inputs(2, 70, 4, 2, 16, seed=11))
+    C, NB, T_pad = 16, 2, 96
+    seg_start, _ = path_ops._segment_bounds(None, 2, 70, T_pad, q.device)
+    gate, v_kernel = path_ops._kernel_inputs(v, g, T_pad, torch.float32)
+    args = (q, k, v_kernel, w, beta, gate, seg_start)
+    options = dict(chunk=C, chunks_per_superblock=NB, scale=0.25, keys32=False)
+    forward = prepare_forward(*args, **options)
+    solved = prepare_forward(*args, **options, for_backward=True)
+    given = prepare_forward(*args, **options, for_backward=True, t_inv=forward["t_inv"].clone())
+    oc = torch.arange(C, device=q.device)
+    lower_blocks = (oc[:, None] // 16 >= oc[None, :] // 16)  # the blocks the kernel writes (the rest is unused)
+    same = torch.equal if not CUDA else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert same(given["t_inv"] * lower_blocks, solved["t_inv"] * lower_blocks)
+    for name, table in solved.items():
+        if table is not None and name != "t_inv":
+            assert same(given[name], table), name
+    other = prepare_forward(*args, **options, for_backward=True, t_inv=torch.zeros_like(forward["t_inv"]))
+    assert not torch.allclose(other["p"], solved["p"])
+
+
 def test_chunk_size_must_be_a_power_of_two_of_at_least_16():
     q, k, v, w, beta, g = make_inputs(1, 40, 2, 1, 16, seed=7)
     for bad in (8, 48):
