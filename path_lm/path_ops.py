@@ -792,17 +792,21 @@ BACKENDS = ("auto", "torch", *KERNELS)
 _DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", "torch": "exact PyTorch"}
 
 
-AUTO_TRITON_MIN_LENGTH = 8192
+AUTO_TRITON_MIN_LENGTH = 8192  # without gradients (inference, prefill)
+AUTO_TRITON_MIN_TRAINING_LENGTH = 4096  # with gradients
 
 
 def _auto_order(q: torch.Tensor) -> list:
     """The kernels 'auto' tries, fastest first (measured on an H100, docs/benchmarks.md): at head dim 64
-    path-lm's kernel from AUTO_TRITON_MIN_LENGTH tokens on. Without gradients its forward is 1.3-3.0x faster
+    path-lm's kernel from AUTO_TRITON_MIN_TRAINING_LENGTH tokens on when q needs a gradient, from
+    AUTO_TRITON_MIN_LENGTH without. With gradients: the ~376M model's training step at 2 x 4096 took 215 ms
+    on path-lm's kernel and 244 ms on fla's in one run (docs/kernels.md, v11); as an op, forward+backward
+    is even with fla's at 2k (0.94x) and 1.4x faster at 4k. Without gradients its forward is 1.3-3.0x faster
     than fla's as an op, but a whole model's prefill was host-bound and slower below 8k (0.46x at 1k, 0.77x
-    at 4k; 2.4x faster at 16k); forward+backward 1.67x faster than fla's at 8k and 2.10x at 16k (1.23x at
-    4k as an op but even in a whole model's training step, 0.88x at 2k). fla's kernel is faster at head dim
-    128 and for shorter sequences."""
-    if q.shape[-1] == 64 and q.shape[1] >= AUTO_TRITON_MIN_LENGTH:
+    at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for shorter sequences."""
+    training = torch.is_grad_enabled() and q.requires_grad
+    min_length = AUTO_TRITON_MIN_TRAINING_LENGTH if training else AUTO_TRITON_MIN_LENGTH
+    if q.shape[-1] == 64 and q.shape[1] >= min_length:
         return ["triton", "fla"]
     return list(KERNELS)
 
