@@ -44,7 +44,7 @@ def _fwd_kernel(
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     i_bh = tl.program_id(1)
     b = i_bh // HQ
     hq = i_bh % HQ
@@ -104,7 +104,7 @@ def _bwd_dq_kernel(
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_m = tl.program_id(0)
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     i_bh = tl.program_id(1)
     b = i_bh // HQ
     hq = i_bh % HQ
