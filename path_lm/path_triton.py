@@ -102,8 +102,12 @@ def _bwd_dq_kernel(
     scale, scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, SOLE: tl.constexpr,
 ):
+    """dq and the frame changes' gradients dF[s, t] += q_s^T (dS k) (see :func:`framed_backward`). With SOLE
+    (one query head per kv head, query tiles of a whole block) this program is the only writer of its block's
+    pairs: it stores dF, zeros for the pairs before its first segment, instead of adding atomically into a
+    zeroed tensor."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     i_bh = tl.program_id(1)
     b = i_bh // HQ
@@ -129,6 +133,10 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BM, D], tl.float32)
     dg = tl.zeros([BM], tl.float32)
+    if SOLE:
+        for t_loc in range(0, tl.minimum(t_lo, s_loc)):
+            f_off = pair_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :]
+            tl.store(DMID + f_off, tl.zeros([D, D], tl.float32))
     for t_loc in range(t_lo, s_loc):
         f_off = pair_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :]
         f = tl.load(MID + f_off)
@@ -153,7 +161,11 @@ def _bwd_dq_kernel(
                 dg += tl.sum(ds, axis=1)
         du_c = du.to(q.dtype)
         dq += tl.dot(du_c, tl.trans(f), input_precision=PREC)
-        tl.atomic_add(DMID + f_off, tl.dot(tl.trans(q), du_c, input_precision=PREC) * scale, sem="relaxed")
+        d_f = tl.dot(tl.trans(q), du_c, input_precision=PREC) * scale
+        if SOLE:
+            tl.store(DMID + f_off, d_f)
+        else:
+            tl.atomic_add(DMID + f_off, d_f, sem="relaxed")
 
     tl.store(DQ + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :], dq * scale)
     if HAS_GATE:
@@ -305,15 +317,16 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     add_dv = dv is not None
     if not add_dv:
         dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
-    dmid = torch.zeros(mid.shape, dtype=torch.float32, device=q.device)
+    BM, BN, config = _attention_launch("dq", block, D, launch)
+    sole = HQ == H and BM == block  # each pair's dF has one writer (_bwd_dq_kernel's SOLE)
+    dmid = (torch.empty if sole else torch.zeros)(mid.shape, dtype=torch.float32, device=q.device)
     dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
     dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
     common = dict(HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, HAS_GATE=has_gate,
                   PREC=_precision(q))
-    BM, BN, config = _attention_launch("dq", block, D, launch)
     _bwd_dq_kernel[(T // BM, B * HQ)](
         q, k, v, gate, mid, seg_start, do, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T,
-        BM=BM, BN=BN, **common, **config,
+        BM=BM, BN=BN, SOLE=sole, **common, **config,
     )
     BM, BN, config = _attention_launch("dkv", block, D, launch)
     _bwd_dkv_kernel[(T // BN, B * H)](

@@ -251,6 +251,30 @@ def test_unequal_query_and_key_tiles(monkeypatch, query_tile, key_tile):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)])
+def test_kernels_write_every_element_they_return(monkeypatch, heads):
+    """Uninitialized buffers (torch.empty) filled with NaN change nothing: every kernel writes all of what it
+    returns, e.g. the chunk level's pair gradients that one program per pair stores (one query head per kv
+    head) with zeros for the pairs before a tile's first segment, and a GQA group's atomic adds. Packed
+    documents, so that tiles start past earlier blocks."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    HQ, H = heads
+    inputs = make_inputs(2, 96, HQ, H, 16, seed=11)
+    segment_ids = torch.zeros(2, 96, dtype=torch.long)
+    segment_ids[0, 50:] = 1  # the second document starts in the fourth chunk of 16
+    segment_ids[1, 20:] = 1
+    (o, o_ref), _, grads, _ = run_both(inputs, torch.float32, segment_ids, chunk_size=16, chunks_per_superblock=4)
+    assert rel_err(o, o_ref) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+
+
 def test_packed_and_padded_segments_match_float64_references():
     inputs = make_inputs(2, 90, 4, 2, 16, seed=3)
     segment_ids = torch.zeros(2, 90, dtype=torch.long)
