@@ -1,7 +1,8 @@
 """GPU time of the PaTH attention op against FlashAttention (SDPA), forward and forward+backward.
 
-PaTH: path-lm's Triton kernel (`path_attention_triton`), fla's (`path_attention_fla`) and, at
-T <= --torch-max-t, the exact PyTorch path (`path_attention_torch`). Baseline: `scaled_dot_product_attention(is_causal=True)` restricted to the
+PaTH: path-lm's Triton kernel (`path_attention_triton`; `--blocks 64:4 64:16` adds rows for other chunk and
+superblock sizes), fla's (`path_attention_fla`) and, at T <= --torch-max-t, the exact PyTorch path
+(`path_attention_torch`). Baseline: `scaled_dot_product_attention(is_causal=True)` restricted to the
 flash backend, layout [B, H, T, D]. bf16 q/k/v, forget gate on (w, beta, g in float32 as the model feeds
 them), B * T = 16k tokens, T = 2k/4k/8k/16k, 16 heads x 64 and 8 heads x 128. Backward takes gradients of
 every input. Median of triton.testing.do_bench. "host ms": median time until the call returns with the GPU
@@ -75,6 +76,9 @@ def run(args, device):
             impls = [("SDPA flash", lambda sdpa=sdpa: _sdpa(*sdpa), sdpa)]
             if device.type == "cuda":
                 impls.append(("PaTH path-lm", lambda path=path: path_attention_triton(*path)[0], path))
+                for chunk, per_sb in args.blocks:
+                    impls.append((f"PaTH path-lm, chunks {chunk} x {per_sb}", lambda path=path, c=chunk, n=per_sb:
+                                  path_attention_triton(*path, chunk_size=c, chunks_per_superblock=n)[0], path))
                 if args.keep_preparation:
                     impls.append(("PaTH path-lm, kept preparation",
                                   lambda path=path: path_attention_triton(*path, keep_preparation=True)[0], path))
@@ -124,6 +128,9 @@ def main():
     parser.add_argument("--torch-max-t", type=int, default=2048, help="exact torch path only at T <= this")
     parser.add_argument("--keep-preparation", action="store_true",
                         help="also time path-lm's kernel with keep_preparation=True (no rerun in the backward)")
+    parser.add_argument("--blocks", nargs="+", default=[], metavar="C:NB",
+                        type=lambda s: tuple(map(int, s.split(":"))),
+                        help="also time path-lm's kernel with these chunk_size:chunks_per_superblock (default 64:8)")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
     C.add_common_args(parser, "gpu_attention")
