@@ -1445,8 +1445,10 @@ def _prep_superblock_kernel(
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
 # faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9; kernels: "chunk", "edges",
-# "setup", "queries", "keys", "inverse"). The query side's five float32 accumulators ([C, D] and [C, C] tiles)
-# spill at 4 warps (ptxas for sm_90: 2352 bytes a thread at head dim 64, 740 at 8 warps).
+# "setup", "queries", "keys", "inverse"). That sweep predates the query side's per-head stores and blocks of 64
+# columns: ptxas for sm_90 (16-byte aligned arguments, as launched; one query head per kv head, head dim 64 / 128)
+# now finds 0 / 168 bytes of spills a thread at 8 warps (336 / 1832 before) and 228 / 536 at 4 warps (716 /
+# 1744), with 40 / 56 KiB of shared memory (128 / 224 before): 4 warps may now be the faster launch.
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
 PREP_LAUNCH: dict[tuple[str, int], dict] = {
     ("queries", 64): _EIGHT_WARPS,
@@ -1628,82 +1630,150 @@ def _chunk_bwd_setup_kernel(K, W, BETA, TINV, DP, U, WK, DU, DBW, T, T_pad,
 
 
 @triton.jit
+def _chunk_bwd_query_head(
+    Q, K, V, W, GATE, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC,
+    hq, i_c, b, beta, seg, scale, T, T_pad, ADD, LAST,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+    HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
+):
+    """Query head hq's share of :func:`_chunk_bwd_queries_kernel`'s program (chunk i_c, batch b x its kv head):
+    writes its dq and gate gradient, adds its share to dU, and writes its shares of dk, dw, dbeta, d(Ti L)
+    and the own chunk's dv, with ADD added to those the group's earlier heads stored. dv (plus, with ADD_DV,
+    the levels' share) goes to DV_ with LAST (the group's last head), else to DV_ACC in float32.
+
+    Each share is stored as soon as it is computed, and the [C, D] and [C, DV] tiles are taken in blocks of
+    (at most) 64 columns, loaded right before their products: at any time the head holds a few [C, C] tiles
+    and [C, 64] blocks (a loop over blocks rather than unrolled, which spills less at head dim 128). Offsets
+    are computed here, per head, rather than held across the kernel's loop over heads."""
+    BD: tl.constexpr = min(D, 64)
+    BV: tl.constexpr = min(DV, 64)
+    h = hq // (HQ // H)
+    oc = tl.arange(0, C)
+    pos = i_c * C + oc
+    real = pos < T
+    row0 = b * T + i_c * C
+    chunk = ((b * H + h) * (T_pad // C) + i_c).to(tl.int64)
+    lower = oc[:, None] >= oc[None, :]
+    cc = chunk * (C * C) + oc[:, None] * C + oc[None, :]
+    q_rows = ((row0 + oc) * HQ + hq) * D  # the inputs q, k, w ([B * T, heads, D])
+    kw_rows = ((row0 + oc) * H + h) * D
+    dq_rows = ((b * T_pad + pos) * HQ + hq) * D  # padded in time ([B, T_pad, heads, D])
+    dk_rows = ((b * T_pad + pos) * H + h) * D
+    du_rows = chunk * (C * D) + oc * D  # per chunk ([B * H * n, C, D])
+    # R = Q W^T and Q K^T
+    r = tl.zeros([C, C], tl.float32)
+    s = tl.zeros([C, C], tl.float32)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        q = tl.load(Q + q_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = tl.load(W + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        r += tl.dot(q, tl.trans(w), input_precision=PREC)
+        k = tl.load(K + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        s += tl.dot(q, tl.trans(k), input_precision=PREC)
+    # The scores S = Q K^T - QW Ti L with QW = tril(R) diag(beta), kept as tril(R) (one [C, C] tile, not two)
+    # with beta applied to the other factor: QW X = tril(R) (beta X), QW^T X = beta tril(R)^T X
+    r = tl.where(lower, r, 0.0)
+    s = (s - tl.dot(r, beta[:, None] * tl.load(WK + cc), input_precision=PREC)) * scale
+    if HAS_GATE:
+        g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
+        s += g_q[:, None] - g_q[None, :]
+    s = tl.where((oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None]), s, float("-inf"))
+    # The own chunk's attention against the final statistics: dv = P^T dO, dS = P (dO V^T - delta)
+    p = tl.exp(s - tl.load(LSE + (b * HQ + hq) * T_pad + pos)[:, None])
+    ds = tl.zeros([C, C], tl.float32)
+    for i_v in range(DV // BV):
+        ov = i_v * BV + tl.arange(0, BV)
+        do = tl.load(DO + (((b * T_pad + pos) * HQ + hq) * DV)[:, None] + ov[None, :]).to(tl.float32)
+        v_off = (((b * T_pad + pos) * H + h) * DV)[:, None] + ov[None, :]
+        dv = tl.dot(tl.trans(p), do, input_precision=PREC)
+        if ADD:
+            dv += tl.load(DV_ACC + v_off)
+        elif ADD_DV:  # the levels' share (float32), summed here rather than in a pass of its own
+            dv += tl.load(DV_LEVELS + v_off)
+        if LAST:
+            tl.store(DV_ + v_off, dv)
+        else:
+            tl.store(DV_ACC + v_off, dv)
+        ds += tl.dot(do, tl.trans(tl.load(V + v_off).to(tl.float32)), input_precision=PREC)
+    ds = p * (ds - tl.load(DELTA + (b * HQ + hq) * T_pad + pos)[:, None])
+    if HAS_GATE:
+        tl.store(DG + (b * T_pad + pos) * HQ + hq, (tl.sum(ds, axis=1) - tl.sum(ds, axis=0)) * scale)
+    ds = ds * scale
+    # Back through the scores and the queries' carry Q - QW U: d(Ti L) = -QW^T dS, dU -= QW^T dqt,
+    # dk = dS^T q, dQW = -dqt U^T - dS (Ti L)^T
+    r_t = tl.trans(r)
+    dwk = -beta[:, None] * tl.dot(r_t, ds, input_precision=PREC)
+    if ADD:
+        dwk += tl.load(DWK + cc)
+    tl.store(DWK + cc, dwk)
+    dqw = tl.zeros([C, C], tl.float32)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        dqt = tl.load(DQT + dq_rows[:, None] + od[None, :])
+        du_off = du_rows[:, None] + od[None, :]
+        tl.store(DU + du_off, tl.load(DU + du_off) - beta[:, None] * tl.dot(r_t, dqt, input_precision=PREC))
+        dqw -= tl.dot(dqt, tl.trans(tl.load(U + du_off)), input_precision=PREC)
+        q = tl.load(Q + q_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
+        if ADD:
+            dk += tl.load(DK + dk_rows[:, None] + od[None, :])
+        tl.store(DK + dk_rows[:, None] + od[None, :], dk)
+    dqw -= tl.dot(ds, tl.trans(tl.load(WK + cc)), input_precision=PREC)
+    # QW = tril(R) diag(beta): to beta, then dR = tril(dQW) diag(beta) to q and w
+    dqw = tl.where(lower, dqw, 0.0)
+    dbeta = tl.sum(dqw * r, axis=0)
+    if ADD:
+        dbeta += tl.load(DBETA + (b * T_pad + pos) * H + h)
+    tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
+    dr = dqw * beta[None, :]
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        k = tl.load(K + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dq = tl.load(DQT + dq_rows[:, None] + od[None, :]) + tl.dot(ds, k, input_precision=PREC)
+        w = tl.load(W + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dq += tl.dot(dr, w, input_precision=PREC)
+        tl.store(DQ + dq_rows[:, None] + od[None, :], dq)
+        q = tl.load(Q + q_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dw = tl.dot(tl.trans(dr), q, input_precision=PREC)
+        if ADD:
+            dw += tl.load(DW + dk_rows[:, None] + od[None, :])
+        tl.store(DW + dk_rows[:, None] + od[None, :], dw)
+
+
+@triton.jit
 def _chunk_bwd_queries_kernel(
-    Q, K, V, W, BETA, GATE, SEG, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK,
+    Q, K, V, W, BETA, GATE, SEG, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
 ):
-    """Backward of the chunk kernel's query side, one program per (chunk, batch x kv head), looping over the
-    group's query heads: the own-chunk attention against the final softmax statistics (as flash attention's
-    backward), then the scores S = Q K^T - QW Ti L and the queries' carry Q - QW U (QW = tril(Q W^T)
-    diag(beta)) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative gate's gradient, and
-    partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes; dv is the own
-    chunk's share plus, with ADD_DV, the other levels' (DV_LEVELS), written in DV_'s dtype. The chunk's tiles are
-    loaded inside the loop (an invariant operand would hold shared memory for the whole loop)."""
-    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
+    """Backward of the chunk kernel's query side, one program per (chunk, batch x kv head), over the group's
+    query heads (:func:`_chunk_bwd_query_head`): the own-chunk attention against the final softmax statistics
+    (as flash attention's backward), then the scores S = Q K^T - QW Ti L and the queries' carry Q - QW U
+    (QW = tril(Q W^T) diag(beta)) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative gate's
+    gradient, and partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes;
+    dv is the own chunk's share plus, with ADD_DV, the other levels' (DV_LEVELS), written in DV_'s dtype.
+
+    The heads of a group (HQ // H > 1) sum their shares in memory, each adding to what the earlier ones stored
+    (dv in DV_ACC, float32, [B, T_pad, H, DV]): held in registers across the loop, these five float32
+    accumulators made the kernel spill."""
+    i_c = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
     G: tl.constexpr = HQ // H
-    oc = tl.arange(0, C)
-    od = tl.arange(0, D)
-    ov = tl.arange(0, DV)
-    cd = oc[:, None] * D + od[None, :]
-    cc = oc[:, None] * C + oc[None, :]
-    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    pos = i_c * C + tl.arange(0, C)
+    beta = _chunk_beta(BETA, b * T + i_c * C, h, pos < T, H, C)
     seg = tl.load(SEG + b * T_pad + pos)
-    visible = (oc[None, :] <= oc[:, None]) & (pos[None, :] >= seg[:, None])
-    v_off = ((b * T_pad + pos)[:, None] * H + h) * DV + ov[None, :]
-
-    dk = tl.zeros([C, D], tl.float32)
-    dw = tl.zeros([C, D], tl.float32)
-    du = tl.load(DU + chunk * (C * D) + cd)
-    dwk = tl.zeros([C, C], tl.float32)
-    dbeta = tl.zeros([C], tl.float32)
-    dv = tl.zeros([C, DV], tl.float32)
-    for hq in range(h * G, h * G + G):
-        w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
-        q = tl.load(Q + ((row0 + oc)[:, None] * HQ + hq) * D + od[None, :], mask=real[:, None], other=0.0)
-        q = q.to(tl.float32)
-        r = tl.dot(q, tl.trans(w), input_precision=PREC)
-        qw = tl.where(oc[:, None] >= oc[None, :], r * beta[None, :], 0.0)
-        q_off = ((b * T_pad + pos)[:, None] * HQ + hq) * D + od[None, :]
-        dqt = tl.load(DQT + q_off)
-        s = (tl.dot(q, tl.trans(k), input_precision=PREC) - tl.dot(qw, tl.load(WK + chunk * (C * C) + cc),
-                                                                   input_precision=PREC)) * scale
-        if HAS_GATE:
-            g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
-            s += g_q[:, None] - g_q[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        p = tl.exp(s - tl.load(LSE + (b * HQ + hq) * T_pad + pos)[:, None])
-        do = tl.load(DO + ((b * T_pad + pos)[:, None] * HQ + hq) * DV + ov[None, :]).to(tl.float32)
-        v = tl.load(V + v_off).to(tl.float32)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - tl.load(DELTA + (b * HQ + hq) * T_pad + pos)[:, None])
-        dv += tl.dot(tl.trans(p), do, input_precision=PREC)
-        if HAS_GATE:
-            tl.store(DG + (b * T_pad + pos) * HQ + hq, (tl.sum(ds, axis=1) - tl.sum(ds, axis=0)) * scale)
-        ds = ds * scale
-        u = tl.load(U + chunk * (C * D) + cd)
-        wk_t = tl.load(WK + chunk * (C * C) + oc[:, None] + oc[None, :] * C)  # (Ti L)^T
-        dqw = -tl.dot(dqt, tl.trans(u), input_precision=PREC) - tl.dot(ds, wk_t, input_precision=PREC)
-        qw_t = tl.trans(qw)
-        du -= tl.dot(qw_t, dqt, input_precision=PREC)
-        dwk -= tl.dot(qw_t, ds, input_precision=PREC)
-        dqw = tl.where(oc[:, None] >= oc[None, :], dqw, 0.0)
-        dr = dqw * beta[None, :]
-        dbeta += tl.sum(dqw * r, axis=0)
-        dq = dqt + tl.dot(ds, k, input_precision=PREC) + tl.dot(dr, w, input_precision=PREC)
-        tl.store(DQ + q_off, dq)
-        dw += tl.dot(tl.trans(dr), q, input_precision=PREC)
-        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
-
-    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-    tl.store(DK + k_off, dk)
-    tl.store(DW + k_off, dw)
-    tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
-    if ADD_DV:  # the levels' share (float32), summed here rather than in a pass of its own
-        dv += tl.load(DV_LEVELS + v_off)
-    tl.store(DV_ + v_off, dv)
-    tl.store(DU + chunk * (C * D) + cd, du)
-    tl.store(DWK + chunk * (C * C) + cc, dwk)
+    args = (Q, K, V, W, GATE, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC)
+    if G == 1:  # the group's only head: hq = h
+        _chunk_bwd_query_head(*args, h, i_c, b, beta, seg, scale, T, T_pad, False, True, HQ, H, D, DV, C,
+                              HAS_GATE, PREC, ADD_DV)
+    else:
+        for hq in range(h * G, h * G + G):
+            if hq > h * G:
+                tl.debug_barrier()  # the earlier head's stores (by other threads) are read back
+            _chunk_bwd_query_head(*args, hq, i_c, b, beta, seg, scale, T, T_pad, hq > h * G, hq == h * G + G - 1,
+                                  HQ, H, D, DV, C, HAS_GATE, PREC, ADD_DV)
 
 
 @triton.jit
@@ -1910,6 +1980,7 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     dq, dk, dw = empty(B, T_pad, HQ, D, dtype=q.dtype), empty(B, T_pad, H, D), empty(B, T_pad, H, D)
     dbeta, dv = empty(B, T_pad, H), empty(B, T_pad, H, DV, dtype=v.dtype)
     dg = empty(B, T_pad, HQ) if gate is not None else None
+    dv_acc = empty(B, T_pad, H, DV) if HQ != H else dv  # a group's running dv (float32)
     u, du, dbw = empty(B * H * n, C, D), empty(B * H * n, C, D), empty(B * H * n, C, D)
     wk, dwk = empty(B * H * n, C, C), empty(B * H * n, C, C)
     q, k, w, beta = (x.contiguous() for x in (q, k, w, beta))
@@ -1918,7 +1989,7 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
                                   **_prep_launch("setup", D, launch))
     _chunk_bwd_queries_kernel[grid](
         q, k, v, w, beta, gate, seg_start, u, wk, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dv_levels, dg, du,
-        dwk, scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
+        dwk, dv_acc, scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
         ADD_DV=dv_levels is not None, **_prep_launch("queries", D, launch),
     )
     for scores in (True, False):

@@ -54,6 +54,8 @@ SMALL = [
     # superblocks of one chunk: the superblock level alone, then no level past the own chunk
     dict(B=1, T=40, HQ=2, H=1, D=16, Dv=16, gate=True, chunks_per_superblock=1),
     dict(B=2, T=12, HQ=2, H=2, D=16, Dv=16, gate=True, chunks_per_superblock=1),
+    # head dims past 64: the query side's backward takes the [C, D] tiles in blocks of 64 columns
+    dict(B=1, T=40, HQ=4, H=2, D=128, Dv=128, gate=True, chunks_per_superblock=2),
 ]
 
 
