@@ -1444,16 +1444,11 @@ def _prep_superblock_kernel(
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
-# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9; kernels: "chunk", "edges",
-# "setup", "queries", "keys", "inverse"). That sweep predates the query side's per-head stores and blocks of 64
-# columns: ptxas for sm_90 (16-byte aligned arguments, as launched; one query head per kv head, head dim 64 / 128)
-# now finds 0 / 168 bytes of spills a thread at 8 warps (336 / 1832 before) and 228 / 536 at 4 warps (716 /
-# 1744), with 40 / 56 KiB of shared memory (128 / 224 before): 4 warps may now be the faster launch.
+# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9 and v13; kernels: "chunk", "edges",
+# "setup", "queries", "keys", "inverse"). The query side ran at 8 warps until its per-head stores (v13): it
+# spilled at 4 (ptxas for sm_90); now two 4-warp programs fit an SM and 4 warps are 25-30 % faster.
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
-PREP_LAUNCH: dict[tuple[str, int], dict] = {
-    ("queries", 64): _EIGHT_WARPS,
-    **{(name, 128): _EIGHT_WARPS for name in ("queries", "edges", "setup", "keys", "inverse")},
-}
+PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("edges", "setup", "keys", "inverse")}
 
 
 def _prep_launch(kernel: str, D: int, launch: dict | None = None) -> dict:
