@@ -1254,15 +1254,8 @@ def _chunk_program(T, T_pad, H: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _chunk_rows(X, row0, h, real, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr):
-    """The chunk's rows [C, D] of head h of an input [B, T, H, D], in float32 (zero past the sequence)."""
-    rows = row0 + tl.arange(0, C)
-    return tl.load(X + (rows[:, None] * H + h) * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _chunk_w_k(W, K, row0, h, real, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr):
-    """:func:`_chunk_rows` of w and k (one offset computation for both)."""
+    """The chunk's rows [C, D] of head h of inputs w and k ([B, T, H, D]), in float32 (zero past the sequence)."""
     off = ((row0 + tl.arange(0, C))[:, None] * H + h) * D + tl.arange(0, D)[None, :]
     w = tl.load(W + off, mask=real[:, None], other=0.0).to(tl.float32)
     return w, tl.load(K + off, mask=real[:, None], other=0.0).to(tl.float32)
@@ -1447,6 +1440,9 @@ _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/ke
 # faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9 and v13; kernels: "chunk", "edges",
 # "setup", "queries", "keys", "inverse"). The query side ran at 8 warps until its per-head stores (v13): it
 # spilled at 4 (ptxas for sm_90); now two 4-warp programs fit an SM and 4 warps are 25-30 % faster.
+# The key side and the inverse took 112 / 176-208 KiB of shared memory at head dim 64 / 128 (one program an SM
+# at 128) until they too took the head dim in blocks of 64 columns: now 48-80 KiB, and at 4 warps no spills at
+# 64, 16-28 bytes a thread at 128 (ptxas for sm_90). Their 8-warp entries below predate that: to be re-swept.
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
 PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("edges", "setup", "keys", "inverse")}
 
@@ -1780,46 +1776,76 @@ def _chunk_bwd_keys_kernel(
     launches (one kernel would need more shared memory than an H100 has at head dim 128): with SCORES the
     scores' Ti L (L = tril(W K^T, -1)), leaving dTi in DWK (over d(Ti L)); then the keys' carry
     K - KW Ti^T Bw (KW = triu(K W^T, 1), Bw = diag(beta) W), adding to dTi and to Bw's gradient in DBW,
-    for :func:`_chunk_bwd_inverse_kernel`."""
+    for :func:`_chunk_bwd_inverse_kernel`.
+
+    The [C, D] tiles are taken in blocks of (at most) 64 columns, loaded right before their products, and
+    each block's dk, dw, dBw stored once computed: the program holds [C, C] tiles and [C, 64] blocks, not
+    the [C, D] operands and results together (which spilled and took 112 / 208 KiB of shared memory at head
+    dim 64 / 128)."""
+    BD: tl.constexpr = min(D, 64)
     b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
-    od = tl.arange(0, D)
     cc = chunk * (C * C) + oc[:, None] * C + oc[None, :]
-    cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
-    lower = oc[:, None] > oc[None, :]
-    upper = oc[:, None] < oc[None, :]
-    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-    beta = _chunk_beta(BETA, row0, h, real, H, C)
-    w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
-    t_low_t = _chunk_inverse(TINV, chunk, C, True)
-    dk = tl.load(DK + k_off)
-    dw = tl.load(DW + k_off)
+    in_rows = ((row0 + oc) * H + h) * D  # the inputs k, w ([B * T, H, D])
+    k_rows = ((b * T_pad + pos) * H + h) * D  # padded in time ([B, T_pad, H, D])
+    cd_rows = chunk * (C * D) + oc * D  # per chunk ([B * H * n, C, D])
     if SCORES:
         # Ti L: dTi = d(Ti L) L^T, dL = Ti^T d(Ti L)
+        l_wk = tl.zeros([C, C], tl.float32)
+        for i_d in range(D // BD):
+            od = i_d * BD + tl.arange(0, BD)
+            w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            l_wk += tl.dot(w, tl.trans(k), input_precision=PREC)
+        l_wk = tl.where(oc[:, None] > oc[None, :], l_wk, 0.0)
         dwk = tl.load(DWK + cc)
-        l_wk = tl.where(lower, tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
-        dti = tl.dot(dwk, tl.trans(l_wk), input_precision=PREC)
-        dl = tl.where(lower, tl.dot(t_low_t, dwk, input_precision=PREC), 0.0)
-        dw += tl.dot(dl, k, input_precision=PREC)
-        dk += tl.dot(tl.trans(dl), w, input_precision=PREC)
-        tl.store(DWK + cc, dti)
-        tl.store(DK + k_off, dk)
-        tl.store(DW + k_off, dw)
+        tl.store(DWK + cc, tl.dot(dwk, tl.trans(l_wk), input_precision=PREC))
+        dl = tl.dot(_chunk_inverse(TINV, chunk, C, True), dwk, input_precision=PREC)
+        dl = tl.where(oc[:, None] > oc[None, :], dl, 0.0)
+        for i_d in range(D // BD):
+            od = i_d * BD + tl.arange(0, BD)
+            off = k_rows[:, None] + od[None, :]
+            k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            tl.store(DW + off, tl.load(DW + off) + tl.dot(dl, k, input_precision=PREC))
+            w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            tl.store(DK + off, tl.load(DK + off) + tl.dot(tl.trans(dl), w, input_precision=PREC))
         return
-    # The keys' carry K - KW V2, V2 = Ti^T Bw
-    dkt = tl.load(DKT + k_off)
-    dk += dkt
-    bw = w * beta[:, None]
-    v2 = tl.dot(t_low_t, bw, input_precision=PREC)
-    dkw = tl.where(upper, -tl.dot(dkt, tl.trans(v2), input_precision=PREC), 0.0)
-    kw = tl.where(upper, tl.dot(k, tl.trans(w), input_precision=PREC), 0.0)
-    dv2 = -tl.dot(tl.trans(kw), dkt, input_precision=PREC)
-    dk += tl.dot(dkw, w, input_precision=PREC)
-    dw += tl.dot(tl.trans(dkw), k, input_precision=PREC)
-    tl.store(DWK + cc, tl.load(DWK + cc) + tl.dot(bw, tl.trans(dv2), input_precision=PREC))
-    tl.store(DBW + cd, tl.load(DBW + cd) + tl.dot(tl.trans(t_low_t), dv2, input_precision=PREC))
-    tl.store(DK + k_off, dk)
-    tl.store(DW + k_off, dw)
+    # The keys' carry K - KW V2, V2 = Ti^T Bw: dKW = -triu(dK_t V2^T, 1) to k and w first, then KW to dV2 =
+    # -KW^T dK_t, to Ti (dTi += Bw dV2^T) and Bw (dBw += Ti dV2): one [C, C] product held at a time, not both
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    upper = oc[:, None] < oc[None, :]
+    t_low_t = _chunk_inverse(TINV, chunk, C, True)
+    dkw = tl.zeros([C, C], tl.float32)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        v2 = tl.dot(t_low_t, w * beta[:, None], input_precision=PREC)
+        dkw -= tl.dot(tl.load(DKT + k_rows[:, None] + od[None, :]), tl.trans(v2), input_precision=PREC)
+    dkw = tl.where(upper, dkw, 0.0)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        off = k_rows[:, None] + od[None, :]
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        tl.store(DK + off, tl.load(DK + off) + tl.load(DKT + off) + tl.dot(dkw, w, input_precision=PREC))
+        k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        tl.store(DW + off, tl.load(DW + off) + tl.dot(tl.trans(dkw), k, input_precision=PREC))
+    kw = tl.zeros([C, C], tl.float32)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        kw += tl.dot(k, tl.trans(w), input_precision=PREC)
+    kw = tl.where(upper, kw, 0.0)
+    t_low = _chunk_inverse(TINV, chunk, C, False)
+    dwk = tl.load(DWK + cc)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        dv2 = -tl.dot(tl.trans(kw), tl.load(DKT + k_rows[:, None] + od[None, :]), input_precision=PREC)
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dwk += tl.dot(w * beta[:, None], tl.trans(dv2), input_precision=PREC)
+        cd = cd_rows[:, None] + od[None, :]
+        tl.store(DBW + cd, tl.load(DBW + cd) + tl.dot(t_low, dv2, input_precision=PREC))
+    tl.store(DWK + cc, dwk)
 
 
 @triton.jit
@@ -1828,28 +1854,43 @@ def _chunk_bwd_inverse_kernel(
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
     """Completes dw and dbeta (in place): U = Ti W, Bw = diag(beta) W, and Ti = (I + M)^-1 through
-    dM = -Ti^T dTi Ti^T with M = tril(W W^T, -1) diag(beta)."""
+    dM = -Ti^T dTi Ti^T with M = tril(W W^T, -1) diag(beta).
+
+    The [C, D] tiles are taken in blocks of (at most) 64 columns: a first pass sums U's share of dTi, a
+    second dbeta's share of W W^T, a third writes each block of dw."""
+    BD: tl.constexpr = min(D, 64)
     b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
-    od = tl.arange(0, D)
-    cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
-    k_off = ((b * T_pad + pos)[:, None] * H + h) * D + od[None, :]
-    lower = oc[:, None] > oc[None, :]
-    beta = _chunk_beta(BETA, row0, h, real, H, C)
-    w = _chunk_rows(W, row0, h, real, H, D, C)
+    in_rows = ((row0 + oc) * H + h) * D  # the input w ([B * T, H, D])
+    k_rows = ((b * T_pad + pos) * H + h) * D  # padded in time ([B, T_pad, H, D])
+    cd_rows = chunk * (C * D) + oc * D  # per chunk ([B * H * n, C, D])
+    dti = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :])
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dti += tl.dot(tl.load(DU + cd_rows[:, None] + od[None, :]), tl.trans(w), input_precision=PREC)
     t_low_t = _chunk_inverse(TINV, chunk, C, True)
-    du = tl.load(DU + cd)
-    dti = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :]) + tl.dot(du, tl.trans(w), input_precision=PREC)
-    dw = tl.load(DW + k_off) + tl.dot(t_low_t, du, input_precision=PREC)
     dm = -tl.dot(tl.dot(t_low_t, dti, input_precision=PREC), t_low_t, input_precision=PREC)
-    dm = tl.where(lower, dm, 0.0)
+    dm = tl.where(oc[:, None] > oc[None, :], dm, 0.0)
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    dbeta = tl.load(DBETA + (b * T_pad + pos) * H + h)
+    for i_d in range(D // BD):  # dbeta = sum over rows of dM * (W W^T), by blocks of W W^T
+        od = i_d * BD + tl.arange(0, BD)
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dbeta += tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
     da = dm * beta[None, :]
-    dbeta = tl.load(DBETA + (b * T_pad + pos) * H + h) + tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
-    dw += tl.dot(da + tl.trans(da), w, input_precision=PREC)
-    dbw = tl.load(DBW + cd)
-    dw += dbw * beta[:, None]
-    dbeta += tl.sum(dbw * w, axis=1)
-    tl.store(DW + k_off, dw)
+    da += tl.trans(da)
+    for i_d in range(D // BD):
+        od = i_d * BD + tl.arange(0, BD)
+        off = k_rows[:, None] + od[None, :]
+        cd = cd_rows[:, None] + od[None, :]
+        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        dw = tl.load(DW + off) + tl.dot(t_low_t, tl.load(DU + cd), input_precision=PREC)
+        dw += tl.dot(da, w, input_precision=PREC)
+        dbw = tl.load(DBW + cd)
+        dw += dbw * beta[:, None]
+        dbeta += tl.sum(dbw * w, axis=1)
+        tl.store(DW + off, dw)
     tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
 
 
