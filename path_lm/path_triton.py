@@ -1437,14 +1437,12 @@ def _prep_superblock_kernel(
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
-# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9 and v13; kernels: "chunk", "edges",
-# "setup", "queries", "keys", "inverse"). The query side ran at 8 warps until its per-head stores (v13): it
-# spilled at 4 (ptxas for sm_90); now two 4-warp programs fit an SM and 4 warps are 25-30 % faster.
-# The key side and the inverse took 112 / 176-208 KiB of shared memory at head dim 64 / 128 (one program an SM
-# at 128) until they too took the head dim in blocks of 64 columns: now 48-80 KiB, and at 4 warps no spills at
-# 64, 16-28 bytes a thread at 128 (ptxas for sm_90). Their 8-warp entries below predate that: to be re-swept.
+# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9, v13, v14; kernels: "chunk",
+# "edges", "setup", "queries", "keys", "inverse"). The query side, the key side and the inverse ran at 8 warps
+# at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64 columns (v13, v14):
+# with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4 warps are faster.
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
-PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("edges", "setup", "keys", "inverse")}
+PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("edges", "setup")}
 
 
 def _prep_launch(kernel: str, D: int, launch: dict | None = None) -> dict:
