@@ -799,9 +799,9 @@ AUTO_TRITON_MIN_TRAINING_LENGTH = 4096  # with gradients
 def _auto_order(q: torch.Tensor) -> list:
     """The kernels 'auto' tries, fastest first (measured on an H100, docs/benchmarks.md): at head dim 64
     path-lm's kernel from AUTO_TRITON_MIN_TRAINING_LENGTH tokens on when q needs a gradient, from
-    AUTO_TRITON_MIN_LENGTH without. With gradients: the ~376M model's training step at 2 x 4096 took 209 ms
-    on path-lm's kernel and 241 ms on fla's in one run (docs/kernels.md, v13); as an op, forward+backward is
-    1.1x faster than fla's at 8 x 2048 and 1.5x at 4 x 4096, but its host time per call is about twice fla's
+    AUTO_TRITON_MIN_LENGTH without. With gradients: the ~376M model's training step at 2 x 4096 took 188 ms
+    on path-lm's kernel and 241 ms on fla's in one run (docs/kernels.md, v14); as an op, forward+backward is
+    1.1x faster than fla's at 8 x 2048 (v12) and 1.55x at 4 x 4096 (v14), but its host time per call is about twice fla's
     (~3-4 ms), which small batches of short sequences do not hide. Without gradients its forward is 1.3-3.0x faster
     than fla's as an op, but a whole model's prefill was host-bound and slower below 8k (0.46x at 1k, 0.77x
     at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for shorter sequences."""
