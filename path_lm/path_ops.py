@@ -801,10 +801,10 @@ def _auto_order(q: torch.Tensor) -> list:
     path-lm's kernel from AUTO_TRITON_MIN_TRAINING_LENGTH tokens on when q needs a gradient, from
     AUTO_TRITON_MIN_LENGTH without. With gradients: the ~376M model's training step at 2 x 4096 took 188 ms
     on path-lm's kernel and 241 ms on fla's in one run (docs/kernels.md, v14); as an op, forward+backward is
-    1.1x faster than fla's at 8 x 2048 (v12) and 1.55x at 4 x 4096 (v14), but its host time per call is up to about twice
-    fla's (3-4 ms), which small batches of short sequences do not hide. Without gradients its forward is 1.3-3.0x faster
-    than fla's as an op, but a whole model's prefill was host-bound and slower below 8k (0.46x at 1k, 0.77x
-    at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for shorter sequences."""
+    1.1x faster than fla's at 8 x 2048 (v12) and 1.55x at 4 x 4096 (v14), but its host time per call is up to
+    about twice fla's (3-4 ms), which small batches of short sequences do not hide. Without gradients its
+    forward is 1.3-3.0x faster than fla's as an op, but a whole model's prefill was host-bound and slower
+    below 8k (0.46x at 1k, 0.77x at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for shorter sequences."""
     training = torch.is_grad_enabled() and q.requires_grad
     min_length = AUTO_TRITON_MIN_TRAINING_LENGTH if training else AUTO_TRITON_MIN_LENGTH
     if q.shape[-1] == 64 and q.shape[1] >= min_length:
