@@ -1,7 +1,7 @@
 """Launch sweep of the Triton op's per-chunk kernels, and the op's kernel profile.
 
-The per-chunk kernels of `path_triton` (the chunk kernel of the preparation, the carries' edge gradients,
-and the four kernels of the preparation's backward) take num_warps / num_stages from
+The per-chunk kernels of `path_triton` (the chunk inverses and the chunk kernel of the preparation, the
+carries' edge gradients, and the four kernels of the preparation's backward) take num_warps / num_stages from
 `path_triton.PREP_LAUNCH` (per kernel and head dim; `_PREP_LAUNCH` where it has no entry). For each shape
 this script
 
@@ -29,7 +29,7 @@ import re
 import _common as C
 import torch
 
-KERNELS = {"chunk": "_prep_chunk_kernel", "edges": "_edge_grads_kernel", "setup": "_chunk_bwd_setup_kernel",
+KERNELS = {"solve": "_chunk_solve_kernel", "chunk": "_prep_chunk_kernel", "edges": "_edge_grads_kernel", "setup": "_chunk_bwd_setup_kernel",
            "queries": "_chunk_bwd_queries_kernel", "keys": "_chunk_bwd_keys_kernel",
            "inverse": "_chunk_bwd_inverse_kernel"}
 

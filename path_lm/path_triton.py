@@ -1204,40 +1204,39 @@ def small_linear(x, weight, bias=None, *, up=None):
 
 
 @triton.jit
-def _unit_lower_inverse(W, BETA, row0, T, OUT, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+def _unit_lower_inverse(W, row0, h, real, beta, OUT, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
                         PREC: tl.constexpr):
-    """Writes (I + M)^-1 to OUT ([C, C] float32, row-major; only blocks on or below the diagonal of 16 x 16
-    blocks are written), M = tril(W W^T, -1) diag(beta) over the chunk's rows row0..
+    """Writes (I + M)^-1 ([C, C] float32, row-major; only blocks of 16 x 16 on or below the diagonal) to OUT,
+    M = tril(w w^T, -1) diag(beta) over the chunk's rows row0.. (``real`` inside the sequence) of head h of
+    W [B, T, H, D], beta [C] float32.
 
-    Diagonal 16 x 16 blocks by forward substitution in float32 (exact arithmetic order, no tensor cores), the
-    blocks below them by block substitution: Ti_ij = -Ti_ii sum_{k=j}^{i-1} M_ik Ti_kj."""
+    The diagonal blocks D_a = (I + M_aa)^-1, all C / 16 at once, by forward substitution in float32 (exact
+    arithmetic order, no tensor cores); then block substitution: with L the part of M below the diagonal
+    blocks and N = D^-1 L (strictly block-lower), T = (I + N)^-1 D^-1 is the fixed point of T = D^-1 - N T,
+    which C / 16 - 1 steps from T = D^-1 reach exactly (each step finalizes one more block row; the same sums
+    as substituting block row by block row)."""
+    NBK: tl.constexpr = C // 16
+    oc = tl.arange(0, C)
     o16 = tl.arange(0, 16)
-    od = tl.arange(0, D)
-    for i in range(C // 16):
-        r_i = i * 16 + o16
-        pos_i = row0 + r_i
-        w_i = tl.load(W + pos_i[:, None] * (H * D) + od[None, :], mask=(pos_i < T)[:, None], other=0.0).to(tl.float32)
-        b_i = tl.load(BETA + pos_i * H, mask=pos_i < T, other=0.0).to(tl.float32)
-        m_ii = tl.dot(w_i, tl.trans(w_i), input_precision=PREC) * b_i[None, :]
-        m_ii = tl.where(o16[:, None] > o16[None, :], m_ii, 0.0)
-        inv = tl.where(o16[:, None] == o16[None, :], 1.0, 0.0)
-        for r in range(1, 16):
-            m_row = tl.sum(tl.where(o16[:, None] == r, m_ii, 0.0), 0)  # M[r, :]
-            new_row = tl.sum(m_row[:, None] * inv, 0)  # sum_j M[r, j] inv[j, :], rows j < r final
-            inv = tl.where(o16[:, None] == r, inv - new_row[None, :], inv)
-        tl.store(OUT + r_i[:, None] * C + r_i[None, :], inv)
-        for j in range(i - 1, -1, -1):
-            acc = tl.zeros([16, 16], tl.float32)
-            for kk in range(j, i):
-                r_k = kk * 16 + o16
-                pos_k = row0 + r_k
-                w_k = tl.load(W + pos_k[:, None] * (H * D) + od[None, :], mask=(pos_k < T)[:, None], other=0.0)
-                b_k = tl.load(BETA + pos_k * H, mask=pos_k < T, other=0.0).to(tl.float32)
-                m_ik = tl.dot(w_i, tl.trans(w_k.to(tl.float32)), input_precision=PREC) * b_k[None, :]
-                t_kj = tl.load(OUT + r_k[:, None] * C + (j * 16 + o16)[None, :])
-                acc += tl.dot(m_ik, t_kj, input_precision=PREC)
-            tl.store(OUT + r_i[:, None] * C + (j * 16 + o16)[None, :], -tl.dot(inv, acc, input_precision=PREC))
-        tl.debug_barrier()  # block row i is read by the next ones
+    ob = tl.arange(0, NBK)
+    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + tl.arange(0, D)[None, :], mask=real[:, None], other=0.0)
+    w = w.to(tl.float32)
+    m = tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(w), input_precision=PREC) * beta[None, :], 0.0)
+    same = ob[:, None, None, None] == ob[None, None, :, None]  # [NBK, 1, NBK, 1]: block row == block column
+    m_d = tl.sum(tl.where(same, tl.reshape(m, [NBK, 16, NBK, 16]), 0.0), axis=2)  # [NBK, 16, 16]
+    row = o16[None, :, None]
+    inv = tl.where(row == o16[None, None, :], 1.0, 0.0) + tl.zeros([NBK, 16, 16], tl.float32)
+    for r in range(1, 16):
+        m_row = tl.sum(tl.where(row == r, m_d, 0.0), axis=1)  # [NBK, 16]: M_aa[r, :]
+        new_row = tl.sum(m_row[:, :, None] * inv, axis=1)  # sum_j M_aa[r, j] D_a[j, :], rows j < r final
+        inv = tl.where(row == r, inv - new_row[:, None, :], inv)
+    t = tl.reshape(tl.where(same, inv[:, :, None, :], 0.0), [C, C])  # D^-1, block diagonal
+    if NBK > 1:
+        d_inv = t
+        low = tl.where((oc[:, None] // 16) > (oc[None, :] // 16), m, 0.0)
+        for _ in tl.static_range(NBK - 1):
+            t = d_inv - tl.dot(d_inv, tl.dot(low, t, input_precision=PREC), input_precision=PREC)
+    tl.store(OUT + oc[:, None] * C + oc[None, :], t, mask=(oc[:, None] // 16) >= (oc[None, :] // 16))
 
 
 @triton.jit
@@ -1280,15 +1279,25 @@ def _chunk_inverse(TINV, chunk, C: tl.constexpr, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _chunk_solve_kernel(W, BETA, TINV, T, T_pad, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                        PREC: tl.constexpr):
+    """One program per (chunk, batch x kv head): the chunk's triangular inverse (:func:`_unit_lower_inverse`),
+    in a kernel of its own so that the chunk kernel's registers are not shared with it."""
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    _unit_lower_inverse(W, row0, h, real, beta, TINV + chunk * (C * C), H, D, C, PREC)
+
+
+@triton.jit
 def _prep_chunk_kernel(
-    Q, K, V, W, BETA, GATE, SEG, SCR, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
+    Q, K, V, W, BETA, GATE, SEG, TINV, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
-    HAS_GATE: tl.constexpr, LOCAL_ATTENTION: tl.constexpr, INVERSE_GIVEN: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, LOCAL_ATTENTION: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (chunk, batch x kv head): the chunk's inverse (read from SCR with INVERSE_GIVEN: the
-    forward's, in the backward's rerun), product and carries; with LOCAL_ATTENTION also the attention inside
-    the chunk (the backward's rerun needs only the rest)."""
+    """One program per (chunk, batch x kv head): from the chunk's inverse (TINV, :func:`_chunk_solve_kernel`'s)
+    its product and carries; with LOCAL_ATTENTION also the attention inside the chunk (the backward's rerun
+    needs only the rest)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = i_bh // H
@@ -1301,18 +1310,12 @@ def _prep_chunk_kernel(
     pos = i_c * C + oc
     real = pos < T
     row0 = b * T + i_c * C  # first row of the chunk in the [B * T] token layout of the inputs
-    w_base = W + (b * T * H + h) * D
-    beta_base = BETA + b * T * H + h
-    scr = SCR + (i_bh * n + i_c).to(tl.int64) * (C * C)
-    if not INVERSE_GIVEN:
-        _unit_lower_inverse(w_base, beta_base, i_c * C, T, scr, H, D, C, PREC)
-
-    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    t_inv = TINV + (i_bh * n + i_c).to(tl.int64) * (C * C)
     beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
-    below_blocks = (oc[:, None] // 16) >= (oc[None, :] // 16)
+    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
     # Only blocks on or below the block diagonal were written; the rest of (I + M)^-1 is zero.
-    t_low = tl.load(scr + oc[:, None] * C + oc[None, :], mask=below_blocks, other=0.0)
+    t_low = tl.load(t_inv + oc[:, None] * C + oc[None, :], mask=(oc[:, None] // 16) >= (oc[None, :] // 16), other=0.0)
+    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
     # P = I - W^T diag(beta) U with U = (I + M)^-1 W: the chunk's Householder product.
     u = tl.dot(t_low, w, input_precision=PREC)
     eye = tl.where(od[:, None] == od[None, :], 1.0, 0.0)
@@ -1437,12 +1440,13 @@ def _prep_superblock_kernel(
 
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
-# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9, v13, v14; kernels: "chunk",
-# "edges", "setup", "queries", "keys", "inverse"). The query side, the key side and the inverse ran at 8 warps
-# at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64 columns (v13, v14):
-# with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4 warps are faster.
+# faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9, v13-v15; kernels: "solve",
+# "chunk", "edges", "setup", "queries", "keys", "inverse"). The query side, the key side and the inverse ran at
+# 8 warps at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64 columns (v13,
+# v14): with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4 warps are
+# faster. The chunk kernel at head dim 128 is faster at 8 warps since the inverses left it (v15).
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
-PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("edges", "setup")}
+PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("chunk", "edges", "setup")}
 
 
 def _prep_launch(kernel: str, D: int, launch: dict | None = None) -> dict:
@@ -1500,8 +1504,9 @@ def frame_changes(p, *, out_dtype, precision: str, float32_copy: bool = False, l
 def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per_superblock: int, scale: float,
                     keys32: bool, for_backward: bool = False, local_attention: bool | None = None,
                     t_inv=None, launch: dict | None = None):
-    """The forward pass's preparation in two kernels (not differentiable: the backward reruns it with
-    ``for_backward``, or takes what a forward with ``for_backward`` kept, and runs its own kernels).
+    """The forward pass's preparation in three kernels (two with ``t_inv``; not differentiable: the backward
+    reruns it with ``for_backward``, or takes what a forward with ``for_backward`` kept, and runs its own
+    kernels).
 
     Args: q [B, T, HQ, D], k, w [B, T, H, D], beta [B, T, H] as given, v [B, T_pad, H, DV] zero padded (w, beta any float
         dtype); gate [B, T_pad, HQ] float32 cumulative or None; seg_start [B, T_pad] int32. The kernels read
@@ -1541,15 +1546,18 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         k_top32=empty(B, T_pad, H, D, dtype=f32) if keys32 else None,
         mid=empty(B, H, n_sb, max(NB * (NB - 1) // 2, 1), D, D, dtype=kdt), p_sb=empty(B, H, n_sb, D, D, dtype=f32),
     )
-    scratch = empty(B * H * n, C, C, dtype=f32) if t_inv is None else t_inv  # each chunk's triangular inverse
+    if t_inv is None:  # each chunk's triangular inverse
+        t_inv = empty(B * H * n, C, C, dtype=f32)
+        _chunk_solve_kernel[(n, B * H)](w, beta, t_inv, T, T_pad, H=H, D=D, C=C, PREC=prec,
+                                        **_prep_launch("solve", D, launch))
     b_mat = a_mat = mid32 = None
     if for_backward:
         b_mat, a_mat, mid32 = empty(B, H, n, D, D, dtype=f32), empty(B, H, n, D, D, dtype=f32), empty(out["mid"].shape, dtype=f32)
     _prep_chunk_kernel[(n, B * H)](
-        q, k, v, w, beta, gate, seg_start, scratch, p, q_t32, out["q_t"], k_t32, out["k_t"],
+        q, k, v, w, beta, gate, seg_start, t_inv, p, q_t32, out["q_t"], k_t32, out["k_t"],
         out["o_local"], out["lse_local"], scale, T, T_pad,
         HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, LOCAL_ATTENTION=local_attention,
-        INVERSE_GIVEN=t_inv is not None, PREC=prec, **_prep_launch("chunk", D, launch),
+        PREC=prec, **_prep_launch("chunk", D, launch),
     )
     sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))
     DB = min(D, sb_launch.pop("columns"))
@@ -1557,7 +1565,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
         p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], b_mat, a_mat, mid32, T_pad,
         HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, PREC=prec, **sb_launch,
     )
-    out["t_inv"] = scratch
+    out["t_inv"] = t_inv
     if for_backward:
         out.update(p=p, q_t32=q_t32, k_t32=k_t32, b_mat=b_mat, a_mat=a_mat, mid32=mid32)
     return out

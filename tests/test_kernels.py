@@ -83,8 +83,8 @@ def test_small_cases_match_float64_references(case):
 
 def test_chunks_of_64_match_float64_references():
     """The default chunk length: the forward preparation inverts each chunk's 64 x 64 triangular system in
-    16 x 16 blocks (forward substitution on the diagonal, block substitution below), a path that chunks of
-    16 never take. Packed documents, GQA and the gate on."""
+    16 x 16 blocks (forward substitution on the diagonal blocks, block substitution below them), a path that
+    chunks of 16 never take. Packed documents, GQA and the gate on."""
     inputs = make_inputs(2, 300, 4, 2, 16, seed=5)
     segment_ids = torch.zeros(2, 300, dtype=torch.long)
     segment_ids[0, 90:] = 1  # a document starting inside a chunk
@@ -168,6 +168,46 @@ def test_backward_rerun_reads_the_forwards_inverses():
             assert same(given[name], table), name
     other = prepare_forward(*args, **options, for_backward=True, t_inv=torch.zeros_like(forward["t_inv"]))
     assert not torch.allclose(other["p"], solved["p"])
+
+
+@pytest.mark.parametrize("C", [32, 64, pytest.param(128, marks=pytest.mark.skipif(
+    CUDA, reason="chunks of 128 are checked in Triton's interpreter: on a GPU this case did not finish in minutes"))])
+def test_chunk_inverses_match_float64(C):
+    """Every chunk's triangular inverse (I + M)^-1, M = tril(W W^T, -1) diag(beta), that the forward solves
+    (all diagonal blocks of 16 at once, then block substitution below them) against torch.linalg.inv in
+    float64, float32 inputs: random chunks, a partial last chunk, and in the second batch chunks of nearly
+    parallel w with beta near 2, whose inverse is a sum of series terms far larger than itself."""
+    from path_lm import path_ops
+    from path_lm.path_triton import prepare_forward
+
+    B, T, H, D = 2, 2 * C - 5, 2, 16
+    q, k, v, w, beta, g = make_inputs(B, T, 2, H, D, seed=C)
+    direction = torch.randn(D, dtype=torch.float64)
+    w[1] = direction + 0.05 * torch.randn(T, H, D, dtype=torch.float64)
+    w[1] = w[1] / w[1].norm(dim=-1, keepdim=True)
+    beta[1] = 1.99
+    n = (T + C - 1) // C
+    T_pad = n * C
+    seg_start, _ = path_ops._segment_bounds(None, B, T, T_pad, "cpu")
+    gate, v_kernel = path_ops._kernel_inputs(v.float(), g.float(), T_pad, torch.float32)
+    args = [x.float().to(DEVICE) for x in (q, k, v_kernel, w, beta, gate, seg_start)]
+    args[-1] = seg_start.to(DEVICE)
+    out = prepare_forward(*args, chunk=C, chunks_per_superblock=1, scale=0.25, keys32=False)
+    oc = torch.arange(C)
+    written = oc[:, None] // 16 >= oc[None, :] // 16
+    w_pad = torch.nn.functional.pad(w.float().double(), (0, 0, 0, 0, 0, T_pad - T)).view(B, n, C, H, D)
+    beta_pad = torch.nn.functional.pad(beta.float().double(), (0, 0, 0, T_pad - T)).view(B, n, C, H)
+    t_inv = out["t_inv"].cpu().double().view(B, H, n, C, C)
+    errs = []
+    for b in range(B):
+        for h in range(H):
+            for c in range(n):
+                wc, bc = w_pad[b, c, :, h], beta_pad[b, c, :, h]
+                m = torch.tril(wc @ wc.T, -1) * bc[None, :]
+                expected = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + m)
+                errs.append(rel_err(torch.where(written, t_inv[b, h, c], 0.0), expected))
+    assert max(errs[: H * n]) < 1e-6  # random chunks
+    assert max(errs[H * n:]) < 1e-4  # nearly parallel w: float32's rounding times the inverse's condition
 
 
 def test_chunk_size_must_be_a_power_of_two_of_at_least_16():
