@@ -32,7 +32,7 @@ FLA_ONLY_DEFAULTS = {
     "fuse_linear_cross_entropy": False, "use_l2warp": False, "attnres_block_size": None,
 }
 # path_lm fields that only choose how the same math runs: dropped for fla.
-RUNTIME_FIELDS = ("attn_backend", "cache_key_dtype", "attn_chunk_size", "auto_map")
+RUNTIME_FIELDS = ("attn_backend", "attn_keep_preparation", "cache_key_dtype", "attn_chunk_size", "auto_map")
 
 
 def _read_config(folder: Path) -> dict:

@@ -183,6 +183,7 @@ class PaTHAttention(nn.Module):
         attn_backend: str = "auto",
         chunk_size: int = 64,
         beta_max: float | None = None,
+        keep_preparation: bool | None = None,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -201,6 +202,7 @@ class PaTHAttention(nn.Module):
         self.attn_backend = attn_backend
         self.chunk_size = chunk_size
         self.beta_max = beta_max
+        self.keep_preparation = keep_preparation
 
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
@@ -385,6 +387,7 @@ class PaTHAttention(nn.Module):
             backend=self.attn_backend,
             chunk_size=self.chunk_size,
             step_inputs=step_inputs,
+            keep_preparation=self.keep_preparation,
         )
         return self.o_proj(o.reshape(hidden_states.shape).to(hidden_states.dtype))
 
@@ -433,6 +436,7 @@ class PaTHBlock(GradientCheckpointingLayer):
             attn_backend=config.attn_backend,
             chunk_size=config.attn_chunk_size,
             beta_max=config.beta_max,
+            keep_preparation=config.attn_keep_preparation,
         )
         self.attn_dropout = nn.Dropout(config.attention_dropout)
         self.mlp_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -481,13 +485,15 @@ class PaTHPreTrainedModel(PreTrainedModel):
         # transformers' attn_implementation): a model that ran on a CUDA-only kernel ("fla", "triton") is saved
         # with "auto", so the checkpoint also loads and runs on a CPU; pass attn_backend=... to from_pretrained
         # to pick a kernel there.
-        backend = self.config.attn_backend
+        # Keeping the kernel's preparation for the backward (memory for speed) is the machine's choice too.
+        backend, keep = self.config.attn_backend, self.config.attn_keep_preparation
         if backend in ("fla", "triton"):
             self.config.attn_backend = "auto"
+        self.config.attn_keep_preparation = None
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
-            self.config.attn_backend = backend
+            self.config.attn_backend, self.config.attn_keep_preparation = backend, keep
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

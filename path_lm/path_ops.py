@@ -673,7 +673,8 @@ FORWARD_SLICE_TOKEN_HEADS = 2**21
 # Whether path_attention_triton keeps the forward's preparation for the backward by default (see its
 # keep_preparation). Off by default: on an H100 it saves 5-10 % of forward+backward (the backward's rerun of
 # two kernels) for ~3 KiB per token and query head held between the passes; a ~376M model's training step at
-# 2 x 4096 ran 6 % faster with a 50 % higher peak (docs/kernels.md, v8).
+# 2 x 4096 ran 6 % faster with a 50 % higher peak (docs/kernels.md, v8). A model sets it per layer through
+# config.attn_keep_preparation.
 KEEP_PREPARATION = False
 
 
@@ -887,6 +888,7 @@ def path_attention(
     backend: str = "auto",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     step_inputs=None,
+    keep_preparation: bool | None = None,
 ) -> torch.Tensor:
     """PaTH attention for every mode behind one signature.
 
@@ -902,6 +904,7 @@ def path_attention(
     step_inputs: a decoding step's inputs kernel held back (``path_triton.StepInputs``), whose outputs are
     q, k, v, w, beta and g: the fused decoding step on a dynamic cache computes them in its own launch
     where it can; every other path runs the held launch first.
+    keep_preparation: for path-lm's kernel on a whole sequence, see :func:`path_attention_triton`.
     Returns o [B, T, HQ, Dv] in q's dtype.
     """
     T = q.shape[1]
@@ -926,6 +929,10 @@ def path_attention(
     if cache is None:
         if kernel == "torch":
             return path_attention_torch(q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size)[0]
+        if kernel == "triton":
+            return path_attention_triton(
+                q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids, keep_preparation=keep_preparation
+            )[0]
         return _KERNEL_OPS[kernel](q, k, v, w, beta, g, scale=scale, segment_ids=segment_ids)[0]
     gate = cache.cumulative_gate(g) if g is not None else None  # [B, T, HQ] cumulative, continuing the cache
     if past_len == 0:

@@ -591,6 +591,7 @@ def test_save_and_load_round_trip(tmp_path, tie):
         (dict(elementwise_affine=False), "elementwise_affine"),
         (dict(cache_key_dtype="int8"), "cache_key_dtype"),
         (dict(attn_chunk_size=0), "attn_chunk_size"),
+        (dict(attn_keep_preparation="yes"), "attn_keep_preparation"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -242,6 +242,33 @@ def test_cuda_only_kernel_choice_is_saved_as_auto(tmp_path, backend):
     assert {layer.attn.attn_backend for layer in chosen.model.layers} == {"torch"}
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_kept_preparation_reaches_the_kernel_and_is_saved_as_default(tmp_path, monkeypatch, keep):
+    """config.attn_keep_preparation reaches path-lm's kernel op on every layer's training pass (the op itself:
+    test_kernels.py::test_kept_preparation_gives_the_recomputed_gradients); like the kernel choice it belongs
+    to the machine, so save_pretrained writes the default (None) and from_pretrained can set it again."""
+    from path_lm import path_ops
+
+    seen = []
+
+    def op(q, k, v, w, beta, g, **kwargs):  # the kernel's signature, computed by the exact path on a CPU
+        seen.append(kwargs.pop("keep_preparation"))
+        return path_ops.path_attention_torch(q, k, v, w, beta, g, **kwargs)
+
+    monkeypatch.setitem(path_ops.KERNELS, "triton", lambda q, v: None)  # the kernel "can run" here
+    monkeypatch.setattr(path_ops, "path_attention_triton", op)
+    model = make_model(attn_backend="triton", attn_keep_preparation=keep).train()
+    ids = input_ids()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert seen == [keep] * model.config.num_hidden_layers
+    model.save_pretrained(tmp_path)
+    assert model.config.attn_keep_preparation is keep
+    assert json.loads((tmp_path / "config.json").read_text())["attn_keep_preparation"] is None
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_keep_preparation=keep)
+    assert {layer.attn.keep_preparation for layer in loaded.model.layers} == {keep}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.attn_keep_preparation is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3, 4. Remote code in a process that cannot import path_lm
 # ---------------------------------------------------------------------------------------------------------
