@@ -284,15 +284,19 @@ class PackedDataset(torch.utils.data.Dataset):
 # -------------------------------------------------------------------------------------------------- model
 
 
-def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_checkpoint=None) -> PreTrainedModel:
+def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_checkpoint=None,
+                runtime: dict | None = None) -> PreTrainedModel:
     """A new model from ``preset`` or ``config_file`` (a PaTHConfig JSON) sized to the tokenizer, or the
-    model of ``from_checkpoint``. Fails when the tokenizer has more tokens than a fixed vocab_size allows."""
+    model of ``from_checkpoint``, with the config fields in ``runtime`` (how it runs: ``attn_backend``,
+    ``attn_keep_preparation``) set over any source's. Fails when the tokenizer has more tokens than a fixed
+    vocab_size allows."""
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
+    runtime = runtime or {}
     if from_checkpoint is not None:
         if not Path(from_checkpoint).exists():
             fail(f"checkpoint {str(from_checkpoint)!r} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(str(from_checkpoint), trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(str(from_checkpoint), trust_remote_code=True, **runtime)
         source = f"checkpoint {from_checkpoint}"
     elif config_file is not None:
         if not Path(config_file).exists():
@@ -301,7 +305,7 @@ def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_c
             values = json.loads(Path(config_file).read_text())
             values.pop("model_type", None)
             values.pop("auto_map", None)
-            config = PaTHConfig(**{**special, **values})
+            config = PaTHConfig(**{**special, **values, **runtime})
         except (json.JSONDecodeError, TypeError, ValueError) as error:
             fail(f"bad config file {config_file}: {error}")
         model = PaTHForCausalLM(config)
@@ -309,7 +313,7 @@ def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_c
     else:
         if preset not in PRESETS:
             fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or pass --config")
-        config = PaTHConfig(vocab_size=len(tokenizer), **special, **PRESETS[preset])
+        config = PaTHConfig(vocab_size=len(tokenizer), **special, **{**PRESETS[preset], **runtime})
         model = PaTHForCausalLM(config)
         source = f"preset {preset}"
     if len(tokenizer) > model.config.vocab_size:
@@ -567,6 +571,8 @@ def train(
     use_cpu: bool = False,
     disable_tqdm: bool | None = None,
     trainer_args: dict | None = None,
+    attn_backend: str | None = None,
+    keep_preparation: bool = False,
 ) -> dict:
     """Train (``preset`` / ``config_file``) or fine-tune (``from_checkpoint``) on ``data_files`` and save the
     model to ``output_dir/model``; returns the training summary (also in ``training_summary.json``).
@@ -579,7 +585,8 @@ def train(
     ``muon_momentum``) on the 2D hidden weights and AdamW (``learning_rate``) on the rest, see
     :class:`PaTHLMTrainer`. ``eval_steps``: default ``save_steps``; the eval set is ``eval_files`` or
     ``eval_fraction`` of the documents (0 turns evaluation off). ``trainer_args``: any other
-    ``TrainingArguments`` fields.
+    ``TrainingArguments`` fields. ``attn_backend`` (default: the model's) and ``keep_preparation`` set the
+    config's ``attn_backend`` and ``attn_keep_preparation`` for this run; the saved model has their defaults.
     """
     wall_start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -593,6 +600,14 @@ def train(
         fail(f"--optim must be adamw or muon, got {optim!r}")
     if not 0 <= min_lr_ratio <= 1:
         fail(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
+    if attn_backend in ("triton", "fla"):
+        import importlib.util
+
+        package = {"triton": "triton", "fla": "fla"}[attn_backend]
+        if use_cpu or not torch.cuda.is_available():
+            fail(f"--attn-backend {attn_backend} runs on a CUDA GPU only; use auto or torch here")
+        if importlib.util.find_spec(package) is None:
+            fail(f"--attn-backend {attn_backend} needs the {package} package (pip install 'path-lm[cuda]')")
 
     # Data and tokenizer are read on every rank before any rank writes, so bad input stops all of them.
     documents = load_documents(data_files, text_field, dataset_config, max_documents)
@@ -615,7 +630,10 @@ def train(
         tok = train_bpe_tokenizer(train_documents, vocab_size)
         tokenizer_source = f"byte-level BPE of {vocab_size} trained on the data"
     set_seed(seed)
-    model = build_model(tok, preset, config_file, from_checkpoint)
+    runtime = {"attn_backend": attn_backend} if attn_backend is not None else {}
+    if keep_preparation:
+        runtime["attn_keep_preparation"] = True
+    model = build_model(tok, preset, config_file, from_checkpoint, runtime)
     model_source = (f"checkpoint {from_checkpoint}" if from_checkpoint else f"config {config_file}" if config_file
                     else f"preset {preset}")
 

@@ -293,3 +293,43 @@ def test_fine_tune_from_a_checkpoint(corpus, tmp_path):
     assert tuned["model"]["source"].startswith("checkpoint") and tuned["tokenizer"]["size"] == 300
     assert tuned["loss_curve"][0][1] < base["loss_curve"][0][1]  # starts from the trained weights
     assert tuned["documents"] == {"train": 30, "eval": 40} and tuned["eval_perplexity"] is not None
+
+
+class _Tokenizer:
+    """What build_model reads of a tokenizer."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __len__(self):
+        return 300
+
+
+def test_run_options_set_the_config_of_every_model_source(corpus, tmp_path, monkeypatch):
+    """--attn-backend and --keep-preparation reach train(); build_model sets them over a preset's, a config
+    file's and a checkpoint's config (each layer reads them when it is built); a CUDA-only kernel on a
+    machine or run without CUDA stops with a message before anything is written."""
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda data, **options: seen.update(options))
+    main(["train", str(corpus["txt"]), "--output-dir", str(tmp_path / "run"), "--attn-backend", "torch",
+          "--keep-preparation"])
+    assert (seen["attn_backend"], seen["keep_preparation"]) == ("torch", True)
+    main(["train", str(corpus["txt"]), "--output-dir", str(tmp_path / "run")])
+    assert (seen["attn_backend"], seen["keep_preparation"]) == (None, False)
+    monkeypatch.undo()
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2}))
+    PaTHForCausalLM(PaTHConfig(**json.loads(config.read_text()))).save_pretrained(tmp_path / "checkpoint")
+    runtime = {"attn_backend": "torch", "attn_keep_preparation": True}
+    for source in (dict(preset="tiny"), dict(config_file=config), dict(from_checkpoint=tmp_path / "checkpoint")):
+        model = training.build_model(_Tokenizer(), **source, runtime=runtime)
+        assert (model.config.attn_backend, model.config.attn_keep_preparation) == ("torch", True), source
+        assert {(layer.attn.attn_backend, layer.attn.keep_preparation) for layer in model.model.layers} == {
+            ("torch", True)}, source
+        default = training.build_model(_Tokenizer(), **source)
+        assert (default.config.attn_backend, default.config.attn_keep_preparation) == ("auto", None), source
+
+    out = tmp_path / "cpu-run"
+    with pytest.raises(SystemExit, match="runs on a CUDA GPU only"):
+        main(["train", str(corpus["txt"]), "--output-dir", str(out), "--attn-backend", "triton", "--cpu"])
+    assert not out.exists()
