@@ -99,10 +99,11 @@ def add_train_parser(subparsers) -> None:
                        "(default: the checkpoint's with --from, else a BPE trained on the data)")
     model.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE trained when no --tokenizer")
     model.add_argument("--attn-backend", choices=("auto", "torch", "triton", "fla"), default=None,
-                       help="attention kernel for this run (default: the config's; a saved model has 'auto')")
+                       help="attention kernel for this run only (default: the model config's, which "
+                       "checkpoints keep)")
     model.add_argument("--keep-preparation", action="store_true",
-                       help="path-lm's Triton kernel keeps its preparation for the backward: 5-10%% faster "
-                       "attention for ~3 KiB more memory per token and query head")
+                       help="path-lm's Triton kernel keeps its preparation for the backward in this run: "
+                       "5-10%% faster attention for ~3 KiB more memory per token and query head")
     data = parser.add_argument_group("data")
     data.add_argument("--text-field", default="text", help="text field of .jsonl / .parquet / datasets data")
     data.add_argument("--dataset-config", default=None, help="config name of Hub datasets (load_dataset's name)")

@@ -285,18 +285,17 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_checkpoint=None,
-                runtime: dict | None = None) -> PreTrainedModel:
+                attn_backend: str | None = None, keep_preparation: bool | None = None) -> PreTrainedModel:
     """A new model from ``preset`` or ``config_file`` (a PaTHConfig JSON) sized to the tokenizer, or the
-    model of ``from_checkpoint``, with the config fields in ``runtime`` (how it runs: ``attn_backend``,
-    ``attn_keep_preparation``) set over any source's. Fails when the tokenizer has more tokens than a fixed
-    vocab_size allows."""
+    model of ``from_checkpoint``. ``attn_backend`` and ``keep_preparation`` (when not None) set its attention
+    layers' kernel and kept preparation for this run only: the config, and so every checkpoint saved from the
+    model, keeps the source's. Fails when the tokenizer has more tokens than a fixed vocab_size allows."""
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-    runtime = runtime or {}
     if from_checkpoint is not None:
         if not Path(from_checkpoint).exists():
             fail(f"checkpoint {str(from_checkpoint)!r} does not exist")
-        model = AutoModelForCausalLM.from_pretrained(str(from_checkpoint), trust_remote_code=True, **runtime)
+        model = AutoModelForCausalLM.from_pretrained(str(from_checkpoint), trust_remote_code=True)
         source = f"checkpoint {from_checkpoint}"
     elif config_file is not None:
         if not Path(config_file).exists():
@@ -305,7 +304,7 @@ def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_c
             values = json.loads(Path(config_file).read_text())
             values.pop("model_type", None)
             values.pop("auto_map", None)
-            config = PaTHConfig(**{**special, **values, **runtime})
+            config = PaTHConfig(**{**special, **values})
         except (json.JSONDecodeError, TypeError, ValueError) as error:
             fail(f"bad config file {config_file}: {error}")
         model = PaTHForCausalLM(config)
@@ -313,7 +312,7 @@ def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_c
     else:
         if preset not in PRESETS:
             fail(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or pass --config")
-        config = PaTHConfig(vocab_size=len(tokenizer), **special, **{**PRESETS[preset], **runtime})
+        config = PaTHConfig(vocab_size=len(tokenizer), **special, **PRESETS[preset])
         model = PaTHForCausalLM(config)
         source = f"preset {preset}"
     if len(tokenizer) > model.config.vocab_size:
@@ -321,6 +320,12 @@ def build_model(tokenizer, preset: str | None = "tiny", config_file=None, from_c
             f"the tokenizer has {len(tokenizer)} tokens but the model from {source} has vocab_size "
             f"{model.config.vocab_size}; use a smaller tokenizer (--vocab-size) or a model with a larger vocab_size"
         )
+    run = {"attn_backend": attn_backend, "keep_preparation": keep_preparation}
+    for module in model.modules():  # the attention layers (of path_lm's classes or a checkpoint's own code)
+        if hasattr(module, "attn_backend"):
+            for name, value in run.items():
+                if value is not None:
+                    setattr(module, name, value)
     return model
 
 
@@ -585,8 +590,9 @@ def train(
     ``muon_momentum``) on the 2D hidden weights and AdamW (``learning_rate``) on the rest, see
     :class:`PaTHLMTrainer`. ``eval_steps``: default ``save_steps``; the eval set is ``eval_files`` or
     ``eval_fraction`` of the documents (0 turns evaluation off). ``trainer_args``: any other
-    ``TrainingArguments`` fields. ``attn_backend`` (default: the model's) and ``keep_preparation`` set the
-    config's ``attn_backend`` and ``attn_keep_preparation`` for this run; the saved model has their defaults.
+    ``TrainingArguments`` fields. ``attn_backend`` (default: the model's) and ``keep_preparation`` choose the
+    attention kernel and whether path-lm's kernel keeps its preparation for the backward, for this run only
+    (see :func:`build_model`).
     """
     wall_start = time.perf_counter()
     output_dir = Path(output_dir)
@@ -630,10 +636,7 @@ def train(
         tok = train_bpe_tokenizer(train_documents, vocab_size)
         tokenizer_source = f"byte-level BPE of {vocab_size} trained on the data"
     set_seed(seed)
-    runtime = {"attn_backend": attn_backend} if attn_backend is not None else {}
-    if keep_preparation:
-        runtime["attn_keep_preparation"] = True
-    model = build_model(tok, preset, config_file, from_checkpoint, runtime)
+    model = build_model(tok, preset, config_file, from_checkpoint, attn_backend, keep_preparation or None)
     model_source = (f"checkpoint {from_checkpoint}" if from_checkpoint else f"config {config_file}" if config_file
                     else f"preset {preset}")
 
@@ -773,7 +776,9 @@ def train(
     final = save_final_model(trainer, output_dir, summary)
     if trainer.is_world_process_zero():
         ppl = summary["eval_perplexity"]
-        metrics = f"final train loss {summary['final_loss']:.4f}" + (f", eval perplexity {ppl:.2f}" if ppl else "")
+        loss = summary["final_loss"]  # None when no step logged a loss (--logging-steps > --max-steps)
+        metrics = (f"final train loss {loss:.4f}" if loss is not None
+                   else f"mean train loss {summary['mean_train_loss']:.4f}") + (f", eval perplexity {ppl:.2f}" if ppl else "")
         if steady:
             metrics += f", {steady:,.0f} tokens/s"
         print(f"path-lm train: saved {final} ({summary['steps']} steps, {metrics})")

@@ -304,10 +304,11 @@ class _Tokenizer:
         return 300
 
 
-def test_run_options_set_the_config_of_every_model_source(corpus, tmp_path, monkeypatch):
-    """--attn-backend and --keep-preparation reach train(); build_model sets them over a preset's, a config
-    file's and a checkpoint's config (each layer reads them when it is built); a CUDA-only kernel on a
-    machine or run without CUDA stops with a message before anything is written."""
+def test_run_options_set_the_attention_of_every_model_source_for_the_run(corpus, tmp_path, monkeypatch):
+    """--attn-backend and --keep-preparation reach train(); build_model sets them on the attention layers of
+    a preset's, a config file's and a checkpoint's model, and not in its config, so checkpoints keep the
+    source's; a CUDA-only kernel on a machine or run without CUDA stops with a message before anything is
+    written."""
     seen = {}
     monkeypatch.setattr(training, "train", lambda data, **options: seen.update(options))
     main(["train", str(corpus["txt"]), "--output-dir", str(tmp_path / "run"), "--attn-backend", "torch",
@@ -318,18 +319,28 @@ def test_run_options_set_the_config_of_every_model_source(corpus, tmp_path, monk
     monkeypatch.undo()
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2}))
+    config.write_text(json.dumps({"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2,
+                                  "attn_backend": "fla"}))
     PaTHForCausalLM(PaTHConfig(**json.loads(config.read_text()))).save_pretrained(tmp_path / "checkpoint")
-    runtime = {"attn_backend": "torch", "attn_keep_preparation": True}
-    for source in (dict(preset="tiny"), dict(config_file=config), dict(from_checkpoint=tmp_path / "checkpoint")):
-        model = training.build_model(_Tokenizer(), **source, runtime=runtime)
-        assert (model.config.attn_backend, model.config.attn_keep_preparation) == ("torch", True), source
-        assert {(layer.attn.attn_backend, layer.attn.keep_preparation) for layer in model.model.layers} == {
-            ("torch", True)}, source
+    for source, saved in ((dict(preset="tiny"), "auto"), (dict(config_file=config), "fla"),
+                          (dict(from_checkpoint=tmp_path / "checkpoint"), "auto")):
+        model = training.build_model(_Tokenizer(), **source, attn_backend="torch", keep_preparation=True)
+        layers = {(layer.attn.attn_backend, layer.attn.keep_preparation) for layer in model.model.layers}
+        assert layers == {("torch", True)}, source
+        assert (model.config.attn_backend, model.config.attn_keep_preparation) == (saved, None), source
         default = training.build_model(_Tokenizer(), **source)
-        assert (default.config.attn_backend, default.config.attn_keep_preparation) == ("auto", None), source
+        layers = {(layer.attn.attn_backend, layer.attn.keep_preparation) for layer in default.model.layers}
+        assert layers == {(saved, None)}, source
 
     out = tmp_path / "cpu-run"
     with pytest.raises(SystemExit, match="runs on a CUDA GPU only"):
         main(["train", str(corpus["txt"]), "--output-dir", str(out), "--attn-backend", "triton", "--cpu"])
     assert not out.exists()
+
+
+def test_a_run_shorter_than_the_logging_interval_reports_its_mean_loss(corpus, tmp_path, capsys):
+    """No step logs a loss when --max-steps < --logging-steps: the summary has no final loss, and the
+    closing line gives the run's mean loss instead."""
+    summary = train(corpus["txt"], tmp_path / "run", max_steps=2, eval_fraction=0, **{**FAST, "logging_steps": 10})
+    assert summary["final_loss"] is None and summary["mean_train_loss"] > 0
+    assert f"mean train loss {summary['mean_train_loss']:.4f}" in capsys.readouterr().out
