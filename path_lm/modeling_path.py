@@ -523,6 +523,8 @@ def segment_ids_from_packing(position_ids=None, cu_seq_lens=None, seq_len=None):
 
 class PaTHModel(PaTHPreTrainedModel):
     def __init__(self, config: PaTHConfig):
+        # from_pretrained(..., field=value) sets config fields after the config's own checks ran: check again.
+        config._validate()
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)

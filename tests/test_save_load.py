@@ -269,6 +269,16 @@ def test_kept_preparation_reaches_the_kernel_and_is_saved_as_default(tmp_path, m
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.attn_keep_preparation is None
 
 
+@pytest.mark.parametrize("field, value", [("attn_backend", "cuda_magic"), ("attn_keep_preparation", "yes"),
+                                          ("cache_key_dtype", "int8"), ("beta_max", 3.0)])
+def test_from_pretrained_checks_the_fields_it_is_given(tmp_path, field, value):
+    """from_pretrained(..., field=value) sets config fields after the config's own checks: the model checks
+    them again, so a bad value fails at load time with the config's message, not later or never."""
+    make_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        AutoModelForCausalLM.from_pretrained(tmp_path, **{field: value})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3, 4. Remote code in a process that cannot import path_lm
 # ---------------------------------------------------------------------------------------------------------
