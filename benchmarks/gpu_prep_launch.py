@@ -29,8 +29,8 @@ import re
 import _common as C
 import torch
 
-KERNELS = {"solve": "_chunk_solve_kernel", "chunk": "_prep_chunk_kernel", "edges": "_edge_grads_kernel", "setup": "_chunk_bwd_setup_kernel",
-           "queries": "_chunk_bwd_queries_kernel", "keys": "_chunk_bwd_keys_kernel",
+KERNELS = {"solve": "_chunk_solve_kernel", "chunk": "_prep_chunk_kernel", "edges": "_edge_grads_kernel",
+           "setup": "_chunk_bwd_setup_kernel", "queries": "_chunk_bwd_queries_kernel", "keys": "_chunk_bwd_keys_kernel",
            "inverse": "_chunk_bwd_inverse_kernel"}
 
 

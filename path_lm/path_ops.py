@@ -786,6 +786,11 @@ def _triton_import_error() -> str | None:
     return _IMPORT_ERRORS["triton"]
 
 
+def kernel_import_error(backend: str) -> str | None:
+    """Why a kernel backend ("fla" or "triton") cannot be imported in this process, or None if it can."""
+    return {"fla": _fla_import_error, "triton": _triton_import_error}[backend]()
+
+
 # Kernel backends in the order 'auto' prefers them by default (docs/kernels.md): fla's where installed,
 # path-lm's own otherwise; _auto_order puts path-lm's first where it measured faster.
 KERNELS = {"fla": fla_unavailable_reason, "triton": triton_unavailable_reason}
@@ -805,7 +810,8 @@ def _auto_order(q: torch.Tensor) -> list:
     1.1x faster than fla's at 8 x 2048 (v12) and 1.55x at 4 x 4096 (v14), but its host time per call is up to
     about twice fla's (3-4 ms), which small batches of short sequences do not hide. Without gradients its
     forward is 1.3-3.0x faster than fla's as an op, but a whole model's prefill was host-bound and slower
-    below 8k (0.46x at 1k, 0.77x at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for shorter sequences."""
+    below 8k (0.46x at 1k, 0.77x at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for
+    shorter sequences."""
     training = torch.is_grad_enabled() and q.requires_grad
     min_length = AUTO_TRITON_MIN_TRAINING_LENGTH if training else AUTO_TRITON_MIN_LENGTH
     if q.shape[-1] == 64 and q.shape[1] >= min_length:

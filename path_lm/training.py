@@ -55,6 +55,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import path_ops
 from .configuration_path import PaTHConfig
 from .modeling_path import PaTHForCausalLM
 
@@ -606,14 +607,12 @@ def train(
         fail(f"--optim must be adamw or muon, got {optim!r}")
     if not 0 <= min_lr_ratio <= 1:
         fail(f"--min-lr-ratio must be in [0, 1], got {min_lr_ratio}")
-    if attn_backend in ("triton", "fla"):
-        import importlib.util
-
-        package = {"triton": "triton", "fla": "fla"}[attn_backend]
+    if attn_backend in path_ops.KERNELS:
         if use_cpu or not torch.cuda.is_available():
             fail(f"--attn-backend {attn_backend} runs on a CUDA GPU only; use auto or torch here")
-        if importlib.util.find_spec(package) is None:
-            fail(f"--attn-backend {attn_backend} needs the {package} package (pip install 'path-lm[cuda]')")
+        problem = path_ops.kernel_import_error(attn_backend)
+        if problem:
+            fail(f"--attn-backend {attn_backend}: {problem}")
 
     # Data and tokenizer are read on every rank before any rank writes, so bad input stops all of them.
     documents = load_documents(data_files, text_field, dataset_config, max_documents)
@@ -777,8 +776,10 @@ def train(
     if trainer.is_world_process_zero():
         ppl = summary["eval_perplexity"]
         loss = summary["final_loss"]  # None when no step logged a loss (--logging-steps > --max-steps)
-        metrics = (f"final train loss {loss:.4f}" if loss is not None
-                   else f"mean train loss {summary['mean_train_loss']:.4f}") + (f", eval perplexity {ppl:.2f}" if ppl else "")
+        mean = summary["mean_train_loss"]
+        metrics = f"final train loss {loss:.4f}" if loss is not None else f"mean train loss {mean:.4f}"
+        if ppl:
+            metrics += f", eval perplexity {ppl:.2f}"
         if steady:
             metrics += f", {steady:,.0f} tokens/s"
         print(f"path-lm train: saved {final} ({summary['steps']} steps, {metrics})")

@@ -335,6 +335,10 @@ def test_run_options_set_the_attention_of_every_model_source_for_the_run(corpus,
     out = tmp_path / "cpu-run"
     with pytest.raises(SystemExit, match="runs on a CUDA GPU only"):
         main(["train", str(corpus["txt"]), "--output-dir", str(out), "--attn-backend", "triton", "--cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(training.path_ops, "kernel_import_error", lambda name: f"{name} is not importable")
+    with pytest.raises(SystemExit, match="--attn-backend fla: fla is not importable"):
+        main(["train", str(corpus["txt"]), "--output-dir", str(out), "--attn-backend", "fla"])
     assert not out.exists()
 
 
