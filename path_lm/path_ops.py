@@ -798,7 +798,7 @@ BACKENDS = ("auto", "torch", *KERNELS)
 _DESCRIPTIONS = {"triton": "path-lm Triton kernel", "fla": "fla Triton kernel", "torch": "exact PyTorch"}
 
 
-AUTO_TRITON_MIN_LENGTH = 8192  # without gradients (inference, prefill)
+AUTO_TRITON_MIN_LENGTH = 1024  # without gradients (inference, prefill)
 AUTO_TRITON_MIN_TRAINING_LENGTH = 4096  # with gradients
 
 
@@ -807,11 +807,11 @@ def _auto_order(q: torch.Tensor) -> list:
     path-lm's kernel from AUTO_TRITON_MIN_TRAINING_LENGTH tokens on when q needs a gradient, from
     AUTO_TRITON_MIN_LENGTH without. With gradients: the ~376M model's training step at 2 x 4096 took 188 ms
     on path-lm's kernel and 241 ms on fla's in one run (docs/kernels.md, v14); as an op, forward+backward is
-    1.1x faster than fla's at 8 x 2048 (v12) and 1.55x at 4 x 4096 (v14), but its host time per call is up to
-    about twice fla's (3-4 ms), which small batches of short sequences do not hide. Without gradients its
-    forward is 1.3-3.0x faster than fla's as an op, but a whole model's prefill was host-bound and slower
-    below 8k (0.46x at 1k, 0.77x at 4k; 2.4x faster at 16k). fla's kernel is faster at head dim 128 and for
-    shorter sequences."""
+    1.15x faster than fla's at 8 x 2048 and 2.1x at 2 x 8192 (v15), but its host time per call is up to
+    about 1.5x fla's (2.6-3.6 ms), which small batches of short sequences do not hide. Without gradients a
+    whole ~125M model's prefill was faster on path-lm's kernel at every length measured (v15: 1.1x at 1k,
+    1.5x at 4k, 2.0x at 8k at batch 1; 2.4x and 3.4x at 4k and 8k at batch 16). fla's kernel is faster at
+    head dim 128 and takes shorter sequences."""
     training = torch.is_grad_enabled() and q.requires_grad
     min_length = AUTO_TRITON_MIN_TRAINING_LENGTH if training else AUTO_TRITON_MIN_LENGTH
     if q.shape[-1] == 64 and q.shape[1] >= min_length:

@@ -425,26 +425,27 @@ def test_gpu_packed_documents_match_torch_path():
 
 
 def test_auto_picks_the_faster_kernel_for_the_pass(monkeypatch):
-    """With both kernels usable: path-lm's for long sequences at head dim 64 (from a shorter length when q
-    needs a gradient), fla's at head dim 128 or for shorter sequences (the measured order,
-    docs/benchmarks.md)."""
+    """With both kernels usable: path-lm's at head dim 64 from AUTO_TRITON_MIN_LENGTH tokens without
+    gradients and from AUTO_TRITON_MIN_TRAINING_LENGTH with them (the pass decides, not the tensor), fla's at
+    head dim 128 or for shorter sequences (the measured order, docs/benchmarks.md)."""
     from path_lm import path_ops
 
     for name in path_ops.KERNELS:
         monkeypatch.setitem(path_ops.KERNELS, name, lambda q, v: None)
-    long, train = path_ops.AUTO_TRITON_MIN_LENGTH, path_ops.AUTO_TRITON_MIN_TRAINING_LENGTH
-    assert train < long
-    q64, q128 = torch.randn(1, long, 1, 64), torch.randn(1, long, 1, 128)
-    assert resolve_backend("auto", q64, q64) == "triton"
-    assert resolve_backend("auto", q64[:, : long - 1], q64[:, : long - 1]) == "fla"
+    infer, train = path_ops.AUTO_TRITON_MIN_LENGTH, path_ops.AUTO_TRITON_MIN_TRAINING_LENGTH
+    assert infer < train
+    q64, q128 = torch.randn(1, train, 1, 64), torch.randn(1, train, 1, 128)
+    assert resolve_backend("auto", q64[:, :infer], q64[:, :infer]) == "triton"
+    assert resolve_backend("auto", q64[:, : infer - 1], q64[:, : infer - 1]) == "fla"
     assert resolve_backend("auto", q128, q128) == "fla"
     q64.requires_grad_()
     q128.requires_grad_()
-    assert resolve_backend("auto", q64[:, :train], q64[:, :train]) == "triton"  # training
+    assert resolve_backend("auto", q64, q64) == "triton"  # training
     assert resolve_backend("auto", q64[:, : train - 1], q64[:, : train - 1]) == "fla"
+    assert resolve_backend("auto", q64[:, :infer], q64[:, :infer]) == "fla"
     assert resolve_backend("auto", q128, q128) == "fla"
     with torch.no_grad():  # a model that needs gradients, run for inference
-        assert resolve_backend("auto", q64[:, :train], q64[:, :train]) == "fla"
+        assert resolve_backend("auto", q64[:, :infer], q64[:, :infer]) == "triton"
 
 
 @gpu
