@@ -1382,17 +1382,21 @@ def _frame_chain(P, p_base, MID, MID32, mid_base, t, NB, eye_cols, full, cols, D
 def _prep_superblock_kernel(
     P, QT, KT, Q_BOT, K_TOP, K_TOP32, MID, P_SB, B_MAT, A_MAT, MID32, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, C: tl.constexpr, NB: tl.constexpr,
-    KEYS32: tl.constexpr, FOR_BACKWARD: tl.constexpr, PREC: tl.constexpr,
+    KEYS32: tl.constexpr, FOR_BACKWARD: tl.constexpr, TASKS_FIRST: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (superblock, batch x kv head, task, DB columns); tasks: the queries' carry, the keys'
     carry, and the frame changes from each chunk t. Every product below is separable by columns of its result
     (queries, P_{l-1} ... P_0, frame changes) or by rows of the chained matrix (keys). FOR_BACKWARD also
     writes each chunk's carry matrices B_l = P_{l-1} ... P_0, A_l = P_{NB-1} ... P_{l+1} and the frame
-    changes in float32."""
-    i_s = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    task = tl.program_id(2) // (D // DB)
-    i_d = tl.program_id(2) % (D // DB)
+    changes in float32. With TASKS_FIRST the grid is (task and columns, superblock, batch x kv head): the
+    tasks of one superblock run at the same time and read its chunks' products P from L2 rather than each
+    from memory (SUPERBLOCK_TASKS_FIRST)."""
+    if TASKS_FIRST:
+        i_task, i_s, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    else:
+        i_s, i_bh, i_task = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    task = i_task // (D // DB)
+    i_d = i_task % (D // DB)
     b = i_bh // H
     h = i_bh % H
     G: tl.constexpr = HQ // H
@@ -1457,6 +1461,14 @@ def _prep_launch(kernel: str, D: int, launch: dict | None = None) -> dict:
 # Launch of the kernels that walk chains of D x D products (the superblock kernel, the chains' backward), by
 # head dim: ``columns`` of the result per program (D x D float32 operands bound shared memory), warps, stages.
 CHAIN_LAUNCH = {64: dict(columns=64, num_warps=4, num_stages=1), 128: dict(columns=128, num_warps=8, num_stages=1)}
+
+
+# The superblock kernel's grid, by head dim: the tasks of one superblock first (they share its chunks' products
+# in L2) or the superblocks first. Measured on an H100 (docs/kernels.md, v16): at head dim 128 tasks first took
+# the kernel from 1450 to 1258 us per forward+backward at 4 x 4096 x 8 heads (its P, 128 MB there, does not fit
+# L2); at 64 it was slower (262 -> 287 us at 2 x 4096 x 16: P fits L2 either way, and superblocks first runs
+# the long tasks of every superblock in the first wave).
+SUPERBLOCK_TASKS_FIRST = {64: False, 128: True}
 
 
 def _chain_launch(D: int) -> dict:
@@ -1561,9 +1573,12 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     )
     sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))
     DB = min(D, sb_launch.pop("columns"))
-    _prep_superblock_kernel[(n_sb, B * H, (NB + 1) * (D // DB))](
+    tasks_first = sb_launch.pop("tasks_first", SUPERBLOCK_TASKS_FIRST[64 if D <= 64 else 128])
+    grid = ((NB + 1) * (D // DB), n_sb, B * H) if tasks_first else (n_sb, B * H, (NB + 1) * (D // DB))
+    _prep_superblock_kernel[grid](
         p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], b_mat, a_mat, mid32, T_pad,
-        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, PREC=prec, **sb_launch,
+        HQ=HQ, H=H, D=D, DB=DB, C=C, NB=NB, KEYS32=keys32, FOR_BACKWARD=for_backward, TASKS_FIRST=tasks_first,
+        PREC=prec, **sb_launch,
     )
     out["t_inv"] = t_inv
     if for_backward:
@@ -1906,24 +1921,25 @@ def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP, NB,
     """Gradients of the blocks' products P_0 .. P_{NB-1} of one window (per batch x kv head) from those of
     the products built from them: the frame changes F[s, t] = P_{s-1} ... P_{t+1} (0 <= t < s < NB) and, with
     HAS_EDGES, the carries to the window's edges B_l = F[l, -1], A_l = F[NB, l] and the window's product
-    F[NB, -1]. One program per (window, batch x kv head, chain start t, DC columns): for each t, F[s, t] =
+    F[NB, -1]. One program per (chain start t and DC columns, window, batch x kv head): for each t, F[s, t] =
     P_{s-1} F[s-1, t] backwards from the last s, with the adjoint G_s = dF[s, t] + P_s^T G_{s+1} and
     dP_{s-1} += G_s F[s-1, t]^T (atomic: the chains of every t meet in dP). The adjoint is separable by
-    columns: a program may take a block of them (CHAIN_LAUNCH)."""
-    i_w = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    columns: a program may take a block of them (CHAIN_LAUNCH). The chains of one window run side by side
+    (the grid's first axis), so that they read its P from L2."""
+    i_w = tl.program_id(1)
+    i_bh = tl.program_id(2)
     n_cols: tl.constexpr = D // DC
     if HAS_EDGES:
-        t = tl.program_id(2) // n_cols - 1  # t = -1: the chains from the window's start (B_l, F[NB, -1])
+        t = tl.program_id(0) // n_cols - 1  # t = -1: the chains from the window's start (B_l, F[NB, -1])
     else:
-        t = tl.program_id(2) // n_cols
-    i_d = tl.program_id(2) % n_cols
+        t = tl.program_id(0) // n_cols
+    i_d = tl.program_id(0) % n_cols
     NP = NB * (NB - 1) // 2
     if HAS_EDGES:
         S_MAX = NB
     else:
         S_MAX = NB - 1
-    n_w = tl.num_programs(0)
+    n_w = tl.num_programs(1)
     od = tl.arange(0, D)
     ob = i_d * DC + tl.arange(0, DC)
     full = od[:, None] * D + od[None, :]
@@ -1973,7 +1989,7 @@ def frames_backward(p, f32, df, *, edges=None, precision: str, launch: dict | No
     DC = min(D, config.pop("columns"))
     starts = NB if edges is not None else NB - 1
     if starts > 0:
-        _frames_bwd_kernel[(W, B * H, starts * (D // DC))](
+        _frames_bwd_kernel[(starts * (D // DC), W, B * H)](
             p, f32, df, b_mat, db, da, dpw, dp, NB, D=D, DC=DC, HAS_EDGES=edges is not None, PREC=precision,
             **config,
         )

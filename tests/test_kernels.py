@@ -232,10 +232,11 @@ def test_inputs_past_32_bit_offsets_are_refused():
 
 def test_chain_kernels_by_column_blocks(monkeypatch):
     """Head dims above 64 split the D x D chains (the superblock kernel, the chains' backward) over programs
-    by columns; forced here at D = 32 with blocks of 16 columns."""
+    by columns, and run the superblock kernel's tasks first; forced here at D = 32 with blocks of 16 columns."""
     from path_lm import path_triton
 
     monkeypatch.setattr(path_triton, "_chain_launch", lambda D: dict(columns=16, num_warps=4, num_stages=1))
+    monkeypatch.setitem(path_triton.SUPERBLOCK_TASKS_FIRST, 64, True)
     inputs = make_inputs(1, 80, 2, 1, 32, seed=6)
     (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, chunk_size=16, chunks_per_superblock=2)
     assert rel_err(o, o_ref) < 1e-5
