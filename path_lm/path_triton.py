@@ -1289,6 +1289,13 @@ def _chunk_solve_kernel(W, BETA, TINV, T, T_pad, H: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _rows_block(X, rows, cols, real):
+    """X[rows, cols] in float32 ([len(rows), len(cols)]; ``rows`` the flat offsets of the rows), zero in rows
+    past the sequence (``real`` false)."""
+    return tl.load(X + rows[:, None] + cols[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _prep_chunk_kernel(
     Q, K, V, W, BETA, GATE, SEG, TINV, P_OUT, QT, QT_K, KT, KT_K, O_LOC, LSE_LOC,
     scale, T, T_pad,
@@ -1677,10 +1684,10 @@ def _chunk_bwd_query_head(
     s = tl.zeros([C, C], tl.float32)
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
-        q = tl.load(Q + q_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-        w = tl.load(W + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        q = _rows_block(Q, q_rows, od, real)
+        w = _rows_block(W, kw_rows, od, real)
         r += tl.dot(q, tl.trans(w), input_precision=PREC)
-        k = tl.load(K + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        k = _rows_block(K, kw_rows, od, real)
         s += tl.dot(q, tl.trans(k), input_precision=PREC)
     # The scores S = Q K^T - QW Ti L with QW = tril(R) diag(beta), kept as tril(R) (one [C, C] tile, not two)
     # with beta applied to the other factor: QW X = tril(R) (beta X), QW^T X = beta tril(R)^T X
@@ -1725,7 +1732,7 @@ def _chunk_bwd_query_head(
         du_off = du_rows[:, None] + od[None, :]
         tl.store(DU + du_off, tl.load(DU + du_off) - beta[:, None] * tl.dot(r_t, dqt, input_precision=PREC))
         dqw -= tl.dot(dqt, tl.trans(tl.load(U + du_off)), input_precision=PREC)
-        q = tl.load(Q + q_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        q = _rows_block(Q, q_rows, od, real)
         dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
         if ADD:
             dk += tl.load(DK + dk_rows[:, None] + od[None, :])
@@ -1740,12 +1747,12 @@ def _chunk_bwd_query_head(
     dr = dqw * beta[None, :]
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
-        k = tl.load(K + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        k = _rows_block(K, kw_rows, od, real)
         dq = tl.load(DQT + dq_rows[:, None] + od[None, :]) + tl.dot(ds, k, input_precision=PREC)
-        w = tl.load(W + kw_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, kw_rows, od, real)
         dq += tl.dot(dr, w, input_precision=PREC)
         tl.store(DQ + dq_rows[:, None] + od[None, :], dq)
-        q = tl.load(Q + q_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        q = _rows_block(Q, q_rows, od, real)
         dw = tl.dot(tl.trans(dr), q, input_precision=PREC)
         if ADD:
             dw += tl.load(DW + dk_rows[:, None] + od[None, :])
@@ -1815,8 +1822,8 @@ def _chunk_bwd_keys_kernel(
         l_wk = tl.zeros([C, C], tl.float32)
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
-            w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-            k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            w = _rows_block(W, in_rows, od, real)
+            k = _rows_block(K, in_rows, od, real)
             l_wk += tl.dot(w, tl.trans(k), input_precision=PREC)
         l_wk = tl.where(oc[:, None] > oc[None, :], l_wk, 0.0)
         dwk = tl.load(DWK + cc)
@@ -1826,9 +1833,9 @@ def _chunk_bwd_keys_kernel(
         for i_d in range(D // BD):
             od = i_d * BD + tl.arange(0, BD)
             off = k_rows[:, None] + od[None, :]
-            k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            k = _rows_block(K, in_rows, od, real)
             tl.store(DW + off, tl.load(DW + off) + tl.dot(dl, k, input_precision=PREC))
-            w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            w = _rows_block(W, in_rows, od, real)
             tl.store(DK + off, tl.load(DK + off) + tl.dot(tl.trans(dl), w, input_precision=PREC))
         return
     # The keys' carry K - KW V2, V2 = Ti^T Bw: dKW = -triu(dK_t V2^T, 1) to k and w first, then KW to dV2 =
@@ -1839,22 +1846,22 @@ def _chunk_bwd_keys_kernel(
     dkw = tl.zeros([C, C], tl.float32)
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
         v2 = tl.dot(t_low_t, w * beta[:, None], input_precision=PREC)
         dkw -= tl.dot(tl.load(DKT + k_rows[:, None] + od[None, :]), tl.trans(v2), input_precision=PREC)
     dkw = tl.where(upper, dkw, 0.0)
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
         off = k_rows[:, None] + od[None, :]
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
         tl.store(DK + off, tl.load(DK + off) + tl.load(DKT + off) + tl.dot(dkw, w, input_precision=PREC))
-        k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        k = _rows_block(K, in_rows, od, real)
         tl.store(DW + off, tl.load(DW + off) + tl.dot(tl.trans(dkw), k, input_precision=PREC))
     kw = tl.zeros([C, C], tl.float32)
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-        k = tl.load(K + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
+        k = _rows_block(K, in_rows, od, real)
         kw += tl.dot(k, tl.trans(w), input_precision=PREC)
     kw = tl.where(upper, kw, 0.0)
     t_low = _chunk_inverse(TINV, chunk, C, False)
@@ -1862,7 +1869,7 @@ def _chunk_bwd_keys_kernel(
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
         dv2 = -tl.dot(tl.trans(kw), tl.load(DKT + k_rows[:, None] + od[None, :]), input_precision=PREC)
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
         dwk += tl.dot(w * beta[:, None], tl.trans(dv2), input_precision=PREC)
         cd = cd_rows[:, None] + od[None, :]
         tl.store(DBW + cd, tl.load(DBW + cd) + tl.dot(t_low, dv2, input_precision=PREC))
@@ -1888,7 +1895,7 @@ def _chunk_bwd_inverse_kernel(
     dti = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :])
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
         dti += tl.dot(tl.load(DU + cd_rows[:, None] + od[None, :]), tl.trans(w), input_precision=PREC)
     t_low_t = _chunk_inverse(TINV, chunk, C, True)
     dm = -tl.dot(tl.dot(t_low_t, dti, input_precision=PREC), t_low_t, input_precision=PREC)
@@ -1897,7 +1904,7 @@ def _chunk_bwd_inverse_kernel(
     dbeta = tl.load(DBETA + (b * T_pad + pos) * H + h)
     for i_d in range(D // BD):  # dbeta = sum over rows of dM * (W W^T), by blocks of W W^T
         od = i_d * BD + tl.arange(0, BD)
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
         dbeta += tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
     da = dm * beta[None, :]
     da += tl.trans(da)
@@ -1905,7 +1912,7 @@ def _chunk_bwd_inverse_kernel(
         od = i_d * BD + tl.arange(0, BD)
         off = k_rows[:, None] + od[None, :]
         cd = cd_rows[:, None] + od[None, :]
-        w = tl.load(W + in_rows[:, None] + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        w = _rows_block(W, in_rows, od, real)
         dw = tl.load(DW + off) + tl.dot(t_low_t, tl.load(DU + cd), input_precision=PREC)
         dw += tl.dot(da, w, input_precision=PREC)
         dbw = tl.load(DBW + cd)
