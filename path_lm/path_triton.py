@@ -1478,8 +1478,13 @@ CHAIN_LAUNCH = {64: dict(columns=64, num_warps=4, num_stages=1), 128: dict(colum
 SUPERBLOCK_TASKS_FIRST = {64: False, 128: True}
 
 
+def _chain_key(D: int) -> int:
+    """The row of CHAIN_LAUNCH / SUPERBLOCK_TASKS_FIRST for head dim D."""
+    return 64 if D <= 64 else 128
+
+
 def _chain_launch(D: int) -> dict:
-    return dict(CHAIN_LAUNCH[64 if D <= 64 else 128])
+    return dict(CHAIN_LAUNCH[_chain_key(D)])
 
 
 @triton.jit(do_not_specialize=["NB"])
@@ -1580,7 +1585,7 @@ def prepare_forward(q, k, v, w, beta, gate, seg_start, *, chunk: int, chunks_per
     )
     sb_launch = dict(_chain_launch(D), **(launch or {}).get("superblock", {}))
     DB = min(D, sb_launch.pop("columns"))
-    tasks_first = sb_launch.pop("tasks_first", SUPERBLOCK_TASKS_FIRST[64 if D <= 64 else 128])
+    tasks_first = SUPERBLOCK_TASKS_FIRST[_chain_key(D)]
     grid = ((NB + 1) * (D // DB), n_sb, B * H) if tasks_first else (n_sb, B * H, (NB + 1) * (D // DB))
     _prep_superblock_kernel[grid](
         p, q_t32, k_t32, out["q_bot"], out["k_top"], out["k_top32"], out["mid"], out["p_sb"], b_mat, a_mat, mid32, T_pad,

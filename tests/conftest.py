@@ -5,11 +5,10 @@ import tempfile
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Under pytest-xdist (`-n auto`): each worker loads remote code into a modules cache of its own (two
-    # workers writing one module file at once would race), and runs torch on one thread, so that the
-    # workers do not fight over the cores.
+    # workers writing one module file at once would race; read when transformers is imported), and runs
+    # torch on one thread (below), so that the workers do not fight over the cores.
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
     atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
