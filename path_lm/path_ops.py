@@ -579,7 +579,7 @@ class _PaTHTriton(torch.autograd.Function):
             for i, (qx, kx, mid, X, nb) in enumerate(levels):
                 o, lse = framed_forward(
                     qx, kx, v_kernel, gate, mid, seg_start, (o, lse), block=X, blocks_per_window=nb, scale=scale,
-                    out_dtype=q.dtype if i == len(levels) - 1 else torch.float32,
+                    out_dtype=q.dtype if i == len(levels) - 1 else torch.float32, segmented=segment_ids is not None,
                 )
             o = o[:, :T].to(q.dtype)
             keys = None
@@ -592,7 +592,7 @@ class _PaTHTriton(torch.autograd.Function):
         # triangular inverses (C floats per token and kv head), which the rerun then reads instead of solving.
         kept = [prep[name] for name in _KEPT] if keep else [prep["t_inv"]]
         ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept)
-        ctx.args = (scale, C, NB, kdt, keep)
+        ctx.args = (scale, C, NB, kdt, keep, segment_ids is not None)
         if keys is not None:
             ctx.mark_non_differentiable(keys)
         return o, keys
@@ -605,7 +605,7 @@ class _PaTHTriton(torch.autograd.Function):
         )
 
         q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept = ctx.saved_tensors
-        scale, C, NB, kdt, keep = ctx.args
+        scale, C, NB, kdt, keep, segmented = ctx.args
         B, T, HQ, D = q.shape
         H = k.shape[2]
         T_pad = seg_start.shape[1]
@@ -627,7 +627,8 @@ class _PaTHTriton(torch.autograd.Function):
             do_k = _pad_time(do, T_pad).to(kdt).contiguous()
             delta = output_delta(do, o, T_pad)  # [B, HQ, T_pad]
             dv_levels, dgates = None, []  # the levels add their dv into one float32 tensor
-            kernel_args = dict(seg_start=seg_start, seg_end=seg_end, do=do_k, lse=lse, delta=delta, scale=scale)
+            kernel_args = dict(seg_start=seg_start, seg_end=seg_end, do=do_k, lse=lse, delta=delta, scale=scale,
+                               segmented=segmented)
             if NB > 1:
                 dq_t, dk_t, dv_levels, dg_c, dmid = framed_backward(
                     prep["q_t"], prep["k_t"], v_kernel, gate, prep["mid"], block=C, blocks_per_window=NB, **kernel_args

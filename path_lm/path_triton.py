@@ -42,8 +42,10 @@ def _fwd_kernel(
     scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, PREC: tl.constexpr,
 ):
+    """See :func:`framed_forward`. Without SEGMENTED (one segment per row) no key of an earlier block is
+    hidden from a query of the row, and the tiles go unmasked."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     i_bh = tl.program_id(1)
     b = i_bh // HQ
@@ -57,8 +59,8 @@ def _fwd_kernel(
 
     q = tl.load(Q + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :])
     seg_q = tl.load(SEG + b * T + rows)
-    if HAS_GATE:
-        g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
+    if HAS_GATE:  # in the scores' base-2 scale
+        g_q = tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
     first = tl.min(seg_q, axis=0)
     t_lo = tl.maximum(first // X - window * NB, 0)
     mid_base = MID + (((b * H + h) * (T // (X * NB)) + window) * NP).to(tl.int64) * D * D
@@ -76,11 +78,11 @@ def _fwd_kernel(
             cols = j0 + tl.arange(0, BN)
             k = tl.load(K + ((b * T + cols)[:, None] * H + h) * D + od[None, :])
             v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
-            s = tl.dot(u, tl.trans(k), input_precision=PREC)
+            s = tl.dot(u, tl.trans(k), input_precision=PREC) * scale_log2
             if HAS_GATE:
-                g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
-                s += g_q[:, None] - g_k[None, :]
-            s = tl.where(cols[None, :] >= seg_q[:, None], s * scale_log2, float("-inf"))
+                s = s + g_q[:, None] - tl.load(GATE + (b * T + cols) * HQ + hq)[None, :] * scale_log2
+            if SEGMENTED:
+                s = tl.where(cols[None, :] >= seg_q[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
@@ -102,7 +104,7 @@ def _bwd_dq_kernel(
     scale, scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, SOLE: tl.constexpr,
+    HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, PREC: tl.constexpr, SOLE: tl.constexpr,
 ):
     """dq and the frame changes' gradients dF[s, t] += q_s^T (dS k) (see :func:`framed_backward`). With SOLE
     (one query head per kv head, query tiles of a whole block) this program is the only writer of its block's
@@ -127,7 +129,7 @@ def _bwd_dq_kernel(
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
     if HAS_GATE:
-        g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
+        g_q = tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
     first = tl.min(seg_q, axis=0)
     t_lo = tl.maximum(first // X - window * NB, 0)
 
@@ -148,11 +150,11 @@ def _bwd_dq_kernel(
             cols = j0 + tl.arange(0, BN)
             k = tl.load(K + ((b * T + cols)[:, None] * H + h) * D + od[None, :])
             v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
-            s = tl.dot(u, tl.trans(k), input_precision=PREC)
+            s = tl.dot(u, tl.trans(k), input_precision=PREC) * scale_log2
             if HAS_GATE:
-                g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
-                s += g_q[:, None] - g_k[None, :]
-            s = tl.where(cols[None, :] >= seg_q[:, None], s * scale_log2, float("-inf"))
+                s = s + g_q[:, None] - tl.load(GATE + (b * T + cols) * HQ + hq)[None, :] * scale_log2
+            if SEGMENTED:
+                s = tl.where(cols[None, :] >= seg_q[:, None], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -178,7 +180,7 @@ def _bwd_dkv_kernel(
     scale, scale_log2, T,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     X: tl.constexpr, NB, NP, BM: tl.constexpr, BN: tl.constexpr,
-    HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
+    HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
 ):
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -203,7 +205,7 @@ def _bwd_dkv_kernel(
     for hq in range(h * G, h * G + G):
         dg = tl.zeros([BN], tl.float32)
         if HAS_GATE:
-            g_k = tl.load(GATE + (b * T + cols) * HQ + hq)
+            g_k = tl.load(GATE + (b * T + cols) * HQ + hq) * scale_log2
         for s_loc in range(t_loc + 1, s_hi):
             f = tl.load(MID + pair_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :])
             q_start = (window * NB + s_loc) * X
@@ -217,11 +219,11 @@ def _bwd_dkv_kernel(
                 lse = tl.where(lse == float("-inf"), 0.0, lse)
                 delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
                 u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
-                s_t = tl.dot(k, tl.trans(u), input_precision=PREC)
+                s_t = tl.dot(k, tl.trans(u), input_precision=PREC) * scale_log2
                 if HAS_GATE:
-                    g_q = tl.load(GATE + (b * T + rows) * HQ + hq)
-                    s_t += g_q[None, :] - g_k[:, None]
-                s_t = tl.where(cols[:, None] >= seg_q[None, :], s_t * scale_log2, float("-inf"))
+                    s_t = s_t - g_k[:, None] + tl.load(GATE + (b * T + rows) * HQ + hq)[None, :] * scale_log2
+                if SEGMENTED:
+                    s_t = tl.where(cols[:, None] >= seg_q[None, :], s_t, float("-inf"))
                 p_t = tl.exp2(s_t - lse[None, :])
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -269,7 +271,7 @@ def _attention_launch(kernel: str, X: int, D: int, launch: dict | None) -> tuple
 
 
 def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks_per_window: int, scale: float,
-                   out_dtype=torch.float32, launch: dict | None = None):
+                   out_dtype=torch.float32, segmented: bool = True, launch: dict | None = None):
     """Attention of every query to the keys of earlier frame blocks in its window, continuing the softmax of
     the keys another level already covered.
 
@@ -279,7 +281,9 @@ def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks
         gate: [B, T, HQ] float32 cumulative log gate, or None.
         mid: [B, H, W, NB * (NB - 1) // 2, D, D] frame changes F[s, t] of each window's block pairs s > t,
             packed row by row, q's dtype.
-        seg_start: [B, T] int32, the first position of each position's segment.
+        seg_start: [B, T] int32, the first position of each position's segment; ``segmented=False`` says that
+            every position before T' (the unpadded length) is in one segment, and the kernels skip the mask
+            (the padding's queries past T' then see earlier keys, which changes none of the first T' rows).
         partial: (o [B, T, HQ, DV] float32, lse [B, HQ, T] float32) over disjoint keys (-inf: none).
         block: X, the frame block length; blocks_per_window: NB. T must be a multiple of X * NB.
     Returns:
@@ -296,18 +300,18 @@ def framed_forward(q, k, v, gate, mid, seg_start, partial, *, block: int, blocks
     _fwd_kernel[(T // BM, B * HQ)](
         q, k, v, gate, mid, seg_start, o_in, lse_in, o, lse, scale * LOG2E, T,
         HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, BM=BM, BN=BN,
-        HAS_GATE=gate is not None, PREC=_precision(q), **config,
+        HAS_GATE=gate is not None, SEGMENTED=segmented, PREC=_precision(q), **config,
     )
     return o, lse
 
 
 def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, block, blocks_per_window, scale,
-                    dv=None, launch: dict | None = None):
+                    dv=None, segmented: bool = True, launch: dict | None = None):
     """Gradients of the loss through the pairs of :func:`framed_forward`, given the FULL softmax's
     statistics: lse [B, HQ, T] (natural log, over every key of every level) and delta [B, HQ, T] =
     rowsum(do * o) of the final output. do [B, T, HQ, DV] in q's dtype; seg_end [B, T] int32 one past the
-    last position of each position's segment. Returns float32 dq, dk, dv, dgate (None without a gate), dmid;
-    with ``dv`` ([B, T, H, DV] float32, another level's) its share is added to that tensor in place."""
+    last position of each position's segment (``segmented`` as in :func:`framed_forward`; the padding's rows
+    must have zero do). Returns float32 dq, dk, dv, dgate (None without a gate), dmid; with ``dv`` ([B, T, H, DV] float32, another level's) its share is added to that tensor in place."""
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     NB = blocks_per_window
@@ -323,7 +327,7 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     dg_q = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
     dg_k = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if has_gate else None
     common = dict(HQ=HQ, H=H, D=D, DV=DV, X=block, NB=NB, NP=NB * (NB - 1) // 2, HAS_GATE=has_gate,
-                  PREC=_precision(q))
+                  SEGMENTED=segmented, PREC=_precision(q))
     _bwd_dq_kernel[(T // BM, B * HQ)](
         q, k, v, gate, mid, seg_start, do, lse, delta, dq, dg_q, dmid, scale, scale * LOG2E, T,
         BM=BM, BN=BN, SOLE=sole, **common, **config,
