@@ -45,7 +45,8 @@ def _fwd_kernel(
     HAS_GATE: tl.constexpr, SEGMENTED: tl.constexpr, PREC: tl.constexpr,
 ):
     """See :func:`framed_forward`. Without SEGMENTED (one segment per row) no key of an earlier block is
-    hidden from a query of the row, and the tiles go unmasked."""
+    hidden from a query of the row, and the tiles go unmasked. The query's own gate term g_i, the same for all
+    its scores, is left out of them (the softmax does not change) and added to the log-sum-exp at the end."""
     i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     i_bh = tl.program_id(1)
     b = i_bh // HQ
@@ -59,8 +60,6 @@ def _fwd_kernel(
 
     q = tl.load(Q + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :])
     seg_q = tl.load(SEG + b * T + rows)
-    if HAS_GATE:  # in the scores' base-2 scale
-        g_q = tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
     first = tl.min(seg_q, axis=0)
     t_lo = tl.maximum(first // X - window * NB, 0)
     mid_base = MID + (((b * H + h) * (T // (X * NB)) + window) * NP).to(tl.int64) * D * D
@@ -68,6 +67,9 @@ def _fwd_kernel(
     # Continue the softmax of the keys already done (another level): normalized output, log-sum-exp.
     m_i = tl.load(LSE_IN + (b * HQ + hq) * T + rows) * 1.4426950408889634
     l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+    if HAS_GATE:  # the row's own gate term, in the scores' base-2 scale
+        g_q = tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
+        m_i -= g_q
     acc = tl.load(O_IN + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :]) * l_i[:, None]
     for t_loc in range(t_lo, s_loc):
         f = tl.load(mid_base + (s_loc * (s_loc - 1) // 2 + t_loc) * D * D + od[:, None] * D + od[None, :])
@@ -80,7 +82,7 @@ def _fwd_kernel(
             v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
             s = tl.dot(u, tl.trans(k), input_precision=PREC) * scale_log2
             if HAS_GATE:
-                s = s + g_q[:, None] - tl.load(GATE + (b * T + cols) * HQ + hq)[None, :] * scale_log2
+                s -= tl.load(GATE + (b * T + cols) * HQ + hq)[None, :] * scale_log2
             if SEGMENTED:
                 s = tl.where(cols[None, :] >= seg_q[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -93,6 +95,8 @@ def _fwd_kernel(
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if HAS_GATE:
+        m_i += g_q
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(O + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :], o.to(O.dtype.element_ty))
     tl.store(LSE + (b * HQ + hq) * T + rows, lse)
@@ -128,8 +132,8 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + (b * HQ + hq) * T + rows) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
-    if HAS_GATE:
-        g_q = tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
+    if HAS_GATE:  # the row's own gate term moves from the scores to the log-sum-exp (one subtraction per row)
+        lse -= tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
     first = tl.min(seg_q, axis=0)
     t_lo = tl.maximum(first // X - window * NB, 0)
 
@@ -152,7 +156,7 @@ def _bwd_dq_kernel(
             v = tl.load(V + ((b * T + cols)[:, None] * H + h) * DV + ov[None, :])
             s = tl.dot(u, tl.trans(k), input_precision=PREC) * scale_log2
             if HAS_GATE:
-                s = s + g_q[:, None] - tl.load(GATE + (b * T + cols) * HQ + hq)[None, :] * scale_log2
+                s -= tl.load(GATE + (b * T + cols) * HQ + hq)[None, :] * scale_log2
             if SEGMENTED:
                 s = tl.where(cols[None, :] >= seg_q[:, None], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
@@ -220,8 +224,9 @@ def _bwd_dkv_kernel(
                 delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
                 u = tl.dot(q, f, input_precision=PREC).to(q.dtype)
                 s_t = tl.dot(k, tl.trans(u), input_precision=PREC) * scale_log2
-                if HAS_GATE:
-                    s_t = s_t - g_k[:, None] + tl.load(GATE + (b * T + rows) * HQ + hq)[None, :] * scale_log2
+                if HAS_GATE:  # the query's gate term in its log-sum-exp (per row, not per score)
+                    s_t -= g_k[:, None]
+                    lse -= tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
                 if SEGMENTED:
                     s_t = tl.where(cols[:, None] >= seg_q[None, :], s_t, float("-inf"))
                 p_t = tl.exp2(s_t - lse[None, :])
