@@ -16,6 +16,8 @@ this script
 
 Fill `PREP_LAUNCH` from the "fastest" column where it beats the table by more than the run's noise.
 
+`--documents N` runs every shape on packed documents of N tokens (segment ids) rather than one per row.
+
     python benchmarks/gpu_prep_launch.py [--shapes 2x4096x16x64 4x4096x8x128] [--warps 2 4 8] [--stages 1 2]
 """
 
@@ -74,9 +76,12 @@ def sweep_shape(shape, args, device, path_triton, path_attention_triton, make_in
     B, T, H, D = shape
     path, _ = make_inputs(B, T, H, D, device)
     grad_out = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    segment_ids = None
+    if args.documents:  # packed documents of this many tokens, the first one half as long
+        segment_ids = ((torch.arange(T, device=device) + args.documents // 2) // args.documents).expand(B, T)
 
     def step():
-        torch.autograd.grad(path_attention_triton(*path)[0], path, grad_out)
+        torch.autograd.grad(path_attention_triton(*path, segment_ids=segment_ids)[0], path, grad_out)
 
     saved = dict(path_triton.PREP_LAUNCH)
     table = {name: path_triton._prep_launch(name, D) for name in KERNELS}
@@ -131,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--iters", type=int, default=3, help="profiled op calls per launch")
+    parser.add_argument("--documents", type=int, default=0, metavar="TOKENS",
+                        help="packed documents of this many tokens (segment ids) instead of one per row")
     C.add_common_args(parser, "gpu_prep_launch")
     args = parser.parse_args(argv)
     device = C.pick_device(args)
@@ -145,7 +152,8 @@ def main(argv=None):
         args.shapes, args.warps, args.stages, args.iters = [(1, 160, 2, 16)], [4], [1], 1
     results = [sweep_shape(shape, args, device, path_triton, path_attention_triton, make_inputs)
                for shape in args.shapes]
-    meta = {**C.environment(device), "dtype": "bfloat16", "forget_gate": True, "iters": args.iters}
+    meta = {**C.environment(device), "dtype": "bfloat16", "forget_gate": True, "iters": args.iters,
+            "documents": args.documents or None}
     path = C.write_json(args, "gpu_prep_launch", {"meta": meta, "results": results})
 
     print(f"\n# wrote {path}")
