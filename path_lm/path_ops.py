@@ -809,7 +809,8 @@ def _auto_order(q: torch.Tensor) -> list:
     AUTO_TRITON_MIN_LENGTH without. With gradients: the ~376M model's training step at 2 x 4096 took 188 ms
     on path-lm's kernel and 241 ms on fla's in one run (docs/kernels.md, v14); as an op, forward+backward is
     1.15x faster than fla's at 8 x 2048 and 2.1x at 2 x 8192 (v15), but its host time per call is up to
-    about 1.5x fla's (2.6-3.6 ms), which small batches of short sequences do not hide. Without gradients a
+    about 1.5x fla's (2.6-3.6 ms), which small batches of short sequences do not hide: at 2048 tokens (v19)
+    the same model's step was 1.05x faster on path-lm's kernel at batch 4 and 0.94x at batch 1. Without gradients a
     whole ~125M model's prefill was faster on path-lm's kernel from 1k tokens on (v15: 1.1x at 1k,
     1.5x at 4k, 2.0x at 8k at batch 1; 2.4x and 3.4x at 4k and 8k at batch 16) and slower below (0.62-0.88x
     at 128-512 tokens, where both are bound by host time). fla's kernel is faster at head dim 128."""
