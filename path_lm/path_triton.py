@@ -316,7 +316,8 @@ def framed_backward(q, k, v, gate, mid, seg_start, seg_end, do, lse, delta, *, b
     statistics: lse [B, HQ, T] (natural log, over every key of every level) and delta [B, HQ, T] =
     rowsum(do * o) of the final output. do [B, T, HQ, DV] in q's dtype; seg_end [B, T] int32 one past the
     last position of each position's segment (``segmented`` as in :func:`framed_forward`; the padding's rows
-    must have zero do). Returns float32 dq, dk, dv, dgate (None without a gate), dmid; with ``dv`` ([B, T, H, DV] float32, another level's) its share is added to that tensor in place."""
+    must have zero do). Returns float32 dq, dk, dv, dgate (None without a gate), dmid; with ``dv`` ([B, T, H,
+    DV] float32, another level's) its share is added to that tensor in place."""
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
     NB = blocks_per_window
