@@ -1462,9 +1462,9 @@ def _prep_superblock_kernel(
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
 # faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9, v13-v15; kernels: "solve",
-# "chunk", "edges", "setup", "queries", "keys", "inverse"). The query side, the key side and the inverse ran at
-# 8 warps at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64 columns (v13,
-# v14): with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4 warps are
+# "chunk", "edges", "setup", "queries", "key_side", "keys", "inverse"). The query side, the key side and the
+# inverse ran at 8 warps at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64
+# columns (v13, v14): with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4 warps are
 # faster. The chunk kernel at head dim 128 is faster at 8 warps since the inverses left it (v15).
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
 PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("chunk", "edges", "setup")}
@@ -1486,6 +1486,12 @@ CHAIN_LAUNCH = {64: dict(columns=64, num_warps=4, num_stages=1), 128: dict(colum
 # L2); at 64 it was slower (262 -> 287 us at 2 x 4096 x 16: P fits L2 either way, and superblocks first runs
 # the long tasks of every superblock in the first wave).
 SUPERBLOCK_TASKS_FIRST = {64: False, 128: True}
+
+
+# The key side of the per-chunk backward (the scores' and the keys' carry, then the triangular inverse) in one
+# kernel, by head dim: its program then holds the chunk's [C, D] tiles whole, which pays where they are small.
+# Elsewhere three launches take the head dim in blocks of 64 columns (v14).
+KEY_SIDE_ONE_KERNEL = {16: True, 32: True, 64: True}
 
 
 def _chain_key(D: int) -> int:
@@ -1937,6 +1943,57 @@ def _chunk_bwd_inverse_kernel(
     tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
 
 
+@triton.jit
+def _chunk_bwd_key_side_kernel(
+    K, W, BETA, TINV, DKT, DU, DBW, DTI, DK, DW, DBETA, T, T_pad,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+):
+    """:func:`_chunk_bwd_keys_kernel`'s two launches and :func:`_chunk_bwd_inverse_kernel` in one program, for
+    head dims whose [C, D] tiles the program holds whole (:data:`KEY_SIDE_ONE_KERNEL`): the scores' Ti L, the
+    keys' carry K - KW Ti^T Bw and the inverse, with dTi, dk, dw and dBw kept in registers between them
+    instead of stored and read back. DTI holds d(Ti L) from the query side; it is read, not written."""
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
+    oc = tl.arange(0, C)
+    od = tl.arange(0, D)
+    in_rows = ((row0 + oc) * H + h) * D  # the inputs k, w ([B * T, H, D])
+    off = (((b * T_pad + pos) * H + h) * D)[:, None] + od[None, :]  # padded in time ([B, T_pad, H, D])
+    cd = (chunk * (C * D) + oc * D)[:, None] + od[None, :]  # per chunk ([B * H * n, C, D])
+    lower = oc[:, None] > oc[None, :]
+    w = _rows_block(W, in_rows, od, real)
+    k = _rows_block(K, in_rows, od, real)
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    bw = w * beta[:, None]
+    t_low_t = _chunk_inverse(TINV, chunk, C, True)
+    # L = tril(W K^T, -1) of the scores' Ti L; the keys' carry has KW = triu(K W^T, 1) = L^T
+    l_wk = tl.where(lower, tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
+    dkt = tl.load(DKT + off)
+    # Ti L: dTi = d(Ti L) L^T, dL = Ti^T d(Ti L). The carry, V2 = Ti^T Bw: dKW = -triu(dK_t V2^T, 1) and
+    # dV2 = -KW^T dK_t, to Ti (dTi += Bw dV2^T) and Bw (dBw += Ti dV2). dL and dKW^T (both strictly lower)
+    # reach k and w as one matrix E: dk += E^T w, dw += E k.
+    dwk = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :])
+    dti = tl.dot(dwk, tl.trans(l_wk), input_precision=PREC)
+    e = tl.dot(t_low_t, dwk, input_precision=PREC)
+    e -= tl.trans(tl.dot(dkt, tl.trans(tl.dot(t_low_t, bw, input_precision=PREC)), input_precision=PREC))
+    e = tl.where(lower, e, 0.0)
+    tl.store(DK + off, tl.load(DK + off) + dkt + tl.dot(tl.trans(e), w, input_precision=PREC))
+    dw = tl.load(DW + off) + tl.dot(e, k, input_precision=PREC)
+    dv2 = -tl.dot(l_wk, dkt, input_precision=PREC)
+    dti += tl.dot(bw, tl.trans(dv2), input_precision=PREC)
+    dbw = tl.load(DBW + cd) + tl.dot(tl.trans(t_low_t), dv2, input_precision=PREC)
+    # The inverse: U = Ti W and Ti = (I + M)^-1 through dM = -Ti^T dTi Ti^T, M = tril(W W^T, -1) diag(beta)
+    du = tl.load(DU + cd)
+    dti += tl.dot(du, tl.trans(w), input_precision=PREC)
+    dw += tl.dot(t_low_t, du, input_precision=PREC) + dbw * beta[:, None]
+    dm = -tl.dot(tl.dot(t_low_t, dti, input_precision=PREC), t_low_t, input_precision=PREC)
+    dm = tl.where(lower, dm, 0.0)
+    dbeta = tl.load(DBETA + (b * T_pad + pos) * H + h) + tl.sum(dbw * w, axis=1)
+    dbeta += tl.sum(dm * tl.dot(w, tl.trans(w), input_precision=PREC), axis=0)
+    da = dm * beta[None, :]
+    da += tl.trans(da)
+    tl.store(DW + off, dw + tl.dot(da, w, input_precision=PREC))
+    tl.store(DBETA + (b * T_pad + pos) * H + h, dbeta)
+
+
 @triton.jit(do_not_specialize=["NB"])  # NB varies with the length at the superblock level
 def _frames_bwd_kernel(P, F32, DF, B_MAT, DB, DA, DPW, DP, NB,
                        D: tl.constexpr, DC: tl.constexpr, HAS_EDGES: tl.constexpr, PREC: tl.constexpr):
@@ -2038,8 +2095,8 @@ def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int
 
 def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, do, lse, delta, *, chunk: int,
                      scale: float, dv_levels=None, launch: dict | None = None):
-    """The backward of :func:`prepare_forward`'s chunk kernel, in five launches (setup, query side, key side
-    in two, the triangular inverse).
+    """The backward of :func:`prepare_forward`'s chunk kernel: setup, query side, then the key side and the
+    triangular inverse in one launch (head dims in :data:`KEY_SIDE_ONE_KERNEL`) or three.
 
     Args: q, k, v, w, beta, gate, seg_start as for :func:`prepare_forward` (q, k in the kernel dtype);
         t_inv its chunks' triangular inverses (``prepare_forward(..., for_backward=True)["t_inv"]``);
@@ -2050,7 +2107,7 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     Returns dq [B, T_pad, HQ, D] in q's dtype, float32 dk, dw [B, T_pad, H, D] and dbeta [B, T_pad, H], dv
         [B, T_pad, H, DV] in v's dtype (the own chunk's share plus dv_levels) and the cumulative gate's
         gradient [B, T_pad, HQ] float32 (None without a gate).
-    ``launch`` ({"setup"|"queries"|"keys"|"inverse": {...}}) overrides num_warps / num_stages (tuning).
+    ``launch`` ({"setup"|"queries"|"key_side"|"keys"|"inverse": {...}}) overrides num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
@@ -2072,6 +2129,10 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
         dwk, dv_acc, scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
         ADD_DV=dv_levels is not None, **_prep_launch("queries", D, launch),
     )
+    if KEY_SIDE_ONE_KERNEL.get(D, False):
+        _chunk_bwd_key_side_kernel[grid](k, w, beta, t_inv, dk_t, du, dbw, dwk, dk, dw, dbeta, T, T_pad, H=H, D=D,
+                                         C=C, PREC=prec, **_prep_launch("key_side", D, launch))
+        return dq, dk, dw, dbeta, dv, dg
     for scores in (True, False):
         _chunk_bwd_keys_kernel[grid](k, w, beta, t_inv, dk_t, dbw, dwk, dk, dw, T, T_pad, H=H, D=D, C=C,
                                      SCORES=scores, PREC=prec, **_prep_launch("keys", D, launch))

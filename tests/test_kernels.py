@@ -246,6 +246,21 @@ def test_chain_kernels_by_column_blocks(monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("one_kernel", [True, False])
+def test_key_side_of_the_chunk_backward_in_one_or_three_launches(monkeypatch, one_kernel):
+    """The per-chunk backward's key side runs as one kernel up to head dim 64 and as three launches above
+    (KEY_SIDE_ONE_KERNEL); both forced here at D = 32, with GQA, packed documents and the gate."""
+    from path_lm import path_triton
+
+    monkeypatch.setattr(path_triton, "KEY_SIDE_ONE_KERNEL", {32: True} if one_kernel else {})
+    inputs = make_inputs(2, 70, 4, 2, 32, seed=8)
+    segment_ids = torch.tensor([[0] * 30 + [1] * 40, [0] * 70])
+    (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, segment_ids, chunk_size=16, chunks_per_superblock=2)
+    assert rel_err(o, o_ref) < 1e-5
+    for name, (a, b) in grads.items():
+        assert rel_err(a, b) < 1e-5, name
+
+
 @pytest.mark.parametrize("NB, columns", [(2, 32), (6, 32), (5, 16)])
 def test_frame_changes_match_explicit_products(monkeypatch, NB, columns):
     """path_triton.frame_changes (the superblock level's frame changes, one chain per program) against the
