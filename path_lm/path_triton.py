@@ -1464,8 +1464,8 @@ _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/ke
 # faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9, v13-v15; kernels: "solve",
 # "chunk", "edges", "setup", "queries", "key_side", "keys", "inverse"). The query side, the key side and the
 # inverse ran at 8 warps at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64
-# columns (v13, v14): with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4 warps are
-# faster. The chunk kernel at head dim 128 is faster at 8 warps since the inverses left it (v15).
+# columns (v13, v14): with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4
+# warps are faster. The chunk kernel at head dim 128 is faster at 8 warps since the inverses left it (v15).
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
 PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("chunk", "edges", "setup")}
 
