@@ -666,6 +666,12 @@ class _PaTHTriton(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+# The largest chunk the Triton kernels run on a GPU: at 128 the per-chunk programs need 224-384 KiB of shared
+# memory (the chunk kernel at head dim 64-128, sm_90), more than an H100's 227 KiB per program. Triton's
+# interpreter on a CPU runs any size.
+GPU_MAX_CHUNK_SIZE = 64
+
+
 # Forward passes without gradients run path_attention_triton on slices of rows of at most this many
 # (token x query head) pairs (at least one row): about 7 GiB of temporaries at head dim 64.
 FORWARD_SLICE_TOKEN_HEADS = 2**21
@@ -698,13 +704,19 @@ def path_attention_triton(
     tables of the preparation (the float32 carries, each chunk's product, inverse and edge matrices, the frame
     changes in float32) and keeps them, and the backward does not rerun it: about 3 KiB more per token and
     query head at head dim 64 (6 at 128) held from the forward to the backward, for two kernels fewer.
-    ``chunk_size`` must be a power of two of at least 16.
+    ``chunk_size`` must be a power of two of at least 16, and at most :data:`GPU_MAX_CHUNK_SIZE` on a GPU.
 
     Returns o [B, T, HQ, Dv] in q's dtype and, with output_keys, the keys carried to the end of each row
     [B, T, H, D] float32 (not differentiable).
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two of at least 16 for the Triton kernels, got {chunk_size}")
+    if q.is_cuda and chunk_size > GPU_MAX_CHUNK_SIZE:
+        raise ValueError(
+            f"chunk_size={chunk_size} is too large for the Triton kernels on a GPU: their per-chunk programs would "
+            f"need more shared memory than a GPU has. Use at most {GPU_MAX_CHUNK_SIZE} "
+            f"(the default is {DEFAULT_CHUNK_SIZE})."
+        )
     problem = _offsets_problem(q, v, chunk_size * chunks_per_superblock)
     if problem:
         raise ValueError(problem)

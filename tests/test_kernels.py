@@ -406,6 +406,13 @@ def torch_path(*args, segment_ids=None):
 
 
 @gpu
+def test_gpu_chunks_too_large_for_shared_memory_are_refused():
+    q, k, v, w, beta, g = (x.to(DEVICE) for x in make_inputs(1, 256, 2, 1, 64, seed=7))
+    with pytest.raises(ValueError, match="Use at most 64"):
+        path_attention_triton(q, k, v, w, beta, g, chunk_size=128)
+
+
+@gpu
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gate", [True, False])
