@@ -32,7 +32,7 @@ import _common as C
 import torch
 
 KERNELS = {"solve": "_chunk_solve_kernel", "chunk": "_prep_chunk_kernel", "edges": "_edge_grads_kernel",
-           "setup": "_chunk_bwd_setup_kernel", "queries": "_chunk_bwd_queries_kernel", "keys": "_chunk_bwd_keys_kernel",
+           "queries": "_chunk_bwd_queries_kernel", "keys": "_chunk_bwd_keys_kernel",
            "inverse": "_chunk_bwd_inverse_kernel", "key_side": "_chunk_bwd_key_side_kernel"}
 
 

@@ -218,7 +218,6 @@ def _bwd_dkv_kernel(
                 rows = i0 + tl.arange(0, BM)
                 q = tl.load(Q + ((b * T + rows)[:, None] * HQ + hq) * D + od[None, :])
                 do = tl.load(DO + ((b * T + rows)[:, None] * HQ + hq) * DV + ov[None, :])
-                seg_q = tl.load(SEG + b * T + rows)
                 lse = tl.load(LSE + (b * HQ + hq) * T + rows) * 1.4426950408889634
                 lse = tl.where(lse == float("-inf"), 0.0, lse)
                 delta = tl.load(DELTA + (b * HQ + hq) * T + rows)
@@ -228,7 +227,7 @@ def _bwd_dkv_kernel(
                     s_t -= g_k[:, None]
                     lse -= tl.load(GATE + (b * T + rows) * HQ + hq) * scale_log2
                 if SEGMENTED:
-                    s_t = tl.where(cols[:, None] >= seg_q[None, :], s_t, float("-inf"))
+                    s_t = tl.where(cols[:, None] >= tl.load(SEG + b * T + rows)[None, :], s_t, float("-inf"))
                 p_t = tl.exp2(s_t - lse[None, :])
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -1315,29 +1314,19 @@ def _prep_chunk_kernel(
     """One program per (chunk, batch x kv head): from the chunk's inverse (TINV, :func:`_chunk_solve_kernel`'s)
     its product and carries; with LOCAL_ATTENTION also the attention inside the chunk (the backward's rerun
     needs only the rest)."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = i_bh // H
-    h = i_bh % H
+    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     G: tl.constexpr = HQ // H
-    n = T_pad // C
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
     ov = tl.arange(0, DV)
-    pos = i_c * C + oc
-    real = pos < T
-    row0 = b * T + i_c * C  # first row of the chunk in the [B * T] token layout of the inputs
-    t_inv = TINV + (i_bh * n + i_c).to(tl.int64) * (C * C)
-    beta = tl.load(BETA + (row0 + oc) * H + h, mask=real, other=0.0).to(tl.float32)
-    w = tl.load(W + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-    # Only blocks on or below the block diagonal were written; the rest of (I + M)^-1 is zero.
-    t_low = tl.load(t_inv + oc[:, None] * C + oc[None, :], mask=(oc[:, None] // 16) >= (oc[None, :] // 16), other=0.0)
-    k = tl.load(K + ((row0 + oc)[:, None] * H + h) * D + od[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
+    w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
+    t_low = _chunk_inverse(TINV, chunk, C, False)
     # P = I - W^T diag(beta) U with U = (I + M)^-1 W: the chunk's Householder product.
     u = tl.dot(t_low, w, input_precision=PREC)
     eye = tl.where(od[:, None] == od[None, :], 1.0, 0.0)
     p = eye - tl.dot(tl.trans(w), u * beta[:, None], input_precision=PREC)
-    tl.store(P_OUT + (i_bh * n + i_c).to(tl.int64) * D * D + od[:, None] * D + od[None, :], p)
+    tl.store(P_OUT + chunk * D * D + od[:, None] * D + od[None, :], p)
 
     # Keys carried to the chunk's end: k_j - (triu(K W^T, 1) diag(beta)) (I + N)^-1 W, N = triu(W W^T, 1)
     # diag(beta). N^T = diag(beta) M diag(beta)^-1, so diag(beta) (I + N)^-1 = ((I + M)^-1)^T diag(beta): the
@@ -1462,12 +1451,12 @@ def _prep_superblock_kernel(
 _PREP_LAUNCH = {"num_warps": 4, "num_stages": 1}  # measured on an H100 (docs/kernels.md, v4)
 # num_warps / num_stages of the per-chunk kernels by (kernel, head dim), where a sweep on an H100 found them
 # faster than _PREP_LAUNCH (benchmarks/gpu_prep_launch.py, docs/kernels.md v9, v13-v15; kernels: "solve",
-# "chunk", "edges", "setup", "queries", "key_side", "keys", "inverse"). The query side, the key side and the
+# "chunk", "edges", "queries", "key_side", "keys", "inverse"). The query side, the key side and the
 # inverse ran at 8 warps at head dim 128 (the query side at 64 too) until they took the head dim in blocks of 64
 # columns (v13, v14): with 40-80 KiB of shared memory instead of 112-224, two 4-warp programs fit an SM, and 4
 # warps are faster. The chunk kernel at head dim 128 is faster at 8 warps since the inverses left it (v15).
 _EIGHT_WARPS = {"num_warps": 8, "num_stages": 1}
-PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("chunk", "edges", "setup")}
+PREP_LAUNCH: dict[tuple[str, int], dict] = {(name, 128): _EIGHT_WARPS for name in ("chunk", "edges")}
 
 
 def _prep_launch(kernel: str, D: int, launch: dict | None = None) -> dict:
@@ -1649,36 +1638,15 @@ def _edge_grads_kernel(QT, DQ_BOT, KT, DK_TOP, B_MAT, A_MAT, DQT, DKT, DB, DA, T
 
 
 @triton.jit
-def _chunk_bwd_setup_kernel(K, W, BETA, TINV, DP, U, WK, DU, DBW, T, T_pad,
-                            H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk: U = Ti W and Ti L (L = tril(W K^T, -1)) for :func:`_chunk_bwd_queries_kernel`, and the
-    gradients of U and Bw = diag(beta) W through the chunk's product P = I - Bw^T U: -Bw dP, -U dP^T."""
-    b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
-    oc = tl.arange(0, C)
-    od = tl.arange(0, D)
-    w, k = _chunk_w_k(W, K, row0, h, real, H, D, C)
-    t_low = _chunk_inverse(TINV, chunk, C, False)
-    cd = chunk * (C * D) + oc[:, None] * D + od[None, :]
-    l_wk = tl.where(oc[:, None] > oc[None, :], tl.dot(w, tl.trans(k), input_precision=PREC), 0.0)
-    tl.store(WK + chunk * (C * C) + oc[:, None] * C + oc[None, :], tl.dot(t_low, l_wk, input_precision=PREC))
-    u = tl.dot(t_low, w, input_precision=PREC)
-    tl.store(U + cd, u)
-    beta = _chunk_beta(BETA, row0, h, real, H, C)
-    dp = tl.load(DP + chunk * D * D + od[:, None] * D + od[None, :])
-    tl.store(DU + cd, -tl.dot(w * beta[:, None], dp, input_precision=PREC))
-    tl.store(DBW + cd, -tl.dot(u, tl.trans(dp), input_precision=PREC))
-
-
-@triton.jit
 def _chunk_bwd_query_head(
-    Q, K, V, W, GATE, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC,
+    Q, K, V, W, GATE, TINV, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC,
     hq, i_c, b, beta, seg, scale, T, T_pad, ADD, LAST,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
 ):
     """Query head hq's share of :func:`_chunk_bwd_queries_kernel`'s program (chunk i_c, batch b x its kv head):
-    writes its dq and gate gradient, adds its share to dU, and writes its shares of dk, dw, dbeta, d(Ti L)
-    and the own chunk's dv, with ADD added to those the group's earlier heads stored. dv (plus, with ADD_DV,
+    writes its dq and gate gradient and its shares of dk, dw, dbeta, dU, d(Ti L) and the own chunk's dv, with
+    ADD added to those the group's earlier heads stored. dv (plus, with ADD_DV,
     the levels' share) goes to DV_ with LAST (the group's last head), else to DV_ACC in float32.
 
     Each share is stored as soon as it is computed, and the [C, D] and [C, DV] tiles are taken in blocks of
@@ -1700,9 +1668,10 @@ def _chunk_bwd_query_head(
     dq_rows = ((b * T_pad + pos) * HQ + hq) * D  # padded in time ([B, T_pad, heads, D])
     dk_rows = ((b * T_pad + pos) * H + h) * D
     du_rows = chunk * (C * D) + oc * D  # per chunk ([B * H * n, C, D])
-    # R = Q W^T and Q K^T
+    # R = Q W^T, Q K^T and L = W K^T
     r = tl.zeros([C, C], tl.float32)
     s = tl.zeros([C, C], tl.float32)
+    wk = tl.zeros([C, C], tl.float32)
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
         q = _rows_block(Q, q_rows, od, real)
@@ -1710,10 +1679,13 @@ def _chunk_bwd_query_head(
         r += tl.dot(q, tl.trans(w), input_precision=PREC)
         k = _rows_block(K, kw_rows, od, real)
         s += tl.dot(q, tl.trans(k), input_precision=PREC)
+        wk += tl.dot(w, tl.trans(k), input_precision=PREC)
+    wk = tl.dot(_chunk_inverse(TINV, chunk, C, False), tl.where(oc[:, None] > oc[None, :], wk, 0.0),
+                input_precision=PREC)  # Ti L, L = tril(W K^T, -1)
     # The scores S = Q K^T - QW Ti L with QW = tril(R) diag(beta), kept as tril(R) (one [C, C] tile, not two)
     # with beta applied to the other factor: QW X = tril(R) (beta X), QW^T X = beta tril(R)^T X
     r = tl.where(lower, r, 0.0)
-    s = (s - tl.dot(r, beta[:, None] * tl.load(WK + cc), input_precision=PREC)) * scale
+    s = (s - tl.dot(r, beta[:, None] * wk, input_precision=PREC)) * scale
     if HAS_GATE:
         g_q = tl.load(GATE + (b * T_pad + pos) * HQ + hq) * scale
         s += g_q[:, None] - g_q[None, :]
@@ -1739,8 +1711,8 @@ def _chunk_bwd_query_head(
     if HAS_GATE:
         tl.store(DG + (b * T_pad + pos) * HQ + hq, (tl.sum(ds, axis=1) - tl.sum(ds, axis=0)) * scale)
     ds = ds * scale
-    # Back through the scores and the queries' carry Q - QW U: d(Ti L) = -QW^T dS, dU -= QW^T dqt,
-    # dk = dS^T q, dQW = -dqt U^T - dS (Ti L)^T
+    # Back through the scores and the queries' carry Q - QW U (U = Ti W): d(Ti L) = -QW^T dS, dU = -QW^T dqt,
+    # dk = dS^T q, dQW = -dqt U^T - dS (Ti L)^T = -dqt W^T Ti^T - dS (Ti L)^T
     r_t = tl.trans(r)
     dwk = -beta[:, None] * tl.dot(r_t, ds, input_precision=PREC)
     if ADD:
@@ -1751,14 +1723,18 @@ def _chunk_bwd_query_head(
         od = i_d * BD + tl.arange(0, BD)
         dqt = tl.load(DQT + dq_rows[:, None] + od[None, :])
         du_off = du_rows[:, None] + od[None, :]
-        tl.store(DU + du_off, tl.load(DU + du_off) - beta[:, None] * tl.dot(r_t, dqt, input_precision=PREC))
-        dqw -= tl.dot(dqt, tl.trans(tl.load(U + du_off)), input_precision=PREC)
+        du = -beta[:, None] * tl.dot(r_t, dqt, input_precision=PREC)
+        if ADD:
+            du += tl.load(DU + du_off)
+        tl.store(DU + du_off, du)
+        dqw -= tl.dot(dqt, tl.trans(_rows_block(W, kw_rows, od, real)), input_precision=PREC)
         q = _rows_block(Q, q_rows, od, real)
         dk = tl.dot(tl.trans(ds), q, input_precision=PREC)
         if ADD:
             dk += tl.load(DK + dk_rows[:, None] + od[None, :])
         tl.store(DK + dk_rows[:, None] + od[None, :], dk)
-    dqw -= tl.dot(ds, tl.trans(tl.load(WK + cc)), input_precision=PREC)
+    dqw = tl.dot(dqw, _chunk_inverse(TINV, chunk, C, True), input_precision=PREC)
+    dqw -= tl.dot(ds, tl.trans(wk), input_precision=PREC)
     # QW = tril(R) diag(beta): to beta, then dR = tril(dQW) diag(beta) to q and w
     dqw = tl.where(lower, dqw, 0.0)
     dbeta = tl.sum(dqw * r, axis=0)
@@ -1782,7 +1758,7 @@ def _chunk_bwd_query_head(
 
 @triton.jit
 def _chunk_bwd_queries_kernel(
-    Q, K, V, W, BETA, GATE, SEG, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC,
+    Q, K, V, W, BETA, GATE, SEG, TINV, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC,
     scale, T, T_pad,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
     HAS_GATE: tl.constexpr, PREC: tl.constexpr, ADD_DV: tl.constexpr,
@@ -1790,9 +1766,9 @@ def _chunk_bwd_queries_kernel(
     """Backward of the chunk kernel's query side, one program per (chunk, batch x kv head), over the group's
     query heads (:func:`_chunk_bwd_query_head`): the own-chunk attention against the final softmax statistics
     (as flash attention's backward), then the scores S = Q K^T - QW Ti L and the queries' carry Q - QW U
-    (QW = tril(Q W^T) diag(beta)) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative gate's
-    gradient, and partial dk, dw, dbeta, d(Ti L) and adds to dU what :func:`_chunk_bwd_keys_kernel` completes;
-    dv is the own chunk's share plus, with ADD_DV, the other levels' (DV_LEVELS), written in DV_'s dtype.
+    (QW = tril(Q W^T) diag(beta), U = Ti W) back to q, k, w, beta. Writes dq, the own chunk's dv, the cumulative
+    gate's gradient, and the query side's dk, dw, dbeta, dU and d(Ti L), which the key side completes; dv is
+    the own chunk's share plus, with ADD_DV, the other levels' (DV_LEVELS), written in DV_'s dtype.
 
     The heads of a group (HQ // H > 1) sum their shares in memory, each adding to what the earlier ones stored
     (dv in DV_ACC, float32, [B, T_pad, H, DV]): held in registers across the loop, these five float32
@@ -1804,7 +1780,7 @@ def _chunk_bwd_queries_kernel(
     pos = i_c * C + tl.arange(0, C)
     beta = _chunk_beta(BETA, b * T + i_c * C, h, pos < T, H, C)
     seg = tl.load(SEG + b * T_pad + pos)
-    args = (Q, K, V, W, GATE, U, WK, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC)
+    args = (Q, K, V, W, GATE, TINV, DQT, DO, LSE, DELTA, DQ, DK, DW, DBETA, DV_, DV_LEVELS, DG, DU, DWK, DV_ACC)
     if G == 1:  # the group's only head: hq = h
         _chunk_bwd_query_head(*args, h, i_c, b, beta, seg, scale, T, T_pad, False, True, HQ, H, D, DV, C,
                               HAS_GATE, PREC, ADD_DV)
@@ -1818,14 +1794,14 @@ def _chunk_bwd_queries_kernel(
 
 @triton.jit
 def _chunk_bwd_keys_kernel(
-    K, W, BETA, TINV, DKT, DBW, DWK, DK, DW, T, T_pad,
+    K, W, BETA, TINV, DKT, DP, DBW, DWK, DK, DW, T, T_pad,
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, SCORES: tl.constexpr, PREC: tl.constexpr,
 ):
     """Adds to :func:`_chunk_bwd_queries_kernel`'s dk, dw (in place) the keys' side of the chunk, in two
     launches (one kernel would need more shared memory than an H100 has at head dim 128): with SCORES the
     scores' Ti L (L = tril(W K^T, -1)), leaving dTi in DWK (over d(Ti L)); then the keys' carry
-    K - KW Ti^T Bw (KW = triu(K W^T, 1), Bw = diag(beta) W), adding to dTi and to Bw's gradient in DBW,
-    for :func:`_chunk_bwd_inverse_kernel`.
+    K - KW Ti^T Bw (KW = triu(K W^T, 1), Bw = diag(beta) W), adding to dTi, and Bw's gradient (with the
+    chunk product's share from dP) in DBW, for :func:`_chunk_bwd_inverse_kernel`.
 
     The [C, D] tiles are taken in blocks of (at most) 64 columns, loaded right before their products, and
     each block's dk, dw, dBw stored once computed: the program holds [C, C] tiles and [C, 64] blocks, not
@@ -1860,7 +1836,8 @@ def _chunk_bwd_keys_kernel(
             tl.store(DK + off, tl.load(DK + off) + tl.dot(tl.trans(dl), w, input_precision=PREC))
         return
     # The keys' carry K - KW V2, V2 = Ti^T Bw: dKW = -triu(dK_t V2^T, 1) to k and w first, then KW to dV2 =
-    # -KW^T dK_t, to Ti (dTi += Bw dV2^T) and Bw (dBw += Ti dV2): one [C, C] product held at a time, not both
+    # -KW^T dK_t, to Ti (dTi += Bw dV2^T) and Bw (dBw = Ti dV2 - U dP^T, the product P = I - Bw^T U's share
+    # with U = Ti W): one [C, C] product held at a time, not both
     beta = _chunk_beta(BETA, row0, h, real, H, C)
     upper = oc[:, None] < oc[None, :]
     t_low_t = _chunk_inverse(TINV, chunk, C, True)
@@ -1892,36 +1869,47 @@ def _chunk_bwd_keys_kernel(
         dv2 = -tl.dot(tl.trans(kw), tl.load(DKT + k_rows[:, None] + od[None, :]), input_precision=PREC)
         w = _rows_block(W, in_rows, od, real)
         dwk += tl.dot(w * beta[:, None], tl.trans(dv2), input_precision=PREC)
-        cd = cd_rows[:, None] + od[None, :]
-        tl.store(DBW + cd, tl.load(DBW + cd) + tl.dot(t_low, dv2, input_precision=PREC))
+        for j_d in range(D // BD):  # dv2 - (W dP^T)[:, od]
+            oj = j_d * BD + tl.arange(0, BD)
+            dp_t = tl.trans(tl.load(DP + chunk * D * D + od[:, None] * D + oj[None, :]))
+            dv2 -= tl.dot(_rows_block(W, in_rows, oj, real), dp_t, input_precision=PREC)
+        tl.store(DBW + cd_rows[:, None] + od[None, :], tl.dot(t_low, dv2, input_precision=PREC))
     tl.store(DWK + cc, dwk)
 
 
 @triton.jit
 def _chunk_bwd_inverse_kernel(
-    W, BETA, TINV, DU, DBW, DTI, DW, DBETA, T, T_pad,
+    W, BETA, TINV, DP, DU, DBW, DTI, DW, DBETA, T, T_pad,
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
     """Completes dw and dbeta (in place): U = Ti W, Bw = diag(beta) W, and Ti = (I + M)^-1 through
     dM = -Ti^T dTi Ti^T with M = tril(W W^T, -1) diag(beta).
 
-    The [C, D] tiles are taken in blocks of (at most) 64 columns: a first pass sums U's share of dTi, a
-    second dbeta's share of W W^T, a third writes each block of dw."""
+    The [C, D] tiles are taken in blocks of (at most) 64 columns: a first pass completes dU with the chunk
+    product's share -Bw dP (stored back) and sums U's share of dTi, a second dbeta's share of W W^T, a third
+    writes each block of dw."""
     BD: tl.constexpr = min(D, 64)
     b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
     in_rows = ((row0 + oc) * H + h) * D  # the input w ([B * T, H, D])
     k_rows = ((b * T_pad + pos) * H + h) * D  # padded in time ([B, T_pad, H, D])
     cd_rows = chunk * (C * D) + oc * D  # per chunk ([B * H * n, C, D])
+    beta = _chunk_beta(BETA, row0, h, real, H, C)
     dti = tl.load(DTI + chunk * (C * C) + oc[:, None] * C + oc[None, :])
     for i_d in range(D // BD):
         od = i_d * BD + tl.arange(0, BD)
-        w = _rows_block(W, in_rows, od, real)
-        dti += tl.dot(tl.load(DU + cd_rows[:, None] + od[None, :]), tl.trans(w), input_precision=PREC)
+        cd = cd_rows[:, None] + od[None, :]
+        du = tl.load(DU + cd)
+        for j_d in range(D // BD):
+            oj = j_d * BD + tl.arange(0, BD)
+            dp = tl.load(DP + chunk * D * D + oj[:, None] * D + od[None, :])
+            du -= tl.dot(_rows_block(W, in_rows, oj, real) * beta[:, None], dp, input_precision=PREC)
+        tl.store(DU + cd, du)
+        dti += tl.dot(du, tl.trans(_rows_block(W, in_rows, od, real)), input_precision=PREC)
+    tl.debug_barrier()  # the completed dU is read back below (by other threads)
     t_low_t = _chunk_inverse(TINV, chunk, C, True)
     dm = -tl.dot(tl.dot(t_low_t, dti, input_precision=PREC), t_low_t, input_precision=PREC)
     dm = tl.where(oc[:, None] > oc[None, :], dm, 0.0)
-    beta = _chunk_beta(BETA, row0, h, real, H, C)
     dbeta = tl.load(DBETA + (b * T_pad + pos) * H + h)
     for i_d in range(D // BD):  # dbeta = sum over rows of dM * (W W^T), by blocks of W W^T
         od = i_d * BD + tl.arange(0, BD)
@@ -1945,13 +1933,14 @@ def _chunk_bwd_inverse_kernel(
 
 @triton.jit
 def _chunk_bwd_key_side_kernel(
-    K, W, BETA, TINV, DKT, DU, DBW, DTI, DK, DW, DBETA, T, T_pad,
+    K, W, BETA, TINV, DKT, DP, DU, DTI, DK, DW, DBETA, T, T_pad,
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
 ):
     """:func:`_chunk_bwd_keys_kernel`'s two launches and :func:`_chunk_bwd_inverse_kernel` in one program, for
     head dims whose [C, D] tiles the program holds whole (:data:`KEY_SIDE_ONE_KERNEL`): the scores' Ti L, the
     keys' carry K - KW Ti^T Bw and the inverse, with dTi, dk, dw and dBw kept in registers between them
-    instead of stored and read back. DTI holds d(Ti L) from the query side; it is read, not written."""
+    instead of stored and read back, and the chunk product's shares of dU and dBw (P = I - Bw^T U, U = Ti W:
+    -Bw dP and -U dP^T) added here. DTI holds d(Ti L) from the query side; it is read, not written."""
     b, h, pos, real, row0, chunk = _chunk_program(T, T_pad, H, C)
     oc = tl.arange(0, C)
     od = tl.arange(0, D)
@@ -1979,9 +1968,10 @@ def _chunk_bwd_key_side_kernel(
     dw = tl.load(DW + off) + tl.dot(e, k, input_precision=PREC)
     dv2 = -tl.dot(l_wk, dkt, input_precision=PREC)
     dti += tl.dot(bw, tl.trans(dv2), input_precision=PREC)
-    dbw = tl.load(DBW + cd) + tl.dot(tl.trans(t_low_t), dv2, input_precision=PREC)
+    dp = tl.load(DP + chunk * D * D + od[:, None] * D + od[None, :])
+    dbw = tl.dot(tl.trans(t_low_t), dv2 - tl.dot(w, tl.trans(dp), input_precision=PREC), input_precision=PREC)
     # The inverse: U = Ti W and Ti = (I + M)^-1 through dM = -Ti^T dTi Ti^T, M = tril(W W^T, -1) diag(beta)
-    du = tl.load(DU + cd)
+    du = tl.load(DU + cd) - tl.dot(bw, dp, input_precision=PREC)
     dti += tl.dot(du, tl.trans(w), input_precision=PREC)
     dw += tl.dot(t_low_t, du, input_precision=PREC) + dbw * beta[:, None]
     dm = -tl.dot(tl.dot(t_low_t, dti, input_precision=PREC), t_low_t, input_precision=PREC)
@@ -2095,7 +2085,7 @@ def edge_grads(q_t, dq_bot, k_t, dk_top, b_mat, a_mat, dq_t, dk_t, *, chunk: int
 
 def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, do, lse, delta, *, chunk: int,
                      scale: float, dv_levels=None, launch: dict | None = None):
-    """The backward of :func:`prepare_forward`'s chunk kernel: setup, query side, then the key side and the
+    """The backward of :func:`prepare_forward`'s chunk kernel: the query side, then the key side and the
     triangular inverse in one launch (head dims in :data:`KEY_SIDE_ONE_KERNEL`) or three.
 
     Args: q, k, v, w, beta, gate, seg_start as for :func:`prepare_forward` (q, k in the kernel dtype);
@@ -2107,7 +2097,7 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     Returns dq [B, T_pad, HQ, D] in q's dtype, float32 dk, dw [B, T_pad, H, D] and dbeta [B, T_pad, H], dv
         [B, T_pad, H, DV] in v's dtype (the own chunk's share plus dv_levels) and the cumulative gate's
         gradient [B, T_pad, HQ] float32 (None without a gate).
-    ``launch`` ({"setup"|"queries"|"key_side"|"keys"|"inverse": {...}}) overrides num_warps / num_stages (tuning).
+    ``launch`` ({"queries"|"key_side"|"keys"|"inverse": {...}}) overrides num_warps / num_stages (tuning).
     """
     B, T, HQ, D = q.shape
     H, DV = k.shape[2], v.shape[-1]
@@ -2118,24 +2108,22 @@ def prepare_backward(q, k, v, w, beta, gate, seg_start, t_inv, dq_t, dk_t, dp, d
     dbeta, dv = empty(B, T_pad, H), empty(B, T_pad, H, DV, dtype=v.dtype)
     dg = empty(B, T_pad, HQ) if gate is not None else None
     dv_acc = empty(B, T_pad, H, DV) if HQ != H else dv  # a group's running dv (float32)
-    u, du, dbw = empty(B * H * n, C, D), empty(B * H * n, C, D), empty(B * H * n, C, D)
-    wk, dwk = empty(B * H * n, C, C), empty(B * H * n, C, C)
+    du, dwk = empty(B * H * n, C, D), empty(B * H * n, C, C)
     q, k, w, beta = (x.contiguous() for x in (q, k, w, beta))
     prec, grid = _precision(q), (n, B * H)
-    _chunk_bwd_setup_kernel[grid](k, w, beta, t_inv, dp, u, wk, du, dbw, T, T_pad, H=H, D=D, C=C, PREC=prec,
-                                  **_prep_launch("setup", D, launch))
     _chunk_bwd_queries_kernel[grid](
-        q, k, v, w, beta, gate, seg_start, u, wk, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dv_levels, dg, du,
+        q, k, v, w, beta, gate, seg_start, t_inv, dq_t, do, lse, delta, dq, dk, dw, dbeta, dv, dv_levels, dg, du,
         dwk, dv_acc, scale, T, T_pad, HQ=HQ, H=H, D=D, DV=DV, C=C, HAS_GATE=gate is not None, PREC=prec,
         ADD_DV=dv_levels is not None, **_prep_launch("queries", D, launch),
     )
     if KEY_SIDE_ONE_KERNEL.get(D, False):
-        _chunk_bwd_key_side_kernel[grid](k, w, beta, t_inv, dk_t, du, dbw, dwk, dk, dw, dbeta, T, T_pad, H=H, D=D,
+        _chunk_bwd_key_side_kernel[grid](k, w, beta, t_inv, dk_t, dp, du, dwk, dk, dw, dbeta, T, T_pad, H=H, D=D,
                                          C=C, PREC=prec, **_prep_launch("key_side", D, launch))
         return dq, dk, dw, dbeta, dv, dg
+    dbw = empty(B * H * n, C, D)
     for scores in (True, False):
-        _chunk_bwd_keys_kernel[grid](k, w, beta, t_inv, dk_t, dbw, dwk, dk, dw, T, T_pad, H=H, D=D, C=C,
+        _chunk_bwd_keys_kernel[grid](k, w, beta, t_inv, dk_t, dp, dbw, dwk, dk, dw, T, T_pad, H=H, D=D, C=C,
                                      SCORES=scores, PREC=prec, **_prep_launch("keys", D, launch))
-    _chunk_bwd_inverse_kernel[grid](w, beta, t_inv, du, dbw, dwk, dw, dbeta, T, T_pad, H=H, D=D, C=C, PREC=prec,
+    _chunk_bwd_inverse_kernel[grid](w, beta, t_inv, dp, du, dbw, dwk, dw, dbeta, T, T_pad, H=H, D=D, C=C, PREC=prec,
                                     **_prep_launch("inverse", D, launch))
     return dq, dk, dw, dbeta, dv, dg
