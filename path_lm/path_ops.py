@@ -513,12 +513,11 @@ def _pad_time(x: torch.Tensor, T_pad: int) -> torch.Tensor:
 
 
 def _kernel_inputs(v: torch.Tensor, g: torch.Tensor | None, T_pad: int, kdt: torch.dtype) -> tuple:
-    """What the Triton kernels read besides q, k, w, beta, for the forward and the backward alike: the
-    cumulative log gate [B, T_pad, HQ] float32 (None without a gate; the sum runs along the last dim, as a
-    scan over an outer dim is slow on GPUs) and v [B, T_pad, H, DV] in the kernel dtype, zero padded in time."""
-    gate = None
-    if g is not None:
-        gate = _pad_time(g.float(), T_pad).transpose(1, 2).cumsum(-1).transpose(1, 2).contiguous()
+    """What the Triton kernels read besides q, k, w, beta: the cumulative log gate [B, T_pad, HQ] float32 (None
+    without a gate) and v [B, T_pad, H, DV] in the kernel dtype, zero padded in time."""
+    from .path_triton import gate_scan
+
+    gate = gate_scan([g], T_pad, reverse=False) if g is not None else None
     return gate, _pad_time(v, T_pad).to(kdt).contiguous()
 
 
@@ -591,7 +590,7 @@ class _PaTHTriton(torch.autograd.Function):
         # Kept for the backward besides the inputs: the whole preparation with ``keep``, else the chunks'
         # triangular inverses (C floats per token and kv head), which the rerun then reads instead of solving.
         kept = [prep[name] for name in _KEPT] if keep else [prep["t_inv"]]
-        ctx.save_for_backward(q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept)
+        ctx.save_for_backward(q, k, v, w, beta, g, gate, o, lse, seg_start, seg_end, *kept)
         ctx.args = (scale, C, NB, kdt, keep, segment_ids is not None)
         if keys is not None:
             ctx.mark_non_differentiable(keys)
@@ -600,18 +599,18 @@ class _PaTHTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dkeys):
         from .path_triton import (
-            _precision, edge_grads, frame_changes, framed_backward, frames_backward, output_delta, prepare_backward,
-            prepare_forward,
+            _precision, edge_grads, frame_changes, framed_backward, frames_backward, gate_scan, output_delta,
+            prepare_backward, prepare_forward,
         )
 
-        q, k, v, w, beta, g, o, lse, seg_start, seg_end, *kept = ctx.saved_tensors
+        q, k, v, w, beta, g, gate, o, lse, seg_start, seg_end, *kept = ctx.saved_tensors
         scale, C, NB, kdt, keep, segmented = ctx.args
         B, T, HQ, D = q.shape
         H = k.shape[2]
         T_pad = seg_start.shape[1]
         n_sb = T_pad // (C * NB)
         with torch.no_grad(), _matmul_precision(kdt):
-            gate, v_kernel = _kernel_inputs(v, g, T_pad, kdt)
+            v_kernel = _pad_time(v, T_pad).to(kdt).contiguous()
             q_k, k_k = q.to(kdt), k.to(kdt)
             if keep:
                 prep = dict(zip(_KEPT, kept))
@@ -659,8 +658,7 @@ class _PaTHTriton(torch.autograd.Function):
             )
             dg = None
             if g is not None:  # the gate is cumulative: each step's log gate reaches every later position
-                dgate = sum(dgates, dg_local).transpose(1, 2)
-                dg = dgate.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)[:, :T].to(g.dtype)
+                dg = gate_scan([dg_local, *dgates], T, reverse=True, dtype=g.dtype)
         grads = (dq[:, :T].to(q.dtype), dk[:, :T].to(k.dtype), dv[:, :T].to(v.dtype), dw[:, :T].to(w.dtype),
                  dbeta[:, :T].to(beta.dtype), dg)
         return (*grads, None, None, None, None, None, None)

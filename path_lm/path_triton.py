@@ -372,6 +372,41 @@ def output_delta(do, o, T_pad: int):
     return delta
 
 
+@triton.jit(do_not_specialize=["T_in", "T_out"])
+def _gate_scan_kernel(X0, X1, X2, OUT, T_in, T_out, N, HQ: tl.constexpr, PARTS: tl.constexpr, REVERSE: tl.constexpr,
+                      BT: tl.constexpr):
+    """One program per (batch, query head): the (reverse) cumulative sum over N positions of the sum of PARTS
+    inputs [B, T_in, HQ] (zero from T_in), written to OUT [B, T_out, HQ] in its dtype (positions up to T_out)."""
+    b = tl.program_id(0) // HQ
+    hq = tl.program_id(0) % HQ
+    n_blocks = tl.cdiv(N, BT)
+    carry = tl.zeros([1], tl.float32)
+    for i in range(n_blocks):
+        t = (n_blocks - 1 - i if REVERSE else i) * BT + tl.arange(0, BT)
+        x = tl.load(X0 + (b * T_in + t) * HQ + hq, mask=t < T_in, other=0.0).to(tl.float32)
+        if PARTS > 1:
+            x += tl.load(X1 + (b * T_in + t) * HQ + hq, mask=t < T_in, other=0.0).to(tl.float32)
+        if PARTS > 2:
+            x += tl.load(X2 + (b * T_in + t) * HQ + hq, mask=t < T_in, other=0.0).to(tl.float32)
+        y = tl.cumsum(x, axis=0, reverse=REVERSE) + carry
+        carry += tl.sum(x, axis=0)
+        tl.store(OUT + (b * T_out + t) * HQ + hq, y.to(OUT.dtype.element_ty), mask=t < T_out)
+
+
+def gate_scan(parts, T_out: int, *, reverse: bool, dtype=torch.float32):
+    """The cumulative sum over time of the sum of ``parts`` (one to three [B, T_in, HQ] tensors, any float dtype;
+    zero past T_in), [B, T_out, HQ] in ``dtype``: running from the start (the forget gate's cumulative log) or,
+    with ``reverse``, from the end (its gradient, which every later position's score passes back). Sums run
+    over max(T_in, T_out) positions in float32, one program per batch row and head."""
+    B, T_in, HQ = parts[0].shape
+    parts = [x.contiguous() for x in parts]
+    out = torch.empty(B, T_out, HQ, dtype=dtype, device=parts[0].device)
+    x0, x1, x2 = (parts + parts[:1] * 2)[:3]
+    _gate_scan_kernel[(B * HQ,)](x0, x1, x2, out, T_in, T_out, max(T_in, T_out), HQ=HQ, PARTS=len(parts),
+                                 REVERSE=reverse, BT=1024, num_warps=4)
+    return out
+
+
 def _precision(q_or_dtype):
     """The products' input precision for kernels that read this tensor (or dtype): IEEE float32 for float32
     inputs, TF32 for half precision (whose inputs are rounded to 8-11 bits anyway)."""

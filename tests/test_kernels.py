@@ -246,6 +246,26 @@ def test_chain_kernels_by_column_blocks(monkeypatch):
         assert rel_err(a, b) < 1e-5, name
 
 
+@pytest.mark.parametrize("T_in, T_out", [(1500, 2048), (2048, 1500), (700, 700)])
+def test_gate_scan_matches_cumulative_sums(T_in, T_out):
+    """The forget gate's cumulative log (forward) and its gradient's reverse cumulative sum over the summed
+    levels (backward), in blocks of 1024 positions with a carry, against float64 cumulative sums."""
+    from path_lm.path_triton import gate_scan
+
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(2, T_in, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    N = max(T_in, T_out)
+    for n_parts in (1, 3):
+        total = torch.nn.functional.pad(sum(parts[:n_parts]), (0, 0, 0, N - T_in))
+        cast = [x.float().to(DEVICE) for x in parts[:n_parts]]
+        forward = gate_scan(cast, T_out, reverse=False).cpu()
+        torch.testing.assert_close(forward.double(), total.cumsum(1)[:, :T_out], rtol=1e-5, atol=1e-4)
+        backward = gate_scan(cast, T_out, reverse=True, dtype=torch.bfloat16).cpu()
+        assert backward.dtype == torch.bfloat16
+        expected = total.flip(1).cumsum(1).flip(1)[:, :T_out]
+        torch.testing.assert_close(backward.double(), expected, rtol=1e-2, atol=1e-1)
+
+
 @pytest.mark.parametrize("one_kernel", [True, False])
 def test_key_side_of_the_chunk_backward_in_one_or_three_launches(monkeypatch, one_kernel):
     """The per-chunk backward's key side runs as one kernel up to head dim 64 and as three launches above
