@@ -512,13 +512,18 @@ def _pad_time(x: torch.Tensor, T_pad: int) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, extra)) if extra else x
 
 
+def _kernel_values(v: torch.Tensor, T_pad: int, kdt: torch.dtype) -> torch.Tensor:
+    """v [B, T_pad, H, DV] as the Triton kernels read it: in the kernel dtype, zero padded in time."""
+    return _pad_time(v, T_pad).to(kdt).contiguous()
+
+
 def _kernel_inputs(v: torch.Tensor, g: torch.Tensor | None, T_pad: int, kdt: torch.dtype) -> tuple:
-    """What the Triton kernels read besides q, k, w, beta: the cumulative log gate [B, T_pad, HQ] float32 (None
-    without a gate) and v [B, T_pad, H, DV] in the kernel dtype, zero padded in time."""
+    """What the Triton kernels' forward reads besides q, k, w, beta: the cumulative log gate [B, T_pad, HQ]
+    float32 (None without a gate; the backward keeps the forward's) and the values (:func:`_kernel_values`)."""
     from .path_triton import gate_scan
 
     gate = gate_scan([g], T_pad, reverse=False) if g is not None else None
-    return gate, _pad_time(v, T_pad).to(kdt).contiguous()
+    return gate, _kernel_values(v, T_pad, kdt)
 
 
 @contextlib.contextmanager
@@ -587,8 +592,9 @@ class _PaTHTriton(torch.autograd.Function):
                 k_top = prep["k_top32"].view(B, n_sb, C * NB, H, -1).permute(0, 3, 1, 2, 4)
                 keys = k_top @ suffix.transpose(-1, -2)  # [B, H, n_sb, C * NB, D]
                 keys = keys.reshape(B, H, T_pad, -1)[:, :, :T].transpose(1, 2)
-        # Kept for the backward besides the inputs: the whole preparation with ``keep``, else the chunks'
-        # triangular inverses (C floats per token and kv head), which the rerun then reads instead of solving.
+        # Kept for the backward besides the inputs and the cumulative gate: the whole preparation with ``keep``,
+        # else the chunks' triangular inverses (C floats per token and kv head), which the rerun then reads
+        # instead of solving.
         kept = [prep[name] for name in _KEPT] if keep else [prep["t_inv"]]
         ctx.save_for_backward(q, k, v, w, beta, g, gate, o, lse, seg_start, seg_end, *kept)
         ctx.args = (scale, C, NB, kdt, keep, segment_ids is not None)
@@ -610,7 +616,7 @@ class _PaTHTriton(torch.autograd.Function):
         T_pad = seg_start.shape[1]
         n_sb = T_pad // (C * NB)
         with torch.no_grad(), _matmul_precision(kdt):
-            v_kernel = _pad_time(v, T_pad).to(kdt).contiguous()
+            v_kernel = _kernel_values(v, T_pad, kdt)
             q_k, k_k = q.to(kdt), k.to(kdt)
             if keep:
                 prep = dict(zip(_KEPT, kept))
@@ -697,7 +703,8 @@ def path_attention_triton(
     inverses that the forward solved, 4 * chunk_size bytes per token and kv head) and walks their products back
     with the kernels of :func:`path_triton.edge_grads`, :func:`path_triton.frames_backward` and
     :func:`path_triton.prepare_backward` (float32 accumulation, TF32 products for half-precision inputs).
-    Nothing else but the inputs, the output and its log-sum-exp is kept between the passes, unless
+    Nothing else but the inputs, the output, its log-sum-exp and the cumulative gate (4 bytes per token and
+    query head) is kept between the passes, unless
     ``keep_preparation`` (default :data:`KEEP_PREPARATION`): then the forward also writes the backward's
     tables of the preparation (the float32 carries, each chunk's product, inverse and edge matrices, the frame
     changes in float32) and keeps them, and the backward does not rerun it: about 3 KiB more per token and
