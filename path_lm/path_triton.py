@@ -372,7 +372,7 @@ def output_delta(do, o, T_pad: int):
     return delta
 
 
-@triton.jit(do_not_specialize=["T_in", "T_out"])
+@triton.jit(do_not_specialize=["T_in", "T_out", "N"])
 def _gate_scan_kernel(X0, X1, X2, OUT, T_in, T_out, N, HQ: tl.constexpr, PARTS: tl.constexpr, REVERSE: tl.constexpr,
                       BT: tl.constexpr):
     """One program per (batch, query head): the (reverse) cumulative sum over N positions of the sum of PARTS
