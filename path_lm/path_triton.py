@@ -401,7 +401,7 @@ def gate_scan(parts, T_out: int, *, reverse: bool, dtype=torch.float32):
     B, T_in, HQ = parts[0].shape
     parts = [x.contiguous() for x in parts]
     out = torch.empty(B, T_out, HQ, dtype=dtype, device=parts[0].device)
-    x0, x1, x2 = (parts + parts[:1] * 2)[:3]
+    x0, x1, x2 = parts + parts[:1] * (3 - len(parts))  # unused slots repeat the first part (PARTS says how many)
     _gate_scan_kernel[(B * HQ,)](x0, x1, x2, out, T_in, T_out, max(T_in, T_out), HQ=HQ, PARTS=len(parts),
                                  REVERSE=reverse, BT=1024, num_warps=4)
     return out
