@@ -19,7 +19,10 @@ from transformers.utils import logging
 
 from .cache_path import PaTHCache, PaTHStaticCache, _concatenated
 from .configuration_path import PaTHConfig
-from .path_ops import decode_inputs, decode_kernel_usable, path_attention, small_linear, small_linear_usable
+from .path_ops import (
+    decode_inputs, decode_kernel_usable, path_attention, short_conv_kernel_usable, short_conv_normalize, small_linear,
+    small_linear_usable,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -364,9 +367,21 @@ class PaTHAttention(nn.Module):
             w = w * keep.to(w.dtype)
             beta = beta * keep
             g = g * keep if g is not None else None
+        normalized = False
         if self.use_w_shortconv:
             conv_state = layer_cache.get_conv_state() if layer_cache is not None else None
-            w, new_conv_state = self.w_conv1d(w, segment_ids, conv_state)
+            conv = self.w_conv1d
+            if (
+                conv_state is None and dt == torch.float32 and type(conv) is PaTHShortConvolution
+                and short_conv_kernel_usable(w, self.head_dim, self.attn_backend)
+            ):
+                # convolution, SiLU and the normalization below in one kernel (and one for the backward)
+                taps = conv.kernel_size[0]
+                new_conv_state = F.pad(w[:, max(T - taps + 1, 0) :], (0, 0, max(taps - 1 - T, 0), 0)).clone()
+                w = short_conv_normalize(w.contiguous(), conv.weight, conv.bias, segment_ids, head_dim=self.head_dim)
+                normalized = True
+            else:
+                w, new_conv_state = conv(w, segment_ids, conv_state)
             if layer_cache is not None:
                 layer_cache.set_conv_state(new_conv_state)
 
@@ -374,7 +389,8 @@ class PaTHAttention(nn.Module):
         k = self.maybe_k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         w = w.view(B, T, self.num_kv_heads, self.head_dim).to(dt)
-        w = w * torch.rsqrt(w.pow(2).sum(-1, keepdim=True) + 1e-6)
+        if not normalized:
+            w = w * torch.rsqrt(w.pow(2).sum(-1, keepdim=True) + 1e-6)
 
         return self._attend(q, k, v, w, beta, g, segment_ids, key_mask, layer_cache, hidden_states), None, cache
 

@@ -486,6 +486,24 @@ def decode_inputs(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
+def short_conv_kernel_usable(x: torch.Tensor, head_dim: int, backend: str) -> bool:
+    """Whether the layer's w takes ``path_triton.short_conv_normalize`` (one kernel each way instead of ~30
+    PyTorch ops): on CUDA with triton installed, bf16 / fp16 / float32 inputs, a power-of-two head dim, outside
+    torch.compile, unless ``backend='torch'`` asks for PyTorch ops."""
+    return (
+        backend != "torch" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and not torch.compiler.is_compiling()
+        and _triton_import_error() is None
+    )
+
+
+def short_conv_normalize(*args, **kwargs):
+    """``path_triton.short_conv_normalize`` (imported on first use: triton is optional)."""
+    from .path_triton import short_conv_normalize as kernel
+
+    return kernel(*args, **kwargs)
+
+
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     if segment_ids is None:  # one segment per row, then the padding: a few elementwise ops, no scans

@@ -501,3 +501,128 @@ def test_gpu_auto_uses_path_lm_kernel_without_fla(monkeypatch):
     q48 = torch.randn(1, 4, 2, 48, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="head dims"):
         resolve_backend("triton", q48, q48)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layer's w before attention: short convolution, SiLU and normalization in one kernel each way
+# ---------------------------------------------------------------------------------------------------------
+
+
+def short_conv_reference(x, weight, bias, segment_ids, head_dim, dtype):
+    """Float64 formula of the layer's w: y_t = sum_s x_{t-s} c_{K-1-s} (taps within the sequence and the
+    segment) + bias, silu, each head's D channels scaled to unit norm (|.|^2 + 1e-6). The weights enter rounded
+    to dtype (as the module's ``.to(x.dtype)``), with the gradient of the unrounded ones."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    c = weight[:, 0, :] + (weight[:, 0, :].to(dtype).double() - weight[:, 0, :]).detach()
+    y = x * c[:, K - 1]
+    for shift in range(1, K):
+        same = torch.zeros(B, T, dtype=torch.bool)
+        same[:, shift:] = True if segment_ids is None else segment_ids[:, shift:] == segment_ids[:, :-shift]
+        earlier = torch.nn.functional.pad(x, (0, 0, shift, 0))[:, :T]
+        y = y + earlier * c[:, K - 1 - shift] * same[..., None]
+    if bias is not None:
+        y = y + bias + (bias.to(dtype).double() - bias).detach()
+    a = torch.nn.functional.silu(y).view(B, T, C // head_dim, head_dim)
+    return (a * torch.rsqrt(a.pow(2).sum(-1, keepdim=True) + 1e-6)).view(B, T, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []),
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("taps, bias, packed", [(3, False, False), (3, True, True), (4, True, False), (2, False, True),
+                                                (1, True, True)])
+def test_short_conv_normalize_matches_the_module_path(dtype, taps, bias, packed):
+    """path_triton.short_conv_normalize against the layer's PyTorch ops (PaTHShortConvolution in the input
+    dtype, then the normalization in float32: equal up to a rounding step where exp differs) and every
+    gradient (x, the convolution's weight and bias) against float64 autograd of the explicit formula. Two
+    heads, a length that is no multiple of the kernel's 64 rows, packed documents with segments of one token.
+    bf16 on a GPU only: Triton's CPU interpreter does not round to bf16 (fp16 checks the roundings here)."""
+    from path_lm.modeling_path import PaTHShortConvolution
+    from path_lm.path_triton import short_conv_normalize
+
+    gen = torch.Generator().manual_seed(taps)
+    B, T, D, H = 2, 150, 16, 2
+    conv = PaTHShortConvolution(H * D, taps, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        if bias:
+            conv.bias.copy_(torch.randn(H * D, generator=gen) / 4)
+    x = torch.randn(B, T, H * D, generator=gen).to(dtype)
+    segment_ids = torch.cumsum(torch.rand(B, T, generator=gen) < 0.2, 1) if packed else None
+    if packed:
+        segment_ids[0, 40:42] = segment_ids[0, 39] + torch.tensor([1, 2])  # segments of one token
+        segment_ids[0, 42:] += 3
+
+    y, _ = conv(x, segment_ids)
+    module = y.view(B, T, H, D).float()
+    module = (module * torch.rsqrt(module.pow(2).sum(-1, keepdim=True) + 1e-6)).view(B, T, H * D)
+
+    conv = conv.to(DEVICE)
+    x_k = x.to(DEVICE).requires_grad_()
+    out = short_conv_normalize(x_k, conv.weight, conv.bias, segment_ids.to(DEVICE) if packed else None, head_dim=D)
+    assert out.dtype == torch.float32 and out.shape == (B, T, H * D)
+    assert rel_err(out.cpu(), module) < (1e-6 if dtype == torch.float32 else 1e-4)
+
+    params = [conv.weight] + ([conv.bias] if bias else [])
+    ref_in = [x.double().requires_grad_()] + [p.detach().cpu().double().requires_grad_() for p in params]
+    ref = short_conv_reference(ref_in[0], ref_in[1], ref_in[2] if bias else None, segment_ids, D, dtype)
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [x_k, *params], grad_out.float().to(DEVICE))
+    grads_ref = torch.autograd.grad(ref, ref_in, grad_out)
+    tolerance = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    for name, a, b in zip(["x", "weight", "bias"], grads, grads_ref):
+        assert a.shape == b.shape and a.dtype == (dtype if name == "x" else torch.float32), name
+        assert rel_err(a.cpu(), b) < tolerance, name
+
+
+def test_short_conv_normalize_refuses_channels_it_cannot_split():
+    from path_lm.path_triton import short_conv_normalize
+
+    x = torch.randn(2, 8, 48, device=DEVICE)
+    weight = torch.randn(48, 1, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of a power-of-two head_dim"):
+        short_conv_normalize(x, weight, head_dim=32)
+    with pytest.raises(ValueError, match="contiguous"):
+        short_conv_normalize(x.transpose(0, 1), weight, head_dim=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []), ids=lambda d: str(d)[6:])
+def test_model_runs_the_w_path_through_the_kernel(monkeypatch, dtype):
+    """A PaTH model whose layers take the fused w path (forced on here; on CUDA it is the default) gives the
+    module path's loss, logits and parameter gradients on packed documents and left padding, and leaves the
+    same convolution state in the cache (the greedy continuation matches)."""
+    from path_lm import modeling_path
+    from path_lm.configuration_path import PaTHConfig
+    from path_lm.modeling_path import PaTHForCausalLM
+
+    config = PaTHConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=4, intermediate_size=96,
+                        use_forget_gate=True, conv_bias=True, conv_size=4, attn_backend="torch", chunk_size=16)
+    torch.manual_seed(0)
+    model = PaTHForCausalLM(config).to(DEVICE, dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 45), generator=gen).to(DEVICE)
+    position_ids = torch.cat([torch.arange(20), torch.arange(25)]).repeat(2, 1).to(DEVICE)
+    calls = []
+    kernel = modeling_path.short_conv_normalize
+    monkeypatch.setattr(modeling_path, "short_conv_normalize", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(modeling_path, "short_conv_kernel_usable", lambda *a: fused)
+        model.zero_grad()
+        out = model(input_ids=ids, position_ids=position_ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            mask = torch.ones_like(ids)
+            mask[1, :7] = 0
+            continued = model.generate(ids[:, :30], attention_mask=mask[:, :30], max_new_tokens=3, do_sample=False,
+                                       pad_token_id=0)
+        results.append((out.logits.detach(), out.loss.detach(), grads, continued))
+    assert len(calls) == 2 * config.num_hidden_layers  # training and the prefill; the steps carry the state
+    (logits, loss, grads, continued), (logits_k, loss_k, grads_k, continued_k) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(logits_k, logits, **tol)
+    torch.testing.assert_close(loss_k, loss, **tol)
+    for name in grads:
+        assert rel_err(grads_k[name], grads[name]) < (1e-5 if dtype == torch.float32 else 3e-2), name
+    assert torch.equal(continued_k, continued)
