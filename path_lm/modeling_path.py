@@ -41,6 +41,11 @@ def _plain_linear(module: nn.Module, x: torch.Tensor, bias: bool = True) -> bool
     )
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks are registered on ``module``: a product that skips its call would skip them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x), skipping the call where the module is a plain ``nn.Dropout`` that is the identity
     (evaluation, p = 0): a decoding step would otherwise pay a module call's host time for each of the
@@ -275,19 +280,29 @@ class PaTHAttention(nn.Module):
 
     def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
         """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
-        without a forget gate), each [B, T, features] in x's dtype. A decoding step (one token, autograd off)
-        runs the projections that read x as one product over their concatenated weights and biases
-        (:meth:`_step_plan`): one matrix kernel instead of five or six, which is most of what a small model's
-        step costs. Several tokens, autograd on, or a projection that is not a plain ``nn.Linear`` on x's
-        device and dtype (adapters, quantized or offloaded layers) take the module calls."""
+        without a forget gate), each [B, T, features] in x's dtype. The projections that read x run as one
+        product over their concatenated weights and biases: one matrix kernel (and one per gradient) instead of
+        five or six. A decoding step (one token, autograd off) takes the concatenation kept by :meth:`_step_plan`;
+        calls of several tokens (training, prefill) concatenate anew. A projection that is not a plain
+        ``nn.Linear`` on x's device and dtype (adapters, quantized or offloaded layers) or that has forward
+        hooks, and single tokens without a plan, take the module calls."""
         plan = None
         if not torch.is_grad_enabled() and (x.shape[1] == 1 or layer_cache is not None):
             plan = self._step_plan(x, layer_cache)
-        if plan is None or plan.joint is None or x.shape[1] != 1:
-            w = self.w_proj(x)
-            g = self.g_proj(x) if self.use_forget_gate else None
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
-        parts = list(F.linear(x, *plan.joint).split(plan.widths, -1))
+        if plan is not None and plan.joint is not None and x.shape[1] == 1:
+            parts = list(F.linear(x, *plan.joint).split(plan.widths, -1))
+        else:
+            heads = self._input_heads()
+            if x.shape[1] == 1 or not all(_plain_linear(m, x) and not _hooked(m) for m in heads):
+                w = self.w_proj(x)
+                g = self.g_proj(x) if self.use_forget_gate else None
+                return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
+            # Several tokens (training, prefill): one product over the weights concatenated anew (autograd
+            # takes each weight's gradient back out of the concatenation); q, k, v copied out of the product
+            # once here rather than by the attention kernels in both passes.
+            joint = _concatenated([m.weight for m in heads], [m.bias for m in heads])
+            parts = list(F.linear(x, *joint).split([m.out_features for m in heads], -1))
+            parts[:3] = [t.contiguous() for t in parts[:3]]
         if isinstance(self.w_proj, nn.Sequential):
             parts[3] = self.w_proj[1](parts[3])
         return (*parts, None) if len(parts) == 5 else tuple(parts)

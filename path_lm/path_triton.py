@@ -1248,27 +1248,45 @@ def small_linear(x, weight, bias=None, *, up=None):
 
 
 @triton.jit
+def _conv_input(X, SEG, b, t, seg, ch, shift, T, C, SEGMENTED: tl.constexpr):
+    """X [B, T, C] at rows t - shift of batch row b and channels ch, in float32: zero where row t is outside
+    [0, T), row t - shift before the sequence, or (SEGMENTED) in another segment than row t's (seg)."""
+    ok = (t >= shift) & (t < T)
+    if SEGMENTED:
+        ok = ok & (tl.load(SEG + b * T + t - shift, mask=ok, other=-2) == seg)
+    rows = b.to(tl.int64) * T + t - shift
+    return tl.load(X + rows[:, None] * C + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_weight(CW, ch, tap, TAPS: tl.constexpr, DT: tl.constexpr):
+    """Tap ``tap`` of the convolution's weight CW [C, TAPS] at channels ch, rounded to DT (as ``.to(x.dtype)``)."""
+    return _round(tl.load(CW + ch * TAPS + tap).to(tl.float32), DT)
+
+
+@triton.jit
+def _segment_of(SEG, b, t, T, SEGMENTED: tl.constexpr):
+    """The segment ids of rows t (SEG [B, T]; zeros without segments)."""
+    if SEGMENTED:
+        return tl.load(SEG + b * T + t, mask=(t >= 0) & (t < T), other=-1)
+    return tl.zeros_like(t)
+
+
+@triton.jit
 def _conv_rows(X, CW, CB, SEG, b, t, ch, T, C, TAPS: tl.constexpr, HAS_CBIAS: tl.constexpr, SEGMENTED: tl.constexpr,
                DT: tl.constexpr):
     """The causal depthwise convolution at rows t (any, [BT]) and channels ch ([D]) of batch row b of X [B, T,
     C], before its SiLU, with PyTorch's roundings to the model dtype DT (each product, each sum, the bias);
     zero at rows outside [0, T). Taps from other segments (SEG [B, T]) or before the sequence count zero."""
-    inside = (t >= 0) & (t < T)
-    base = X + b.to(tl.int64) * T * C
-    x = tl.load(base + t[:, None] * C + ch[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-    y = _round(x * _round(tl.load(CW + ch * TAPS + TAPS - 1).to(tl.float32), DT)[None, :], DT)
-    if SEGMENTED:
-        seg = tl.load(SEG + b * T + t, mask=inside, other=-1)
+    seg = _segment_of(SEG, b, t, T, SEGMENTED)
+    y = _round(_conv_input(X, SEG, b, t, seg, ch, 0, T, C, SEGMENTED) * _conv_weight(CW, ch, TAPS - 1, TAPS, DT)[None, :],
+               DT)
     for shift in tl.static_range(1, TAPS):
-        ok = inside & (t >= shift)
-        if SEGMENTED:
-            ok = ok & (tl.load(SEG + b * T + t - shift, mask=ok, other=-2) == seg)
-        earlier = tl.load(base + (t - shift)[:, None] * C + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        tap = _round(earlier * _round(tl.load(CW + ch * TAPS + TAPS - 1 - shift).to(tl.float32), DT)[None, :], DT)
-        y = _round(y + tap, DT)
+        earlier = _conv_input(X, SEG, b, t, seg, ch, shift, T, C, SEGMENTED)
+        y = _round(y + _round(earlier * _conv_weight(CW, ch, TAPS - 1 - shift, TAPS, DT)[None, :], DT), DT)
     if HAS_CBIAS:
         y = _round(y + _round(tl.load(CB + ch).to(tl.float32), DT)[None, :], DT)
-    return tl.where(inside[:, None], y, 0.0)
+    return tl.where(((t >= 0) & (t < T))[:, None], y, 0.0)
 
 
 @triton.jit
@@ -1318,26 +1336,20 @@ def _short_conv_norm_bwd_kernel(X, CW, CB, SEG, DN, DX, DCW, DCB, T, C, D: tl.co
     dy = _conv_output_grad(X, CW, CB, SEG, DN, b, t, ch, T, C, TAPS, HAS_CBIAS, SEGMENTED, DT)
     if HAS_CBIAS:
         tl.store(DCB + part * C + ch, tl.sum(dy, axis=0))
-    base = X + b.to(tl.int64) * T * C
-    x = tl.load(base + t[:, None] * C + ch[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+    seg = _segment_of(SEG, b, t, T, SEGMENTED)
+    x = _conv_input(X, SEG, b, t, seg, ch, 0, T, C, SEGMENTED)
     tl.store(DCW + (part * C + ch) * TAPS + TAPS - 1, tl.sum(dy * x, axis=0))
-    dx = dy * _round(tl.load(CW + ch * TAPS + TAPS - 1).to(tl.float32), DT)[None, :]
-    if SEGMENTED:
-        seg = tl.load(SEG + b * T + t, mask=inside, other=-1)
+    dx = dy * _conv_weight(CW, ch, TAPS - 1, TAPS, DT)[None, :]
     for shift in tl.static_range(1, TAPS):
         # tap (TAPS - 1 - shift): row t - shift's input in row t's output; row t's input in row t + shift's
-        ok = inside & (t >= shift)
-        if SEGMENTED:
-            ok = ok & (tl.load(SEG + b * T + t - shift, mask=ok, other=-2) == seg)
-        earlier = tl.load(base + (t - shift)[:, None] * C + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        earlier = _conv_input(X, SEG, b, t, seg, ch, shift, T, C, SEGMENTED)
         tl.store(DCW + (part * C + ch) * TAPS + TAPS - 1 - shift, tl.sum(dy * earlier, axis=0))
         later = t + shift
         dy_later = _conv_output_grad(X, CW, CB, SEG, DN, b, later, ch, T, C, TAPS, HAS_CBIAS, SEGMENTED, DT)
         ok = later < T
         if SEGMENTED:
-            ok = ok & (tl.load(SEG + b * T + later, mask=ok, other=-2) == seg)
-        cw = _round(tl.load(CW + ch * TAPS + TAPS - 1 - shift).to(tl.float32), DT)
-        dx += tl.where(ok[:, None], dy_later, 0.0) * cw[None, :]
+            ok = ok & (_segment_of(SEG, b, later, T, SEGMENTED) == seg)
+        dx += tl.where(ok[:, None], dy_later, 0.0) * _conv_weight(CW, ch, TAPS - 1 - shift, TAPS, DT)[None, :]
     tl.store(DX + (b.to(tl.int64) * T + t)[:, None] * C + ch[None, :], dx.to(DX.dtype.element_ty),
              mask=inside[:, None])
 

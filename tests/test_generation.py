@@ -767,9 +767,9 @@ class _ShiftedLinear(torch.nn.Linear):
 
 @pytest.mark.parametrize("overrides", [{}, {"use_forget_gate": False}, {"use_low_rank_w": False}])
 def test_decoding_step_fuses_input_projections(overrides):
-    """One token with autograd off: the projections reading the hidden state run as ONE product, and give the
-    module calls' values (float64); with autograd on, several tokens, or a non-plain Linear the module calls
-    run (and an adapter's effect is kept)."""
+    """One token with autograd off, and several tokens (a prefill): the projections reading the hidden state run
+    as ONE product, and give the module calls' values (float64); one token with autograd on, or a non-plain
+    Linear, takes the module calls (and an adapter's effect is kept)."""
     torch.manual_seed(0)
     attn = PaTHForCausalLM(make_config(**overrides)).double().model.layers[0].attn
     x = torch.randn(3, 1, 32, dtype=torch.float64)
@@ -788,9 +788,16 @@ def test_decoding_step_fuses_input_projections(overrides):
     with _CountLinear() as counter:  # autograd on: module calls
         attn._input_projections(x)
     assert counter.calls >= 5
-    with torch.no_grad(), _CountLinear() as counter:  # a prefill: module calls
-        attn._input_projections(x.expand(3, 4, 32))
-    assert counter.calls >= 5
+    prompt = torch.randn(3, 4, 32, dtype=torch.float64)
+    with torch.no_grad(), _CountLinear() as counter:  # a prefill: one product too (concatenated anew)
+        got = attn._input_projections(prompt)
+    assert counter.calls == (2 if isinstance(w_module, torch.nn.Sequential) else 1)
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj, w_module, attn.bt_proj, attn.g_proj if attn.use_forget_gate else None]
+    for module, g in zip(modules, got):
+        if module is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, module(prompt).detach(), rtol=1e-12, atol=1e-12)
 
     shifted = _ShiftedLinear(32, 32, bias=False, dtype=torch.float64)
     shifted.weight.data.copy_(attn.q_proj.weight)

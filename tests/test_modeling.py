@@ -794,3 +794,33 @@ def test_initialization(init_range, tie, low_rank):
     # zero biases: beta = 2 sigmoid(0) = 1 and the gate log sigmoid(0) = log 0.5 before the weights' small part
     torch.testing.assert_close(2 * torch.sigmoid(attn.bt_proj.bias), torch.ones(config.num_kv_heads))
     torch.testing.assert_close(F.logsigmoid(attn.g_proj.bias), torch.full((config.num_heads,), math.log(0.5)))
+
+
+@pytest.mark.parametrize("low_rank_w, gate", [(True, True), (False, False)])
+def test_joint_input_projection_equals_module_calls(monkeypatch, low_rank_w, gate):
+    """Calls of several tokens run the attention layers' input projections as one product over their
+    concatenated weights; a forward hook on one of them (as an adapter or an activation probe registers)
+    sends the layer back to the module calls, which run the hook. Same logits, loss and every parameter
+    gradient either way (float64)."""
+    model = make_model(make_config(use_low_rank_w=low_rank_w, use_forget_gate=gate)).train()
+    ids = random_ids(2, 13, seed=5)
+    joint = []
+    concatenated = path_lm.modeling_path._concatenated
+    monkeypatch.setattr(path_lm.modeling_path, "_concatenated", lambda *a: joint.append(1) or concatenated(*a))
+    results = []
+    for hooked in (False, True):
+        seen, joint[:] = [], []
+        layers = model.model.layers if hooked else []
+        handles = [layer.attn.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape)) for layer in layers]
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        for handle in handles:
+            handle.remove()
+        assert len(seen) == (model.config.num_hidden_layers if hooked else 0)
+        assert len(joint) == (0 if hooked else model.config.num_hidden_layers)
+    (logits, grads), (logits_hooked, grads_hooked) = results
+    torch.testing.assert_close(logits, logits_hooked, atol=1e-12, rtol=1e-10)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_hooked[name], atol=1e-12, rtol=1e-10, msg=name)
