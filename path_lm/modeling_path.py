@@ -392,13 +392,15 @@ class PaTHAttention(nn.Module):
             ):
                 # convolution, SiLU and the normalization below in one kernel (and one for the backward)
                 taps = conv.kernel_size[0]
-                new_conv_state = F.pad(w[:, max(T - taps + 1, 0) :], (0, 0, max(taps - 1 - T, 0), 0)).clone()
+                if layer_cache is not None:  # the last taps - 1 inputs, zeros before the sequence
+                    last = w[:, max(T - taps + 1, 0) :]
+                    layer_cache.set_conv_state(F.pad(last, (0, 0, max(taps - 1 - T, 0), 0)).clone())
                 w = short_conv_normalize(w.contiguous(), conv.weight, conv.bias, segment_ids, head_dim=self.head_dim)
                 normalized = True
             else:
                 w, new_conv_state = conv(w, segment_ids, conv_state)
-            if layer_cache is not None:
-                layer_cache.set_conv_state(new_conv_state)
+                if layer_cache is not None:
+                    layer_cache.set_conv_state(new_conv_state)
 
         q = self.maybe_q_norm(q.view(B, T, self.num_heads, self.head_dim))
         k = self.maybe_k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
