@@ -387,7 +387,7 @@ class PaTHAttention(nn.Module):
             conv_state = layer_cache.get_conv_state() if layer_cache is not None else None
             conv = self.w_conv1d
             if (
-                conv_state is None and dt == torch.float32 and type(conv) is PaTHShortConvolution
+                conv_state is None and dt == torch.float32 and type(conv) is PaTHShortConvolution and not _hooked(conv)
                 and short_conv_kernel_usable(w, self.head_dim, self.attn_backend)
             ):
                 # convolution, SiLU and the normalization below in one kernel (and one for the backward)

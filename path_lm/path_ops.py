@@ -488,12 +488,11 @@ def decode_inputs(*args, **kwargs):
 
 def short_conv_kernel_usable(x: torch.Tensor, head_dim: int, backend: str) -> bool:
     """Whether the layer's w takes ``path_triton.short_conv_normalize`` (one kernel each way instead of ~30
-    PyTorch ops): on CUDA with triton installed, bf16 / fp16 / float32 inputs, a power-of-two head dim, outside
-    torch.compile, unless ``backend='torch'`` asks for PyTorch ops."""
+    PyTorch ops): where decoding's kernels run (:func:`decode_kernel_usable`), for bf16 / fp16 / float32 inputs,
+    outside torch.compile."""
     return (
-        backend != "torch" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and not torch.compiler.is_compiling()
-        and _triton_import_error() is None
+        x.dtype in (torch.bfloat16, torch.float16, torch.float32) and not torch.compiler.is_compiling()
+        and decode_kernel_usable(x.device, (head_dim,), backend)
     )
 
 

@@ -535,7 +535,7 @@ def test_short_conv_normalize_matches_the_module_path(dtype, taps, bias, packed)
     """path_triton.short_conv_normalize against the layer's PyTorch ops (PaTHShortConvolution in the input
     dtype, then the normalization in float32: equal up to a rounding step where exp differs) and every
     gradient (x, the convolution's weight and bias) against float64 autograd of the explicit formula. Two
-    heads, a length that is no multiple of the kernel's 64 rows, packed documents with segments of one token.
+    heads, a length that is no multiple of the kernel's row blocks, packed documents with segments of one token.
     bf16 on a GPU only: Triton's CPU interpreter does not round to bf16 (fp16 checks the roundings here)."""
     from path_lm.modeling_path import PaTHShortConvolution
     from path_lm.path_triton import short_conv_normalize
