@@ -20,8 +20,8 @@ from transformers.utils import logging
 from .cache_path import PaTHCache, PaTHStaticCache, _concatenated
 from .configuration_path import PaTHConfig
 from .path_ops import (
-    decode_inputs, decode_kernel_usable, path_attention, short_conv_kernel_usable, short_conv_normalize, small_linear,
-    small_linear_usable,
+    decode_inputs, decode_kernel_usable, gated_silu, gated_silu_usable, path_attention, short_conv_kernel_usable,
+    short_conv_normalize, small_linear, small_linear_usable,
 )
 
 logger = logging.get_logger(__name__)
@@ -44,6 +44,16 @@ def _plain_linear(module: nn.Module, x: torch.Tensor, bias: bool = True) -> bool
 def _hooked(module: nn.Module) -> bool:
     """Whether forward hooks are registered on ``module``: a product that skips its call would skip them."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _joint_weight(modules: list, x: torch.Tensor) -> torch.Tensor:
+    """The weights of these linear layers concatenated along their outputs, for one product with x. Under
+    autocast each weight is cast first (as the layer's own call would cast it) and the concatenation runs in
+    the half-precision dtype."""
+    weights = [m.weight for m in modules]
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
+        weights = [w.to(torch.get_autocast_dtype(x.device.type)) for w in weights]
+    return torch.cat(weights)
 
 
 def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -299,10 +309,12 @@ class PaTHAttention(nn.Module):
                 return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
             # Several tokens (training, prefill): one product over the weights concatenated anew (autograd
             # takes each weight's gradient back out of the concatenation); q, k, v copied out of the product
-            # once here rather than by the attention kernels in both passes.
-            joint = _concatenated([m.weight for m in heads], [m.bias for m in heads])
-            parts = list(F.linear(x, *joint).split([m.out_features for m in heads], -1))
+            # once here rather than by the attention kernels in both passes. The biases (beta's and the gate's)
+            # are added to their own columns: a bias of the whole product would take its gradient as a sum
+            # over every column of the product's gradient.
+            parts = list(F.linear(x, _joint_weight(heads, x)).split([m.out_features for m in heads], -1))
             parts[:3] = [t.contiguous() for t in parts[:3]]
+            parts = [t if m.bias is None else t + m.bias for t, m in zip(parts, heads)]
         if isinstance(self.w_proj, nn.Sequential):
             parts[3] = self.w_proj[1](parts[3])
         return (*parts, None) if len(parts) == 5 else tuple(parts)
@@ -422,7 +434,10 @@ class PaTHAttention(nn.Module):
             step_inputs=step_inputs,
             keep_preparation=self.keep_preparation,
         )
-        return self.o_proj(o.reshape(hidden_states.shape).to(hidden_states.dtype))
+        o = o.reshape(hidden_states.shape)
+        if not torch.is_autocast_enabled(o.device.type):  # (under autocast the projection casts o itself)
+            o = o.to(hidden_states.dtype)
+        return self.o_proj(o)
 
 
 class PaTHMLP(nn.Module):
@@ -437,6 +452,7 @@ class PaTHMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.gated = config.mlp_type == "gated"
         self.silu = config.hidden_act in ("silu", "swish")
+        self.backend = config.attn_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -445,6 +461,13 @@ class PaTHMLP(nn.Module):
             if self.silu and plain and small_linear_usable(x, gate.weight, up.weight):
                 # a compiled decoding step of one row: both products, the SiLU and the product in one launch
                 return self.down_proj(small_linear(x, gate.weight, up=up.weight))
+            if (
+                self.silu and plain and x.dim() == 3 and x.shape[1] > 1 and not (_hooked(gate) or _hooked(up))
+                and gated_silu_usable(x, self.backend)
+            ):
+                # several tokens on CUDA (training, prefill): both products as one, then the SiLU and the product
+                # in one kernel each way (whose backward writes the one product's gradient)
+                return self.down_proj(gated_silu(F.linear(x, _joint_weight([gate, up], x))))
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act_fn(self.up_proj(x)))
 

@@ -503,6 +503,23 @@ def short_conv_normalize(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
+def gated_silu_usable(y: torch.Tensor, backend: str) -> bool:
+    """Whether the gated MLP's activation takes ``path_triton.gated_silu`` (one kernel each way instead of
+    three elementwise ops): on CUDA with triton installed, for bf16 / fp16 / float32, outside torch.compile (which
+    fuses the PyTorch ops itself), unless ``backend='torch'`` asks for PyTorch ops."""
+    return (
+        backend != "torch" and y.is_cuda and y.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and not torch.compiler.is_compiling() and _triton_import_error() is None
+    )
+
+
+def gated_silu(*args, **kwargs):
+    """``path_triton.gated_silu`` (imported on first use: triton is optional)."""
+    from .path_triton import gated_silu as kernel
+
+    return kernel(*args, **kwargs)
+
+
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     if segment_ids is None:  # one segment per row, then the padding: a few elementwise ops, no scans

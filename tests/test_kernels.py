@@ -626,3 +626,92 @@ def test_model_runs_the_w_path_through_the_kernel(monkeypatch, dtype):
     for name in grads:
         assert rel_err(grads_k[name], grads[name]) < (1e-5 if dtype == torch.float32 else 3e-2), name
     assert torch.equal(continued_k, continued)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gated MLP's activation from one product of gate and up: silu(gate) * up in one kernel each way
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []),
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_gated_silu_matches_the_formula(dtype):
+    """path_triton.gated_silu against PyTorch's two ops in the same dtype (equal but for a rounding step where
+    exp differs) and its gradient against float64 autograd of silu(g) * u. Widths that are no multiple of the
+    kernel's column block; rows of a 3-d input. bf16 on a GPU only (the CPU interpreter does not round to it)."""
+    from path_lm.path_triton import GATED_SILU_BLOCK, gated_silu
+
+    gen = torch.Generator().manual_seed(3)
+    width = GATED_SILU_BLOCK + 77
+    y = (3 * torch.randn(2, 5, 2 * width, generator=gen)).to(dtype)
+    y_k = y.to(DEVICE).requires_grad_()
+    out = gated_silu(y_k)
+    torch_ops = torch.nn.functional.silu(y[..., :width]) * y[..., width:]
+    assert out.dtype == dtype and out.shape == (2, 5, width)
+    steps = 2 * torch.finfo(dtype).eps  # (the SiLU's rounding one step off moves the product's by up to two)
+    assert ((out.cpu().float() - torch_ops.float()).abs() <= steps * torch_ops.float().abs() + 1e-5).all()
+    assert (out.cpu() != torch_ops).float().mean() < (0.5 if dtype == torch.float32 else 0.01)
+
+    y64 = y.double().requires_grad_()
+    ref = torch.nn.functional.silu(y64[..., :width]) * y64[..., width:]
+    grad_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(out, y_k, grad_out.to(dtype).to(DEVICE))
+    (grad_ref,) = torch.autograd.grad(ref, y64, grad_out.to(dtype).double())
+    assert grad.dtype == dtype and grad.shape == y.shape
+    assert rel_err(grad.cpu(), grad_ref) < {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def test_gated_silu_refuses_what_it_cannot_read():
+    from path_lm.path_triton import gated_silu
+
+    with pytest.raises(ValueError, match="2 \\* I"):
+        gated_silu(torch.randn(4, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        gated_silu(torch.randn(8, 4, device=DEVICE).t())
+    with pytest.raises(ValueError, match="float32"):
+        gated_silu(torch.randn(4, 8, device=DEVICE, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []), ids=lambda d: str(d)[6:])
+def test_model_runs_the_gated_mlp_through_the_kernel(monkeypatch, dtype):
+    """A PaTH model whose MLPs take one product of gate and up and the gated SiLU kernel (forced on here; on
+    CUDA it is the default) gives the module calls' loss, logits and every parameter gradient; a forward hook on
+    up_proj, and the "torch" backend, keep the module calls."""
+    from path_lm import modeling_path
+    from path_lm.configuration_path import PaTHConfig
+    from path_lm.modeling_path import PaTHForCausalLM
+
+    config = PaTHConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=4, intermediate_size=96,
+                        use_forget_gate=True, attn_backend="torch", chunk_size=16)
+    torch.manual_seed(0)
+    model = PaTHForCausalLM(config).to(DEVICE, dtype)
+    ids = torch.randint(0, 64, (2, 37), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    calls = []
+    kernel = modeling_path.gated_silu
+    monkeypatch.setattr(modeling_path, "gated_silu", lambda *a: calls.append(1) or kernel(*a))
+    usable = modeling_path.gated_silu_usable
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(modeling_path, "gated_silu_usable", lambda x, backend: fused and usable(x, "triton")
+                            if x.is_cuda else fused)
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(calls) == config.num_hidden_layers
+    (logits, loss, grads), (logits_k, loss_k, grads_k) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(logits_k, logits, **tol)
+    torch.testing.assert_close(loss_k, loss, **tol)
+    for name in grads:
+        assert rel_err(grads_k[name], grads[name]) < (1e-5 if dtype == torch.float32 else 3e-2), name
+
+    calls.clear()
+    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *a: None)
+    model(input_ids=ids)
+    handle.remove()
+    assert len(calls) == config.num_hidden_layers - 1
+    monkeypatch.setattr(modeling_path, "gated_silu_usable", usable)
+    calls.clear()
+    model(input_ids=ids)  # attn_backend="torch": PyTorch ops
+    assert not calls

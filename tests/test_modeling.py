@@ -805,8 +805,8 @@ def test_joint_input_projection_equals_module_calls(monkeypatch, low_rank_w, gat
     model = make_model(make_config(use_low_rank_w=low_rank_w, use_forget_gate=gate)).train()
     ids = random_ids(2, 13, seed=5)
     joint = []
-    concatenated = path_lm.modeling_path._concatenated
-    monkeypatch.setattr(path_lm.modeling_path, "_concatenated", lambda *a: joint.append(1) or concatenated(*a))
+    concatenated = path_lm.modeling_path._joint_weight
+    monkeypatch.setattr(path_lm.modeling_path, "_joint_weight", lambda *a: joint.append(1) or concatenated(*a))
     results = []
     for hooked in (False, True):
         seen, joint[:] = [], []
@@ -824,3 +824,31 @@ def test_joint_input_projection_equals_module_calls(monkeypatch, low_rank_w, gat
     torch.testing.assert_close(logits, logits_hooked, atol=1e-12, rtol=1e-10)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_hooked[name], atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_autocast_runs_the_layer_products_without_extra_casts():
+    """Under autocast (bf16 here, on a CPU) the attention layer's joint input product concatenates the weights
+    already cast, adds beta's and the gate's biases to their own columns, and hands the attention output to
+    o_proj in bf16 (no round trip through float32). Logits and every gradient match the module calls, which a
+    forward hook on k_proj forces, within bf16 rounding (O(1) random weights amplify it)."""
+    model = make_model(make_config(use_forget_gate=True), dtype=torch.float32).train()
+    ids = random_ids(2, 21, seed=7)
+    o_inputs = []
+    for layer in model.model.layers:
+        layer.attn.o_proj.register_forward_pre_hook(lambda m, args: o_inputs.append(args[0].dtype))
+    results = []
+    for hooked in (False, True):
+        handles = [layer.attn.k_proj.register_forward_hook(lambda *a: None) for layer in model.model.layers] if hooked else []
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        for handle in handles:
+            handle.remove()
+    assert o_inputs == [torch.bfloat16] * (2 * model.config.num_hidden_layers)
+    (logits, grads), (logits_ref, grads_ref) = results
+    assert (logits - logits_ref).norm() / logits_ref.norm() < 2e-2
+    for name, grad in grads.items():
+        # (beta's and the gate's bias gradients differ most, ~5 %: their logits are no longer rounded to bf16)
+        assert (grad - grads_ref[name]).norm() / grads_ref[name].norm() < 0.1, name
