@@ -503,12 +503,13 @@ def short_conv_normalize(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
-def gated_silu_usable(y: torch.Tensor, backend: str) -> bool:
-    """Whether the gated MLP's activation takes ``path_triton.gated_silu`` (one kernel each way instead of
-    three elementwise ops): on CUDA with triton installed, for bf16 / fp16 / float32, outside torch.compile (which
-    fuses the PyTorch ops itself), unless ``backend='torch'`` asks for PyTorch ops."""
+def gated_silu_usable(x: torch.Tensor, backend: str) -> bool:
+    """Whether the gated MLP with input x takes ``path_triton.gated_silu`` (one kernel each way instead of
+    three elementwise ops): on CUDA with triton installed, for bf16 / fp16 / float32 inputs (the product then
+    comes out in x's dtype or autocast's), outside torch.compile (which fuses the PyTorch ops itself), unless
+    ``backend='torch'`` asks for PyTorch ops."""
     return (
-        backend != "torch" and y.is_cuda and y.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        backend != "torch" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and not torch.compiler.is_compiling() and _triton_import_error() is None
     )
 

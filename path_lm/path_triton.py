@@ -24,6 +24,7 @@ triton is imported here at module level; import this module lazily and only on C
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -1474,9 +1475,9 @@ class _GatedSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y):
         I = y.shape[-1] // 2
-        rows = y.numel() // (2 * I)
+        rows = math.prod(y.shape[:-1])
         out = torch.empty(*y.shape[:-1], I, dtype=y.dtype, device=y.device)
-        if rows:
+        if rows and I:
             grid = (rows, _cdiv(I, GATED_SILU_BLOCK))
             _gated_silu_fwd_kernel[grid](y, out, I, BLOCK=GATED_SILU_BLOCK)
         ctx.save_for_backward(y)
@@ -1486,9 +1487,9 @@ class _GatedSiLU(torch.autograd.Function):
     def backward(ctx, dout):
         (y,) = ctx.saved_tensors
         I = y.shape[-1] // 2
-        rows = y.numel() // (2 * I)
+        rows = math.prod(y.shape[:-1])
         dy = torch.empty_like(y)
-        if rows:
+        if rows and I:
             grid = (rows, _cdiv(I, GATED_SILU_BLOCK))
             _gated_silu_bwd_kernel[grid](y, dout.contiguous(), dy, I, BLOCK=GATED_SILU_BLOCK)
         return dy
