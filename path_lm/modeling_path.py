@@ -291,8 +291,8 @@ class PaTHAttention(nn.Module):
     def _input_projections(self, x: torch.Tensor, layer_cache=None) -> tuple:
         """q, k, v, w (before the short convolution), the beta and the gate pre-activations (gate: None
         without a forget gate), each [B, T, features] in x's dtype. The projections that read x run as one
-        product over their concatenated weights and biases: one matrix kernel (and one per gradient) instead of
-        five or six. A decoding step (one token, autograd off) takes the concatenation kept by :meth:`_step_plan`;
+        product over their concatenated weights: one matrix kernel (and one per gradient) instead of five or
+        six. A decoding step (one token, autograd off) takes the concatenation kept by :meth:`_step_plan`;
         calls of several tokens (training, prefill) concatenate anew. A projection that is not a plain
         ``nn.Linear`` on x's device and dtype (adapters, quantized or offloaded layers) or that has forward
         hooks, and single tokens without a plan, take the module calls."""
