@@ -320,8 +320,8 @@ def test_unequal_query_and_key_tiles(monkeypatch, query_tile, key_tile):
 
     table = {key: dict(config, BM=query_tile, BN=key_tile) for key, config in path_triton.ATTENTION_LAUNCH.items()}
     monkeypatch.setattr(path_triton, "ATTENTION_LAUNCH", table)
-    inputs = make_inputs(2, 128, 4, 2, 16, seed=9)
-    segment_ids = torch.zeros(2, 128, dtype=torch.long)
+    inputs = make_inputs(2, 200, 4, 2, 16, seed=9)  # four superblocks: frame changes past the identity
+    segment_ids = torch.zeros(2, 200, dtype=torch.long)
     segment_ids[1, 70:] = 1
     (o, o_ref), keys, grads, cast = run_both(inputs, torch.float32, segment_ids, chunk_size=16, chunks_per_superblock=4)
     assert rel_err(o, o_ref) < 1e-5

@@ -491,8 +491,12 @@ def test_gradient_checkpointing_same_gradients(use_reentrant):
     def run(checkpointing):
         model = make_model(config).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            assert model.is_gradient_checkpointing
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+                assert model.is_activation_checkpointing
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+                assert model.is_gradient_checkpointing
         calls = []
         model.model.layers[0].attn.register_forward_hook(lambda *a: calls.append(1))
         loss = model(ids, attention_mask=mask, labels=labels, use_cache=False).loss

@@ -14,7 +14,9 @@ F64_TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 def make_inputs(B, T, HQ, H, D, Dv=None, gate=True, seed=0):
-    """Random float64 inputs: w unit-norm, beta uniform in [0, 2), g = logsigmoid(randn)."""
+    """Random float64 inputs: w unit-norm, beta uniform in [0, 2), g = logsigmoid(randn + 4): a mostly open gate
+    (about -0.03 a step, as after training), so that keys hundreds of positions back still weigh in and every
+    chunk level of the kernels shows in the output; logsigmoid(randn) would decay ~e^-50 over 64 steps."""
     Dv = D if Dv is None else Dv
     gen = torch.Generator().manual_seed(seed)
     opts = dict(generator=gen, dtype=torch.float64)
@@ -24,7 +26,7 @@ def make_inputs(B, T, HQ, H, D, Dv=None, gate=True, seed=0):
     w = torch.randn(B, T, H, D, **opts)
     w = w / w.norm(dim=-1, keepdim=True)
     beta = 2 * torch.rand(B, T, H, **opts)
-    g = F.logsigmoid(torch.randn(B, T, HQ, **opts)) if gate else None
+    g = F.logsigmoid(torch.randn(B, T, HQ, **opts) + 4) if gate else None
     return q, k, v, w, beta, g
 
 
