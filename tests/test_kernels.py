@@ -189,7 +189,7 @@ def test_chunk_inverses_match_float64(C):
     n = (T + C - 1) // C
     T_pad = n * C
     seg_start, _ = path_ops._segment_bounds(None, B, T, T_pad, "cpu")
-    gate, v_kernel = path_ops._kernel_inputs(v.float(), g.float(), T_pad, torch.float32)
+    gate, v_kernel = path_ops._kernel_inputs(v.float().to(DEVICE), g.float().to(DEVICE), T_pad, torch.float32)
     args = [x.float().to(DEVICE) for x in (q, k, v_kernel, w, beta, gate, seg_start)]
     args[-1] = seg_start.to(DEVICE)
     out = prepare_forward(*args, chunk=C, chunks_per_superblock=1, scale=0.25, keys32=False)
