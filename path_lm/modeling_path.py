@@ -20,8 +20,8 @@ from transformers.utils import logging
 from .cache_path import PaTHCache, PaTHStaticCache, _concatenated
 from .configuration_path import PaTHConfig
 from .path_ops import (
-    decode_inputs, decode_kernel_usable, gated_silu, gated_silu_usable, path_attention, short_conv_kernel_usable,
-    short_conv_normalize, small_linear, small_linear_usable,
+    decode_inputs, decode_kernel_usable, gated_silu, gated_silu_usable, path_attention, rms_norm, rms_norm_usable,
+    short_conv_kernel_usable, short_conv_normalize, small_linear, small_linear_usable,
 )
 
 logger = logging.get_logger(__name__)
@@ -31,13 +31,18 @@ logger = logging.get_logger(__name__)
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _plain_linear(module: nn.Module, x: torch.Tensor, bias: bool = True) -> bool:
+def _plain_linear(module: nn.Module, x: torch.Tensor, bias: bool = True, autocast: bool = False) -> bool:
     """Whether ``module`` is a plain ``nn.Linear`` with its weight on x's device and in x's dtype (and, with
-    ``bias=False``, no bias): the layers whose weights the fused decoding paths read directly (adapters,
-    quantized or offloaded layers keep their own calls)."""
-    return (
-        type(module) is nn.Linear and module.weight.device == x.device and module.weight.dtype == x.dtype
-        and (bias or module.bias is None)
+    ``bias=False``, no bias): the layers whose weights the fused paths read directly (adapters, quantized or
+    offloaded layers keep their own calls). With ``autocast``, for paths that cast the weights as the layer's
+    call would: x may also be in autocast's dtype over float32 weights (under CUDA autocast a block's norm
+    writes its output so)."""
+    if type(module) is not nn.Linear or module.weight.device != x.device or not (bias or module.bias is None):
+        return False
+    weight, device = module.weight.dtype, x.device.type
+    return weight == x.dtype or (
+        autocast and weight == torch.float32 and torch.is_autocast_enabled(device)
+        and x.dtype == torch.get_autocast_dtype(device)
     )
 
 
@@ -85,14 +90,24 @@ class PaTHRMSNorm(nn.Module):
     """RMSNorm computed in float32 or better (as fla's fused norm), returned in the input dtype.
 
     ``eps=None`` is torch.nn.RMSNorm's default: the machine epsilon of the compute dtype (that is what
-    torch's kernel adds, for bf16 inputs too), so the result equals ``torch.nn.RMSNorm(eps=None)``."""
+    torch's kernel adds, for bf16 inputs too), so the result equals ``torch.nn.RMSNorm(eps=None)``.
 
-    def __init__(self, hidden_size: int, eps: float | None = 1e-6):
+    ``autocast_kernel`` (the blocks' norms, whose outputs only products read): in training under CUDA autocast
+    the norm runs as ``path_triton.rms_norm`` and returns autocast's dtype, the products' input, in one kernel
+    (and one for the backward) instead of the norm, the products' cast of its output and, in the backward, the
+    cast of its gradient back and two norm kernels. The values are the cast's: computed in float32, rounded
+    once."""
+
+    def __init__(self, hidden_size: int, eps: float | None = 1e-6, autocast_kernel: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.autocast_kernel = autocast_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast_kernel and rms_norm_usable(x, self.weight):
+            eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
+            return rms_norm(x, self.weight, eps, out_dtype=torch.get_autocast_dtype(x.device.type))
         if x.dtype == self.weight.dtype:  # torch computes half precision in float32 and rounds once
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dt = torch.promote_types(x.dtype, torch.float32)
@@ -303,7 +318,7 @@ class PaTHAttention(nn.Module):
             parts = list(F.linear(x, *plan.joint).split(plan.widths, -1))
         else:
             heads = self._input_heads()
-            if x.shape[1] == 1 or not all(_plain_linear(m, x) and not _hooked(m) for m in heads):
+            if x.shape[1] == 1 or not all(_plain_linear(m, x, autocast=True) and not _hooked(m) for m in heads):
                 w = self.w_proj(x)
                 g = self.g_proj(x) if self.use_forget_gate else None
                 return self.q_proj(x), self.k_proj(x), self.v_proj(x), w, self.bt_proj(x), g
@@ -461,8 +476,9 @@ class PaTHMLP(nn.Module):
             if self.silu and plain and small_linear_usable(x, gate.weight, up.weight):
                 # a compiled decoding step of one row: both products, the SiLU and the product in one launch
                 return self.down_proj(small_linear(x, gate.weight, up=up.weight))
+            joint = _plain_linear(gate, x, bias=False, autocast=True) and _plain_linear(up, x, bias=False, autocast=True)
             if (
-                self.silu and plain and x.dim() == 3 and x.shape[1] > 1 and not (_hooked(gate) or _hooked(up))
+                self.silu and joint and x.dim() == 3 and x.shape[1] > 1 and not (_hooked(gate) or _hooked(up))
                 and gated_silu_usable(x, self.backend)
             ):
                 # several tokens on CUDA (training, prefill): both products as one, then the SiLU and the product
@@ -477,7 +493,8 @@ class PaTHBlock(GradientCheckpointingLayer):
 
     def __init__(self, config: PaTHConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
+        kernel = config.attn_backend != "torch"  # (the norms' kernel under CUDA autocast; see PaTHRMSNorm)
+        self.attn_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps, autocast_kernel=kernel)
         self.attn = PaTHAttention(
             hidden_size=config.hidden_size,
             num_heads=config.num_heads,
@@ -495,7 +512,7 @@ class PaTHBlock(GradientCheckpointingLayer):
             keep_preparation=config.attn_keep_preparation,
         )
         self.attn_dropout = nn.Dropout(config.attention_dropout)
-        self.mlp_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp_norm = PaTHRMSNorm(config.hidden_size, eps=config.norm_eps, autocast_kernel=kernel)
         self.mlp = PaTHMLP(config)
         self.mlp_dropout = nn.Dropout(config.hidden_dropout)
 

@@ -521,6 +521,23 @@ def gated_silu(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
+def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a block's RMSNorm of x takes ``path_triton.rms_norm`` with the autocast dtype as its output: in
+    training under CUDA autocast (float32 x and weight, the mixed-precision layout), outside torch.compile."""
+    return (
+        x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype == torch.float32 and weight.dtype == torch.float32
+        and torch.is_grad_enabled() and weight.requires_grad and x.is_contiguous() and x.shape[-1] <= 65536
+        and not torch.compiler.is_compiling() and _triton_import_error() is None
+    )
+
+
+def rms_norm(*args, **kwargs):
+    """``path_triton.rms_norm`` (imported on first use: triton is optional)."""
+    from .path_triton import rms_norm as kernel
+
+    return kernel(*args, **kwargs)
+
+
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     if segment_ids is None:  # one segment per row, then the padding: a few elementwise ops, no scans

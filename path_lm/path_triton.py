@@ -1507,6 +1507,106 @@ def gated_silu(y):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The blocks' RMSNorm under autocast: float32 in, the products' half precision out, one kernel each way
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
+    """Program (row): y = x * rsqrt(mean(x^2) + eps) * w in float32, stored in Y's dtype; 1 / rms kept."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < N
+    x = tl.load(X + row * N + cols, mask=valid, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+    tl.store(Y + row * N + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=valid)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, M, N, ROWS, BLOCK: tl.constexpr):
+    """Program (ROWS consecutive rows): dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w and xhat = x *
+    rstd, and the program's share of dw = sum over rows of dy * xhat (float32, summed over programs after)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < N
+    w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    for r in range(ROWS):
+        row = pid * ROWS + r
+        live = valid & (cols * 0 + row < M)  # (the last program's rows may end early: zeros then add nothing to dw)
+        off = row.to(tl.int64) * N + cols
+        x = tl.load(X + off, mask=live, other=0.0).to(tl.float32)
+        dy = tl.load(DY + off, mask=live, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + tl.minimum(row, M - 1))
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=live)
+        dw += dy * xhat
+    tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=valid)
+
+
+RMS_NORM_MAX_WIDTH = 65536  # features a row program holds in registers
+
+
+class _RMSNorm(torch.autograd.Function):
+    """:func:`rms_norm` with its backward (dx and dw in one pass over the rows)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        N = x.shape[-1]
+        M = x.numel() // N if N else 0
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        if M and N:
+            _rms_norm_fwd_kernel[(M,)](x, weight, y, rstd, N, eps, BLOCK=_next_pow2(N), num_warps=_norm_warps(N))
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        N = x.shape[-1]
+        M = rstd.shape[0]
+        dx = torch.empty_like(x)
+        if not (M and N):
+            return dx, torch.zeros_like(weight), None, None
+        programs = min(M, 4 * _sm_count(x.device))
+        rows = _cdiv(M, programs)
+        programs = _cdiv(M, rows)
+        dw = torch.empty(programs, N, dtype=torch.float32, device=x.device)
+        _rms_norm_bwd_kernel[(programs,)](x, weight, dy.contiguous(), rstd, dx, dw, M, N, rows,
+                                          BLOCK=_next_pow2(N), num_warps=_norm_warps(N))
+        return dx, dw.sum(0).to(weight.dtype), None, None
+
+
+def _norm_warps(N: int) -> int:
+    return 4 if N <= 2048 else 8 if N <= 8192 else 16
+
+
+def rms_norm(x, weight, eps: float, out_dtype=None):
+    """``x * rsqrt(mean(x^2, -1) + eps) * weight`` computed in float32 and stored in ``out_dtype`` (x's by
+    default), differentiable: under autocast the blocks' norms write the half-precision input of the products
+    that read them, so neither the cast to it nor its gradient's cast back is a kernel of its own, and the
+    backward is one kernel (dx and the weight's partial sums) instead of two. x contiguous in float32, bf16 or
+    fp16, at most :data:`RMS_NORM_MAX_WIDTH` features; weight [features]."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    if (
+        not x.is_contiguous() or x.dtype not in floats or out_dtype not in floats or weight.dtype not in floats
+        or weight.shape != x.shape[-1:] or x.shape[-1] > RMS_NORM_MAX_WIDTH
+    ):
+        raise ValueError(
+            f"rms_norm needs x [..., N] contiguous in bf16, fp16 or float32 with N <= {RMS_NORM_MAX_WIDTH} and a "
+            f"weight [N] in one of those; got x {tuple(x.shape)} {x.dtype} (strides {x.stride()}), weight "
+            f"{tuple(weight.shape)} {weight.dtype}, out_dtype {out_dtype}"
+        )
+    return _RMSNorm.apply(x, weight.contiguous(), float(eps), out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Preparation of the forward pass: per-chunk transforms, carries to superblock edges, chunk frame changes
 # ---------------------------------------------------------------------------------------------------------
 

@@ -715,3 +715,95 @@ def test_model_runs_the_gated_mlp_through_the_kernel(monkeypatch, dtype):
     calls.clear()
     model(input_ids=ids)  # attn_backend="torch": PyTorch ops
     assert not calls
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []),
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_rms_norm_matches_the_formula(out_dtype):
+    """path_triton.rms_norm (float32 in, out_dtype out) against x * rsqrt(mean(x^2) + eps) * w in float64,
+    rounded once to out_dtype; dx and dw against float64 autograd of the formula. A width that is no power of
+    two, and rows that do not divide evenly among the backward's programs (each sums its rows' share of dw)."""
+    from path_lm.path_triton import rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    x = 3 * torch.randn(37, 700, generator=gen) + 0.5
+    weight = 1 + torch.randn(700, generator=gen)
+    x_k, w_k = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
+    y = rms_norm(x_k, w_k, 1e-5, out_dtype=out_dtype)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    assert y.dtype == out_dtype and y.shape == x.shape
+    step = torch.finfo(out_dtype).eps  # one rounding of the float32 value
+    assert ((y.cpu().double() - ref.detach()).abs() <= step * ref.detach().abs() + 1e-6).all()
+    dy = torch.randn(ref.shape, generator=gen).to(out_dtype)
+    dx, dw = torch.autograd.grad(y, [x_k, w_k], dy.to(DEVICE))
+    dx_ref, dw_ref = torch.autograd.grad(ref, [x64, w64], dy.double())
+    assert dx.dtype == torch.float32 and dw.dtype == torch.float32
+    assert rel_err(dx.cpu(), dx_ref) < 1e-5
+    assert rel_err(dw.cpu(), dw_ref) < 1e-5
+
+
+def test_rms_norm_refuses_what_it_cannot_read():
+    from path_lm.path_triton import rms_norm
+
+    with pytest.raises(ValueError, match="contiguous"):
+        rms_norm(torch.randn(8, 4, device=DEVICE).t(), torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="float64"):
+        rms_norm(torch.randn(4, 8, device=DEVICE, dtype=torch.float64), torch.ones(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="weight \\(7,\\)"):
+        rms_norm(torch.randn(4, 8, device=DEVICE), torch.ones(7, device=DEVICE), 1e-6)
+
+
+def test_model_runs_the_block_norms_through_the_kernel(monkeypatch):
+    """Under autocast (CUDA's on a GPU; on a CPU, the CPU's with the kernel forced on in Triton's interpreter) the
+    blocks' norms return autocast's dtype from path_triton.rms_norm, the input projections still run as one
+    product over the cast weights, and the loss, logits and every parameter gradient equal the module path's
+    (float32 norms cast by the products) to bf16's precision. The final norm keeps float32, and without
+    gradients, or without autocast, the norms take PyTorch's op."""
+    from path_lm import modeling_path
+    from path_lm.configuration_path import PaTHConfig
+    from path_lm.modeling_path import PaTHForCausalLM
+
+    config = PaTHConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=4, intermediate_size=96,
+                        use_forget_gate=True, attn_backend="torch", chunk_size=16)
+    torch.manual_seed(0)
+    model = PaTHForCausalLM(config).to(DEVICE)
+    for layer in model.model.layers:
+        layer.attn_norm.weight.data.uniform_(0.5, 1.5)
+        layer.mlp_norm.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 64, (2, 37), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    calls, joint, dtypes = [], [], []
+    kernel, joint_weight, usable = modeling_path.rms_norm, modeling_path._joint_weight, modeling_path.rms_norm_usable
+    monkeypatch.setattr(modeling_path, "rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(modeling_path, "_joint_weight", lambda *a: joint.append(1) or joint_weight(*a))
+    if not CUDA:  # (the check itself asks for CUDA autocast)
+        monkeypatch.setattr(modeling_path, "rms_norm_usable", lambda x, w: torch.is_autocast_enabled(x.device.type)
+                            and torch.is_grad_enabled() and x.dtype == torch.float32)
+    model.model.layers[0].attn.register_forward_pre_hook(lambda m, args, kwargs: dtypes.append(args[0].dtype),
+                                                         with_kwargs=True)
+    results, joint_calls = [], []
+    for fused in (False, True):
+        for layer in model.model.layers:
+            layer.attn_norm.autocast_kernel = layer.mlp_norm.autocast_kernel = fused
+        model.zero_grad()
+        joint.clear()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        joint_calls.append(len(joint))
+        results.append((out.logits.float().detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(calls) == 2 * config.num_hidden_layers
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert joint_calls[0] >= config.num_hidden_layers and joint_calls[1] == joint_calls[0]  # one product, both ways
+    (logits, loss, grads), (logits_k, loss_k, grads_k) = results
+    torch.testing.assert_close(logits_k, logits, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(loss_k, loss, atol=1e-2, rtol=1e-2)
+    for name in grads:
+        assert rel_err(grads_k[name], grads[name]) < 3e-2, name
+
+    calls.clear()
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(input_ids=ids)
+    model(input_ids=ids)
+    assert not calls
+    monkeypatch.setattr(modeling_path, "rms_norm_usable", usable)
