@@ -526,7 +526,8 @@ def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     training under CUDA autocast (float32 x and weight, the mixed-precision layout), outside torch.compile."""
     return (
         x.is_cuda and torch.is_autocast_enabled("cuda") and x.dtype == torch.float32 and weight.dtype == torch.float32
-        and torch.is_grad_enabled() and weight.requires_grad and x.is_contiguous() and x.shape[-1] <= 65536
+        and torch.is_grad_enabled() and weight.requires_grad and x.is_contiguous()
+        and x.shape[-1] <= 65536  # (path_triton.RMS_NORM_MAX_WIDTH)
         and not torch.compiler.is_compiling() and _triton_import_error() is None
     )
 
