@@ -20,7 +20,7 @@ from transformers.utils import logging
 from .cache_path import PaTHCache, PaTHStaticCache, _concatenated
 from .configuration_path import PaTHConfig
 from .path_ops import (
-    decode_inputs, decode_kernel_usable, gated_silu, gated_silu_usable, path_attention, rms_norm, rms_norm_usable,
+    add_rms_norm, decode_inputs, decode_kernel_usable, gated_silu, gated_silu_usable, path_attention, rms_norm, rms_norm_usable,
     short_conv_kernel_usable, short_conv_normalize, small_linear, small_linear_usable,
 )
 
@@ -114,6 +114,20 @@ class PaTHRMSNorm(nn.Module):
         eps = torch.finfo(dt).eps if self.eps is None else self.eps
         # x * rsqrt(mean(x^2) + eps) * weight, one fused op (decoding runs one launch per op)
         return F.rms_norm(x.to(dt), self.weight.shape, self.weight.to(dt), eps).to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, a: torch.Tensor) -> tuple:
+        """(x + a, this norm of it): a residual stream and a sublayer's output summed, then normalized. Where the
+        kernel runs (see ``autocast_kernel``) both are ``path_triton.add_rms_norm``'s one kernel each way (no add
+        of its own forward, none of autograd's for the sum's gradient in the backward); with hooks on this
+        module it is called as a module."""
+        if (
+            self.autocast_kernel and not _hooked(self) and a.shape == x.shape and a.is_contiguous()
+            and a.dtype in (torch.bfloat16, torch.float16, torch.float32) and rms_norm_usable(x, self.weight)
+        ):
+            eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
+            return add_rms_norm(x, a, self.weight, eps, out_dtype=torch.get_autocast_dtype(x.device.type))
+        h = x + a
+        return h, self(h)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -532,8 +546,8 @@ class PaTHBlock(GradientCheckpointingLayer):
             cache=cache,
             padding=padding,
         )
-        hidden_states = hidden_states + _dropout(self.attn_dropout, attn_out)
-        return hidden_states + _dropout(self.mlp_dropout, self.mlp(self.mlp_norm(hidden_states)))
+        hidden_states, normed = self.mlp_norm.add_and_norm(hidden_states, _dropout(self.attn_dropout, attn_out))
+        return hidden_states + _dropout(self.mlp_dropout, self.mlp(normed))
 
 
 class PaTHPreTrainedModel(PreTrainedModel):

@@ -539,6 +539,13 @@ def rms_norm(*args, **kwargs):
     return kernel(*args, **kwargs)
 
 
+def add_rms_norm(*args, **kwargs):
+    """``path_triton.add_rms_norm`` (imported on first use: triton is optional)."""
+    from .path_triton import add_rms_norm as kernel
+
+    return kernel(*args, **kwargs)
+
+
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
     """[B, T_pad] int32 first and one-past-last position of every position's segment (padding is one)."""
     if segment_ids is None:  # one segment per row, then the padding: a few elementwise ops, no scans

@@ -1512,12 +1512,16 @@ def gated_silu(y):
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
-    """Program (row): y = x * rsqrt(mean(x^2) + eps) * w in float32, stored in Y's dtype; 1 / rms kept."""
+def _rms_norm_fwd_kernel(X, A, H, W, Y, RSTD, N, eps, BLOCK: tl.constexpr, ADD: tl.constexpr):
+    """Program (row): y = x * rsqrt(mean(x^2) + eps) * w in float32, stored in Y's dtype; 1 / rms kept. With ADD
+    the row normalized is h = x + a (float32 sum, stored in H's dtype)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     valid = cols < N
     x = tl.load(X + row * N + cols, mask=valid, other=0.0).to(tl.float32)
+    if ADD:
+        x += tl.load(A + row * N + cols, mask=valid, other=0.0).to(tl.float32)
+        tl.store(H + row * N + cols, x.to(H.dtype.element_ty), mask=valid)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
     w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
     tl.store(Y + row * N + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=valid)
@@ -1525,9 +1529,12 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, N, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, M, N, ROWS, BLOCK: tl.constexpr):
+def _rms_norm_bwd_kernel(X, W, DY, RSTD, DH, DX, DA, DW_PART, M, N, ROWS, BLOCK: tl.constexpr, ADD: tl.constexpr,
+                         HAS_DH: tl.constexpr):
     """Program (ROWS consecutive rows): dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w and xhat = x *
-    rstd, and the program's share of dw = sum over rows of dy * xhat (float32, summed over programs after)."""
+    rstd, and the program's share of dw = sum over rows of dy * xhat (float32, summed over programs after).
+    With ADD (X holds h = x + a): dx gains h's own gradient DH (HAS_DH), and is written to DX in x's dtype and
+    to DA in a's."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     valid = cols < N
@@ -1543,7 +1550,11 @@ def _rms_norm_bwd_kernel(X, W, DY, RSTD, DX, DW_PART, M, N, ROWS, BLOCK: tl.cons
         xhat = x * rstd
         g = dy * w
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+        if HAS_DH:
+            dx += tl.load(DH + off, mask=live, other=0.0).to(tl.float32)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=live)
+        if ADD:
+            tl.store(DA + off, dx.to(DA.dtype.element_ty), mask=live)
         dw += dy * xhat
     tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=valid)
 
@@ -1552,38 +1563,65 @@ RMS_NORM_MAX_WIDTH = 65536  # features a row program holds in registers
 
 
 class _RMSNorm(torch.autograd.Function):
-    """:func:`rms_norm` with its backward (dx and dw in one pass over the rows)."""
+    """:func:`rms_norm` and :func:`add_rms_norm` with their backward (dx and dw in one pass over the rows). ``a``
+    None: the norm of x alone (returns y); else of h = x + a (returns h and y)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, out_dtype):
+    def forward(ctx, x, a, weight, eps, out_dtype):
         N = x.shape[-1]
         M = x.numel() // N if N else 0
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        h = torch.empty_like(x) if a is not None else None
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         if M and N:
-            _rms_norm_fwd_kernel[(M,)](x, weight, y, rstd, N, eps, BLOCK=_next_pow2(N), num_warps=_norm_warps(N))
-        ctx.save_for_backward(x, weight, rstd)
-        return y
+            _rms_norm_fwd_kernel[(M,)](x, a, h, weight, y, rstd, N, eps, BLOCK=_next_pow2(N), ADD=a is not None,
+                                       num_warps=_norm_warps(N))
+        ctx.save_for_backward(x if a is None else h, weight, rstd)
+        ctx.a_dtype = None if a is None else a.dtype
+        return y if a is None else (h, y)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, *grads):
         x, weight, rstd = ctx.saved_tensors
+        dh, dy = grads if ctx.a_dtype is not None else (None, grads[0])
         N = x.shape[-1]
         M = rstd.shape[0]
         dx = torch.empty_like(x)
-        if not (M and N):
-            return dx, torch.zeros_like(weight), None, None
-        programs = min(M, 4 * _sm_count(x.device))
-        rows = _cdiv(M, programs)
-        programs = _cdiv(M, rows)
-        dw = torch.empty(programs, N, dtype=torch.float32, device=x.device)
-        _rms_norm_bwd_kernel[(programs,)](x, weight, dy.contiguous(), rstd, dx, dw, M, N, rows,
-                                          BLOCK=_next_pow2(N), num_warps=_norm_warps(N))
-        return dx, dw.sum(0).to(weight.dtype), None, None
+        da = torch.empty(x.shape, dtype=ctx.a_dtype, device=x.device) if ctx.a_dtype is not None else None
+        if dy is None:
+            dy = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        if M and N:
+            programs = min(M, 4 * _sm_count(x.device))
+            rows = _cdiv(M, programs)
+            programs = _cdiv(M, rows)
+            dw = torch.empty(programs, N, dtype=torch.float32, device=x.device)
+            _rms_norm_bwd_kernel[(programs,)](
+                x, weight, dy.contiguous(), rstd, None if dh is None else dh.contiguous(), dx, da, dw, M, N, rows,
+                BLOCK=_next_pow2(N), ADD=da is not None, HAS_DH=dh is not None, num_warps=_norm_warps(N),
+            )
+            dw = dw.sum(0).to(weight.dtype)
+        else:
+            dw = torch.zeros_like(weight)
+        return dx, da, dw, None, None
 
 
 def _norm_warps(N: int) -> int:
     return 4 if N <= 2048 else 8 if N <= 8192 else 16
+
+
+def _check_norm_inputs(x, weight, out_dtype, *others):
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    if (
+        not all(t.is_contiguous() and t.dtype in floats and t.shape == x.shape for t in (x, *others))
+        or out_dtype not in floats or weight.dtype not in floats or weight.shape != x.shape[-1:]
+        or x.shape[-1] > RMS_NORM_MAX_WIDTH
+    ):
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} (strides {t.stride()})" for t in (x, *others))
+        raise ValueError(
+            f"rms_norm needs x [..., N] (and add_rms_norm's a of x's shape) contiguous in bf16, fp16 or float32 with "
+            f"N <= {RMS_NORM_MAX_WIDTH} and a weight [N] in one of those; got {shapes}, weight {tuple(weight.shape)} "
+            f"{weight.dtype}, out_dtype {out_dtype}"
+        )
 
 
 def rms_norm(x, weight, eps: float, out_dtype=None):
@@ -1593,17 +1631,18 @@ def rms_norm(x, weight, eps: float, out_dtype=None):
     backward is one kernel (dx and the weight's partial sums) instead of two. x contiguous in float32, bf16 or
     fp16, at most :data:`RMS_NORM_MAX_WIDTH` features; weight [features]."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    floats = (torch.bfloat16, torch.float16, torch.float32)
-    if (
-        not x.is_contiguous() or x.dtype not in floats or out_dtype not in floats or weight.dtype not in floats
-        or weight.shape != x.shape[-1:] or x.shape[-1] > RMS_NORM_MAX_WIDTH
-    ):
-        raise ValueError(
-            f"rms_norm needs x [..., N] contiguous in bf16, fp16 or float32 with N <= {RMS_NORM_MAX_WIDTH} and a "
-            f"weight [N] in one of those; got x {tuple(x.shape)} {x.dtype} (strides {x.stride()}), weight "
-            f"{tuple(weight.shape)} {weight.dtype}, out_dtype {out_dtype}"
-        )
-    return _RMSNorm.apply(x, weight.contiguous(), float(eps), out_dtype)
+    _check_norm_inputs(x, weight, out_dtype)
+    return _RMSNorm.apply(x, None, weight.contiguous(), float(eps), out_dtype)
+
+
+def add_rms_norm(x, a, weight, eps: float, out_dtype=None):
+    """(h, :func:`rms_norm` of h) for h = x + a (the residual stream and a sublayer's output: the float32 sum that
+    ``x + a`` computes, in x's dtype), differentiable: the sum is no kernel of its own, and in the backward h's
+    gradient from later layers joins the norm's in its kernel instead of an add of autograd's. a of x's shape,
+    both contiguous; a's gradient comes back in a's dtype, as that add's would."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    _check_norm_inputs(x, weight, out_dtype, a)
+    return _RMSNorm.apply(x, a, weight.contiguous(), float(eps), out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -719,32 +719,45 @@ def test_model_runs_the_gated_mlp_through_the_kernel(monkeypatch, dtype):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []),
                          ids=lambda d: str(d).removeprefix("torch."))
-def test_rms_norm_matches_the_formula(out_dtype):
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add-norm"])
+def test_rms_norm_matches_the_formula(out_dtype, add):
     """path_triton.rms_norm (float32 in, out_dtype out) against x * rsqrt(mean(x^2) + eps) * w in float64,
-    rounded once to out_dtype; dx and dw against float64 autograd of the formula. A width that is no power of
-    two, and rows that do not divide evenly among the backward's programs (each sums its rows' share of dw)."""
-    from path_lm.path_triton import rms_norm
+    rounded once to out_dtype; dx and dw against float64 autograd of the formula. add_rms_norm: the same of h =
+    x + a (a in out_dtype, as a sublayer's output under autocast), h itself, and the gradients of x and a with
+    h's own gradient added. A width that is no power of two, and rows that do not divide evenly among the
+    backward's programs (each sums its rows' share of dw)."""
+    from path_lm.path_triton import add_rms_norm, rms_norm
 
     gen = torch.Generator().manual_seed(4)
     x = 3 * torch.randn(37, 700, generator=gen) + 0.5
+    a = torch.randn(37, 700, generator=gen).to(out_dtype)
     weight = 1 + torch.randn(700, generator=gen)
-    x_k, w_k = x.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_()
-    y = rms_norm(x_k, w_k, 1e-5, out_dtype=out_dtype)
-    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
-    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    x_k, a_k, w_k = (t.to(DEVICE).requires_grad_() for t in (x, a, weight))
+    x64, a64, w64 = (t.double().requires_grad_() for t in (x, a, weight))
+    h64 = x64 + a64 if add else x64
+    ref = h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    if add:
+        h, y = add_rms_norm(x_k, a_k, w_k, 1e-5, out_dtype=out_dtype)
+        assert h.dtype == torch.float32 and rel_err(h.cpu(), h64.detach()) < 1e-7
+    else:
+        y = rms_norm(x_k, w_k, 1e-5, out_dtype=out_dtype)
     assert y.dtype == out_dtype and y.shape == x.shape
     step = torch.finfo(out_dtype).eps  # one rounding of the float32 value
     assert ((y.cpu().double() - ref.detach()).abs() <= step * ref.detach().abs() + 1e-6).all()
     dy = torch.randn(ref.shape, generator=gen).to(out_dtype)
-    dx, dw = torch.autograd.grad(y, [x_k, w_k], dy.to(DEVICE))
-    dx_ref, dw_ref = torch.autograd.grad(ref, [x64, w64], dy.double())
-    assert dx.dtype == torch.float32 and dw.dtype == torch.float32
-    assert rel_err(dx.cpu(), dx_ref) < 1e-5
-    assert rel_err(dw.cpu(), dw_ref) < 1e-5
+    dh = torch.randn(ref.shape, generator=gen)
+    inputs, inputs64 = ([x_k, a_k, w_k], [x64, a64, w64]) if add else ([x_k, w_k], [x64, w64])
+    outputs, outputs64 = ([h, y], [h64, ref]) if add else ([y], [ref])
+    grads_out = [dh.to(DEVICE), dy.to(DEVICE)] if add else [dy.to(DEVICE)]
+    grads = torch.autograd.grad(outputs, inputs, grads_out)
+    grads64 = torch.autograd.grad(outputs64, inputs64, [g.cpu().double() for g in grads_out])
+    for grad, grad64, t in zip(grads, grads64, inputs):
+        assert grad.dtype == t.dtype
+        assert rel_err(grad.cpu(), grad64) < (1e-5 if grad.dtype == torch.float32 else 2 * step)
 
 
 def test_rms_norm_refuses_what_it_cannot_read():
-    from path_lm.path_triton import rms_norm
+    from path_lm.path_triton import add_rms_norm, rms_norm
 
     with pytest.raises(ValueError, match="contiguous"):
         rms_norm(torch.randn(8, 4, device=DEVICE).t(), torch.ones(8, device=DEVICE), 1e-6)
@@ -752,14 +765,17 @@ def test_rms_norm_refuses_what_it_cannot_read():
         rms_norm(torch.randn(4, 8, device=DEVICE, dtype=torch.float64), torch.ones(8, device=DEVICE), 1e-6)
     with pytest.raises(ValueError, match="weight \\(7,\\)"):
         rms_norm(torch.randn(4, 8, device=DEVICE), torch.ones(7, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="\\(4, 7\\)"):
+        add_rms_norm(torch.randn(4, 8, device=DEVICE), torch.randn(4, 7, device=DEVICE), torch.ones(8, device=DEVICE), 1e-6)
 
 
 def test_model_runs_the_block_norms_through_the_kernel(monkeypatch):
     """Under autocast (CUDA's on a GPU; on a CPU, the CPU's with the kernel forced on in Triton's interpreter) the
-    blocks' norms return autocast's dtype from path_triton.rms_norm, the input projections still run as one
-    product over the cast weights, and the loss, logits and every parameter gradient equal the module path's
-    (float32 norms cast by the products) to bf16's precision. The final norm keeps float32, and without
-    gradients, or without autocast, the norms take PyTorch's op."""
+    blocks' norms return autocast's dtype from path_triton.rms_norm (the MLP's, with the residual add before it,
+    from add_rms_norm), the input projections still run as one product over the cast weights, and the loss,
+    logits and every parameter gradient equal the module path's (float32 norms cast by the products) to bf16's
+    precision. The final norm keeps float32; without gradients, or without autocast, the norms take PyTorch's
+    op; a hook on the MLP's norm gets the module call."""
     from path_lm import modeling_path
     from path_lm.configuration_path import PaTHConfig
     from path_lm.modeling_path import PaTHForCausalLM
@@ -774,7 +790,9 @@ def test_model_runs_the_block_norms_through_the_kernel(monkeypatch):
     ids = torch.randint(0, 64, (2, 37), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     calls, joint, dtypes = [], [], []
     kernel, joint_weight, usable = modeling_path.rms_norm, modeling_path._joint_weight, modeling_path.rms_norm_usable
-    monkeypatch.setattr(modeling_path, "rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    add_kernel = modeling_path.add_rms_norm
+    monkeypatch.setattr(modeling_path, "rms_norm", lambda *a, **k: calls.append("norm") or kernel(*a, **k))
+    monkeypatch.setattr(modeling_path, "add_rms_norm", lambda *a, **k: calls.append("add") or add_kernel(*a, **k))
     monkeypatch.setattr(modeling_path, "_joint_weight", lambda *a: joint.append(1) or joint_weight(*a))
     if not CUDA:  # (the check itself asks for CUDA autocast)
         monkeypatch.setattr(modeling_path, "rms_norm_usable", lambda x, w: torch.is_autocast_enabled(x.device.type)
@@ -792,7 +810,7 @@ def test_model_runs_the_block_norms_through_the_kernel(monkeypatch):
         out.loss.backward()
         joint_calls.append(len(joint))
         results.append((out.logits.float().detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert len(calls) == 2 * config.num_hidden_layers
+    assert calls == ["norm", "add"] * config.num_hidden_layers
     assert dtypes == [torch.float32, torch.bfloat16]
     assert joint_calls[0] >= config.num_hidden_layers and joint_calls[1] == joint_calls[0]  # one product, both ways
     (logits, loss, grads), (logits_k, loss_k, grads_k) = results
@@ -801,6 +819,12 @@ def test_model_runs_the_block_norms_through_the_kernel(monkeypatch):
     for name in grads:
         assert rel_err(grads_k[name], grads[name]) < 3e-2, name
 
+    calls.clear()
+    handle = model.model.layers[0].mlp_norm.register_forward_hook(lambda *a: None)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(input_ids=ids)
+    handle.remove()
+    assert calls == ["norm", "norm", "norm", "add"]
     calls.clear()
     with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
         model(input_ids=ids)
