@@ -104,10 +104,17 @@ class PaTHRMSNorm(nn.Module):
         self.eps = eps
         self.autocast_kernel = autocast_kernel
 
+    def _kernel_options(self, x: torch.Tensor) -> dict | None:
+        """path_triton's norm arguments for x where its kernel runs (see ``autocast_kernel``), else None."""
+        if not (self.autocast_kernel and rms_norm_usable(x, self.weight)):
+            return None
+        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
+        return dict(eps=eps, out_dtype=torch.get_autocast_dtype(x.device.type))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.autocast_kernel and rms_norm_usable(x, self.weight):
-            eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
-            return rms_norm(x, self.weight, eps, out_dtype=torch.get_autocast_dtype(x.device.type))
+        kernel = self._kernel_options(x)
+        if kernel is not None:
+            return rms_norm(x, self.weight, **kernel)
         if x.dtype == self.weight.dtype:  # torch computes half precision in float32 and rounds once
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dt = torch.promote_types(x.dtype, torch.float32)
@@ -120,12 +127,12 @@ class PaTHRMSNorm(nn.Module):
         kernel runs (see ``autocast_kernel``) both are ``path_triton.add_rms_norm``'s one kernel each way (no add
         of its own forward, none of autograd's for the sum's gradient in the backward); with hooks on this
         module it is called as a module."""
+        kernel = self._kernel_options(x)
         if (
-            self.autocast_kernel and not _hooked(self) and a.shape == x.shape and a.is_contiguous()
-            and a.dtype in (torch.bfloat16, torch.float16, torch.float32) and rms_norm_usable(x, self.weight)
+            kernel is not None and not _hooked(self) and a.shape == x.shape and a.is_contiguous()
+            and a.dtype in (torch.bfloat16, torch.float16, torch.float32)
         ):
-            eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
-            return add_rms_norm(x, a, self.weight, eps, out_dtype=torch.get_autocast_dtype(x.device.type))
+            return add_rms_norm(x, a, self.weight, **kernel)
         h = x + a
         return h, self(h)
 

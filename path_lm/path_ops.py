@@ -472,18 +472,24 @@ def small_linear_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     )
 
 
-def small_linear(*args, **kwargs):
-    """``path_triton.small_linear`` (imported on first use: triton is optional)."""
-    from .path_triton import small_linear as kernel
+def _path_triton_function(name: str):
+    """A function that calls ``path_triton.<name>``, importing that module on its first call (triton is
+    optional: the model's files import these names on any machine)."""
 
-    return kernel(*args, **kwargs)
+    def call(*args, **kwargs):
+        from . import path_triton
+
+        return getattr(path_triton, name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"``path_triton.{name}`` (imported on first use: triton is optional)."
+    return call
 
 
-def decode_inputs(*args, **kwargs):
-    """``path_triton.decode_inputs`` (imported on first use: triton is optional)."""
-    from .path_triton import decode_inputs as kernel
+small_linear = _path_triton_function("small_linear")
 
-    return kernel(*args, **kwargs)
+
+decode_inputs = _path_triton_function("decode_inputs")
 
 
 def short_conv_kernel_usable(x: torch.Tensor, head_dim: int, backend: str) -> bool:
@@ -496,11 +502,7 @@ def short_conv_kernel_usable(x: torch.Tensor, head_dim: int, backend: str) -> bo
     )
 
 
-def short_conv_normalize(*args, **kwargs):
-    """``path_triton.short_conv_normalize`` (imported on first use: triton is optional)."""
-    from .path_triton import short_conv_normalize as kernel
-
-    return kernel(*args, **kwargs)
+short_conv_normalize = _path_triton_function("short_conv_normalize")
 
 
 def gated_silu_usable(x: torch.Tensor, backend: str) -> bool:
@@ -514,11 +516,7 @@ def gated_silu_usable(x: torch.Tensor, backend: str) -> bool:
     )
 
 
-def gated_silu(*args, **kwargs):
-    """``path_triton.gated_silu`` (imported on first use: triton is optional)."""
-    from .path_triton import gated_silu as kernel
-
-    return kernel(*args, **kwargs)
+gated_silu = _path_triton_function("gated_silu")
 
 
 def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -532,18 +530,10 @@ def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def rms_norm(*args, **kwargs):
-    """``path_triton.rms_norm`` (imported on first use: triton is optional)."""
-    from .path_triton import rms_norm as kernel
-
-    return kernel(*args, **kwargs)
+rms_norm = _path_triton_function("rms_norm")
 
 
-def add_rms_norm(*args, **kwargs):
-    """``path_triton.add_rms_norm`` (imported on first use: triton is optional)."""
-    from .path_triton import add_rms_norm as kernel
-
-    return kernel(*args, **kwargs)
+add_rms_norm = _path_triton_function("add_rms_norm")
 
 
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
