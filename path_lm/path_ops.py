@@ -472,24 +472,21 @@ def small_linear_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     )
 
 
-def _path_triton_function(name: str):
-    """A function that calls ``path_triton.<name>``, importing that module on its first call (triton is
-    optional: the model's files import these names on any machine)."""
+# The wrappers below import their kernel by name (``from .path_triton import name``) on first use: that is the
+# relative import transformers follows to copy path_triton.py into a checkpoint (``from . import path_triton``
+# is not), and compiled decoding steps trace it.
+def small_linear(*args, **kwargs):
+    """``path_triton.small_linear`` (imported on first use: triton is optional)."""
+    from .path_triton import small_linear as kernel
 
-    def call(*args, **kwargs):
-        from . import path_triton
-
-        return getattr(path_triton, name)(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = name
-    call.__doc__ = f"``path_triton.{name}`` (imported on first use: triton is optional)."
-    return call
+    return kernel(*args, **kwargs)
 
 
-small_linear = _path_triton_function("small_linear")
+def decode_inputs(*args, **kwargs):
+    """``path_triton.decode_inputs`` (imported on first use: triton is optional)."""
+    from .path_triton import decode_inputs as kernel
 
-
-decode_inputs = _path_triton_function("decode_inputs")
+    return kernel(*args, **kwargs)
 
 
 def short_conv_kernel_usable(x: torch.Tensor, head_dim: int, backend: str) -> bool:
@@ -502,7 +499,11 @@ def short_conv_kernel_usable(x: torch.Tensor, head_dim: int, backend: str) -> bo
     )
 
 
-short_conv_normalize = _path_triton_function("short_conv_normalize")
+def short_conv_normalize(*args, **kwargs):
+    """``path_triton.short_conv_normalize`` (imported on first use: triton is optional)."""
+    from .path_triton import short_conv_normalize as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def gated_silu_usable(x: torch.Tensor, backend: str) -> bool:
@@ -516,7 +517,11 @@ def gated_silu_usable(x: torch.Tensor, backend: str) -> bool:
     )
 
 
-gated_silu = _path_triton_function("gated_silu")
+def gated_silu(*args, **kwargs):
+    """``path_triton.gated_silu`` (imported on first use: triton is optional)."""
+    from .path_triton import gated_silu as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -530,10 +535,18 @@ def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-rms_norm = _path_triton_function("rms_norm")
+def rms_norm(*args, **kwargs):
+    """``path_triton.rms_norm`` (imported on first use: triton is optional)."""
+    from .path_triton import rms_norm as kernel
+
+    return kernel(*args, **kwargs)
 
 
-add_rms_norm = _path_triton_function("add_rms_norm")
+def add_rms_norm(*args, **kwargs):
+    """``path_triton.add_rms_norm`` (imported on first use: triton is optional)."""
+    from .path_triton import add_rms_norm as kernel
+
+    return kernel(*args, **kwargs)
 
 
 def _segment_bounds(segment_ids: torch.Tensor | None, B: int, T: int, T_pad: int, device) -> tuple:
